@@ -1,0 +1,1 @@
+"""The task registry and the built-in benchmark tasks."""
