@@ -49,4 +49,4 @@ class Adapted:
     def save(self, path: str | Path) -> None:
         """Finalize, then save a plain peft adapter (or the full model for ``full``)."""
         self.finalize()
-        self.model.save_pretrained(str(path))
+        self.method.save(self, path)

@@ -57,6 +57,10 @@ class Method:
         params = [p for p in adapted.model.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kwargs)
 
+    def save(self, adapted: "Adapted", path: Any) -> None:
+        """Write the artifact (``Adapted.save`` calls it after ``finalize``); default: plain peft adapter."""
+        adapted.model.save_pretrained(str(path))
+
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
     """Class decorator: make ``cls`` selectable as ``name``."""

@@ -1,0 +1,251 @@
+"""The on-disk asset cache: location, manifest, atomic entries, checksums.
+
+Layout::
+
+    <cache>/manifest.json            # one record per converted entry (written atomically)
+    <cache>/checksums.json           # sha256 of downloaded source files, recorded at first fetch
+    <cache>/entries/<name>/          # the converted asset (safetensors / arrow), renamed into place whole
+    <cache>/.tmp/                    # build dirs; anything left here is debris of a crashed fetch
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ENV_CACHE = "NALORA_BENCH_CACHE"
+
+
+class AssetError(RuntimeError):
+    """A missing, corrupted or unobtainable asset; the message names the fix."""
+
+
+def fix_hint(name: str) -> str:
+    return f"run `nalora-bench fetch --force {name}`"
+
+
+def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """The cache root: ``override``, else ``$NALORA_BENCH_CACHE``, else ``~/.cache/nalora-bench``."""
+    if override:
+        return Path(override).expanduser()
+    env = os.environ.get(ENV_CACHE)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")
+    return Path(base) / "nalora-bench"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` via a temp file in the same dir + ``os.replace`` (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise AssetError(f"{path} is corrupted ({err}); delete it and run `nalora-bench fetch --force`") from err
+
+
+class Cache:
+    """One cache directory. Cheap to construct; every method re-reads the manifest from disk."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = cache_dir(root)
+
+    # --- paths -------------------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def checksums_path(self) -> Path:
+        return self.root / "checksums.json"
+
+    def entry_path(self, name: str) -> Path:
+        return self.root / "entries" / name
+
+    # --- manifest ----------------------------------------------------------------------------------
+    def manifest(self) -> dict:
+        return _read_json(self.manifest_path)
+
+    def record(self, name: str) -> dict | None:
+        """The manifest record of a complete entry, or None if ``name`` is not (fully) fetched."""
+        rec = self.manifest().get(name)
+        if rec is None or not self.entry_path(name).is_dir():
+            return None
+        return rec
+
+    def has(self, name: str) -> bool:
+        return self.record(name) is not None
+
+    def _set_record(self, name: str, rec: dict | None) -> None:
+        # Manifest updates are read-modify-write of a small file; concurrent fetches of *different*
+        # names in one cache could race, so take a simple lock file.
+        with self._lock():
+            man = self.manifest()
+            if rec is None:
+                man.pop(name, None)
+            else:
+                man[name] = rec
+            atomic_write_json(self.manifest_path, man)
+
+    @contextlib.contextmanager
+    def _lock(self, timeout: float = 60.0) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = self.root / ".manifest.lock"
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                break
+            except FileExistsError:
+                if time.monotonic() > deadline:  # a crashed holder: steal it
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(lock)
+                    continue
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
+
+    # --- source checksums (trust on first use) -----------------------------------------------------
+    def check_source(self, key: str, digest: str, known: str | None = None) -> str:
+        """Compare a downloaded file's sha256 with the known one, else the one recorded at first fetch.
+
+        Returns "known", "recorded" (matched an earlier fetch) or "new" (recorded now)."""
+        expected = known
+        status = "known"
+        if expected is None:
+            expected = _read_json(self.checksums_path).get(key)
+            status = "recorded"
+        if expected is None:
+            with self._lock():
+                sums = _read_json(self.checksums_path)
+                sums[key] = digest
+                atomic_write_json(self.checksums_path, sums)
+            return "new"
+        if digest != expected:
+            raise AssetError(
+                f"checksum mismatch for {key}: got sha256 {digest}, expected {expected} ({status}); "
+                "the download is corrupted or the upstream file changed"
+            )
+        return status
+
+    # --- building entries atomically ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def build(self, name: str) -> Iterator[Path]:
+        """Yield an empty temp dir inside the cache; on normal exit it becomes the entry ``name``.
+
+        On an exception (or a kill: the dir stays under ``.tmp/``, never under ``entries/``) nothing
+        is published and the old entry, if any, is untouched. The caller must call ``commit`` after
+        the block to write the manifest record."""
+        tmp_root = self.root / ".tmp"
+        tmp_root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=tmp_root))
+        try:
+            yield work
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
+    def publish(self, name: str, work: Path, rec: dict) -> Path:
+        """Move a finished build dir into ``entries/<name>`` and record it; replaces an old entry."""
+        dest = self.entry_path(name)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        old = None
+        if dest.exists():
+            # Drop the manifest record first: a crash between the two renames must not leave a
+            # record pointing at a missing or mismatched directory.
+            self._set_record(name, None)
+            old = Path(tempfile.mkdtemp(prefix=f"{name}.old.", dir=self.root / ".tmp"))
+            os.rmdir(old)
+            os.rename(dest, old)
+        os.rename(work, dest)
+        self._set_record(name, rec)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return dest
+
+    def remove(self, name: str) -> None:
+        self._set_record(name, None)
+        shutil.rmtree(self.entry_path(name), ignore_errors=True)
+
+    def clean_debris(self) -> int:
+        """Delete leftovers of crashed fetches under ``.tmp/`` older than an hour; returns the count."""
+        tmp_root = self.root / ".tmp"
+        if not tmp_root.is_dir():
+            return 0
+        n = 0
+        for p in tmp_root.iterdir():
+            if time.time() - p.stat().st_mtime > 3600:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                n += 1
+        return n
+
+    # --- verification ------------------------------------------------------------------------------
+    def require(self, name: str, full: bool = False) -> tuple[Path, dict]:
+        """Return (entry dir, record) after checking the entry; raise ``AssetError`` with the fix.
+
+        The cheap check (default) compares size + sha256 of the entry's main file; ``full`` checks
+        every file listed in the record."""
+        rec = self.record(name)
+        if rec is None:
+            raise AssetError(f"asset {name!r} is not in the cache {self.root}; run `nalora-bench fetch {name}`")
+        path = self.entry_path(name)
+        files = rec.get("files", {})
+        names = list(files) if full else [rec["main_file"]]
+        for rel in names:
+            want = files[rel]
+            f = path / rel
+            if not f.is_file():
+                raise AssetError(f"cached asset {name!r} is missing {rel}; {fix_hint(name)}")
+            if f.stat().st_size != want["size"] or sha256_file(f) != want["sha256"]:
+                raise AssetError(f"cached asset {name!r} is corrupted ({rel} fails its sha256 check); {fix_hint(name)}")
+        return path, rec
+
+
+def file_table(root: Path) -> dict[str, dict]:
+    """{relative path: {size, sha256}} for every file under ``root`` (recorded in the manifest)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            out[p.relative_to(root).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    return out
+
+
+def dir_size(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())

@@ -1,0 +1,1 @@
+"""The runner: suites -> grid of runs -> training -> one JSON per run (resumable)."""

@@ -1,0 +1,48 @@
+"""Print the offline assets a suite needs (models and task datasets), space-separated, for ``fetch``.
+
+``python -m benchmarks.runner.assets_needed SUITE [--tasks a,b] [...]`` (other flags are ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def assets_needed(suite_name: str, tasks: list[str] | None = None, resolver=None) -> list[str]:
+    """Model names and dataset names of the suite's reported and dev tasks, without hub-only ones."""
+    from benchmarks.runner.execute import make_resolver
+    from benchmarks.runner.grid import _models_for
+    from benchmarks.runner.suite import load_suite
+
+    suite = load_suite(suite_name, tasks=tasks)
+    resolver = resolver or make_resolver(suite.task_paths)
+    names: list[str] = list(suite.assets)
+    for spec in suite.tasks + suite.dev_tasks:
+        task = resolver(spec.name)
+        if getattr(task, "requires_network", False):
+            continue
+        for model in _models_for(suite, spec, task.family, task.default_model):
+            # a composed VLM is named "encoder+lm": fetch its parts
+            names += [part for part in model.split("+") if part and "/" not in part]
+        if task.dataset and "/" not in task.dataset:
+            names.append(task.dataset)
+    return sorted(set(names))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("suite")
+    p.add_argument("--tasks", default=None)
+    args, _ = p.parse_known_args(argv)
+    try:
+        names = assets_needed(args.suite, [t for t in (args.tasks or "").split(",") if t] or None)
+    except (ValueError, KeyError) as err:
+        print(f"run_all.sh: error: {err}", file=sys.stderr)
+        return 2
+    print(" ".join(names))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Run one grid entry end to end and record it: ok, or failed with its reason. Never raises for a run's
+own failure (NaN loss, OOM, bad config, exception), so the grid goes on; only an interrupt or the time
+budget stops it, and then nothing is written (the run is redone next time).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import gc
+import time
+import traceback
+from typing import Any, Callable
+
+from benchmarks.runner.grid import RunSpec
+from benchmarks.runner.record import make_record
+from benchmarks.runner.store import ResultStore
+
+TaskResolver = Callable[[str], Any]
+
+
+def registry_resolver(name: str, task_paths: tuple[str, ...] = ()) -> Any:
+    """The task ``name`` from ``tasks.registry`` (user task folders loaded first)."""
+    from tasks import registry
+
+    if task_paths:
+        registry.load_tasks(include_paths=list(task_paths))
+    return registry.get_task(name)
+
+
+def make_resolver(task_paths: list[str] | tuple[str, ...] = ()) -> TaskResolver:
+    # A partial of a module-level function pickles, so it can cross into spawned workers.
+    return functools.partial(registry_resolver, task_paths=tuple(task_paths))
+
+
+def _classify(err: BaseException) -> str:
+    import torch
+
+    from benchmarks.runner.train import NonFiniteLoss
+
+    if isinstance(err, NonFiniteLoss):
+        return "nan_loss"
+    if isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower():
+        return "oom"
+    if isinstance(err, (ValueError, KeyError, TypeError)):
+        return "bad_config"
+    return "exception"
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def execute(spec: RunSpec, root: str, phase: str, resolver: TaskResolver, injector: Callable | None = None,
+            deadline: float | None = None, progress: bool = True, position: int = 0) -> dict[str, Any]:
+    """Train ``spec`` and write its record under ``root``; returns a short summary for the grid bar."""
+    import torch
+
+    from benchmarks.runner import provenance
+    from benchmarks.runner.train import RunInterrupted, train_run
+
+    store = ResultStore(root, phase)
+    rid = spec.run_id
+    t0 = time.time()
+    task_info: dict = {}
+    task = None
+    try:
+        task = resolver(spec.config["task"])
+        task_info = task.describe()
+        result = train_run(spec.config, task, injector=injector, deadline=deadline, progress=progress, position=position)
+        status, error = "ok", None
+    except RunInterrupted as err:
+        return {"run_id": rid, "status": "interrupted", "message": str(err), "seconds": time.time() - t0}
+    except KeyboardInterrupt:
+        raise
+    except BaseException as err:  # noqa: BLE001 - record every failure, keep the grid going
+        result = {}
+        status = "failed"
+        error = {"type": _classify(err), "message": _one_line(err), "traceback": traceback.format_exc(limit=8)}
+    assets = [spec.config["model"], getattr(task, "dataset", "") if task is not None else ""]
+    rec = make_record(spec.config, spec.meta, rid, status=status, task_info=task_info, result=result,
+                      error=error, provenance=provenance.collect(assets))
+    if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch` only the main process writes
+        store.write(rec)
+    # Free what the run held before the next one shares this worker / GPU.
+    del result
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"run_id": rid, "status": status, "message": error["message"] if error else "", "seconds": time.time() - t0}

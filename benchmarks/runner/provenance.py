@@ -1,0 +1,71 @@
+"""Provenance written into every run: code version, package versions, hardware, assets."""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "timm", "open_clip_torch", "datasets", "nalora-bench")
+REPO = Path(__file__).resolve().parents[2]
+
+
+@functools.lru_cache(maxsize=1)
+def git_state() -> dict[str, Any]:
+    """Commit hash and whether the working tree had uncommitted changes (read-only git calls)."""
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+@functools.lru_cache(maxsize=1)
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def hardware() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(), "cuda": None, "gpu": None}
+    if torch.cuda.is_available():
+        info["cuda"] = torch.version.cuda
+        info["gpu"] = torch.cuda.get_device_name(torch.cuda.current_device())
+        info["gpu_count"] = torch.cuda.device_count()
+    return info
+
+
+def asset_provenance(names: list[str]) -> dict[str, Any]:
+    """``benchmarks.assets.provenance`` for each asset, when the asset layer is there and knows it."""
+    try:
+        from benchmarks.assets import provenance
+    except ImportError:
+        return {}
+    out: dict[str, Any] = {}
+    for name in names:
+        if not name:
+            continue
+        try:
+            out[name] = provenance(name)
+        except Exception as err:  # noqa: BLE001 - hub models/datasets are not in the cache: say so
+            out[name] = {"unavailable": f"{type(err).__name__}: {err}"}
+    return out
+
+
+def collect(assets: list[str]) -> dict[str, Any]:
+    """Everything needed to say which code, packages, hardware and data produced a run."""
+    return {"git": git_state(), "packages": package_versions(), "hardware": hardware(), "assets": asset_provenance(assets)}

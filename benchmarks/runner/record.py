@@ -1,0 +1,118 @@
+"""The run JSON schema (``results/runs/<run_id>.json``) and the leaderboard columns built from it.
+
+A record is a plain dict::
+
+    schema            RECORD_SCHEMA version
+    run_id            16 hex digits, sha256 of ``config``
+    status            "ok" | "failed"
+    error             null, or {"type": "nan_loss"|"oom"|"bad_config"|"exception", "message": str}
+    config            model, task, method (label), base_method, seed, lr, adapter{targets,towers,rank,
+                      alpha,dropout}, options (method_options), training{steps, batch_size, ...}
+    meta              suite, phase ("main"|"tune"), family, lr_grid, lr_grid_reason, ablation
+    task_info         Task.describe(): metrics, selection_metric, report_metric, protocol, source, ...
+    metrics           {"validation": {...}, "test": {...}} final evaluation
+    history           {"train_loss": [[step, loss], ...], "validation": [[step, {...}], ...], "lr": [[step, lr], ...]}
+    trainable_params  int;  total_params int
+    adapted_modules   Adapted.report (what was touched; fallbacks to plain LoRA)
+    perf              wall_s, train_s, eval_s, step_time_s, units, units_per_s, unit ("tokens"|"images"),
+                      peak_gpu_mem_mib, mixed_precision, num_processes
+    nalora            {"history": controller.history()} for runs with a controller, else null
+    diagnostics       {"selection_misalignment": {...} | {"error": str}, "source": str} for gate-touching methods
+    provenance        git{commit,dirty}, packages{...}, hardware{python,gpu,cuda}, assets{name: provenance}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+RECORD_SCHEMA = 1
+
+# The leaderboard: one row per run. Names are stable; docs/results.md documents each one.
+LEADERBOARD_COLUMNS = [
+    "run_id", "status", "error_type", "model", "task", "family", "method", "base_method", "ablation",
+    "seed", "lr", "selected", "options", "targets", "rank", "alpha", "dropout", "steps", "batch_size",
+    "grad_accum", "selection_metric", "val_score", "report_metric", "test_score", "protocol",
+    "trainable_params", "total_params", "trainable_pct", "peak_gpu_mem_mib", "wall_s", "step_time_s",
+    "units_per_s", "unit", "misalignment_mean_ds", "misalignment_regime_flip", "git_commit", "gpu", "suite",
+]
+
+
+def make_record(spec_config: dict, meta: dict, run_id: str, *, status: str, task_info: dict | None = None,
+                result: dict | None = None, error: dict | None = None, provenance: dict | None = None) -> dict[str, Any]:
+    """Assemble one run record; ``result`` holds what training produced (may be partial on failure)."""
+    result = result or {}
+    return {
+        "schema": RECORD_SCHEMA,
+        "run_id": run_id,
+        "status": status,
+        "error": error,
+        "config": spec_config,
+        "meta": meta,
+        "task_info": task_info or {},
+        "metrics": result.get("metrics", {}),
+        "history": result.get("history", {}),
+        "trainable_params": result.get("trainable_params"),
+        "total_params": result.get("total_params"),
+        "adapted_modules": result.get("adapted_modules", []),
+        "perf": result.get("perf", {}),
+        "nalora": result.get("nalora"),
+        "diagnostics": result.get("diagnostics"),
+        "provenance": provenance or {},
+    }
+
+
+def _misalignment(rec: dict, *names: str) -> float | None:
+    diag = (rec.get("diagnostics") or {}).get("selection_misalignment") or {}
+    for n in names:
+        v = diag.get(n)
+        if isinstance(v, (int, float)):
+            return float(v)
+    return None
+
+
+def leaderboard_row(rec: dict, selected: bool) -> dict[str, Any]:
+    """The leaderboard row of one record (columns in ``LEADERBOARD_COLUMNS``)."""
+    c, info, perf = rec["config"], rec.get("task_info", {}), rec.get("perf", {})
+    sel_metric, rep_metric = info.get("selection_metric", "acc"), info.get("report_metric", "acc")
+    metrics = rec.get("metrics") or {}
+    trainable, total = rec.get("trainable_params"), rec.get("total_params")
+    return {
+        "run_id": rec["run_id"],
+        "status": rec.get("status"),
+        "error_type": (rec.get("error") or {}).get("type", ""),
+        "model": c["model"],
+        "task": c["task"],
+        "family": rec.get("meta", {}).get("family", ""),
+        "method": c["method"],
+        "base_method": c.get("base_method", c["method"]),
+        "ablation": bool(rec.get("meta", {}).get("ablation", False)),
+        "seed": c["seed"],
+        "lr": c["lr"],
+        "selected": bool(selected),
+        "options": ";".join(f"{k}={v}" for k, v in sorted((c.get("options") or {}).items())),
+        "targets": "+".join(c.get("adapter", {}).get("targets", [])),
+        "rank": c.get("adapter", {}).get("rank"),
+        "alpha": c.get("adapter", {}).get("alpha"),
+        "dropout": c.get("adapter", {}).get("dropout"),
+        "steps": c.get("training", {}).get("steps"),
+        "batch_size": c.get("training", {}).get("batch_size"),
+        "grad_accum": c.get("training", {}).get("grad_accum"),
+        "selection_metric": sel_metric,
+        "val_score": metrics.get("validation", {}).get(sel_metric),
+        "report_metric": rep_metric,
+        "test_score": metrics.get("test", {}).get(rep_metric),
+        "protocol": info.get("protocol", ""),
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_pct": (100.0 * trainable / total) if trainable is not None and total else None,
+        "peak_gpu_mem_mib": perf.get("peak_gpu_mem_mib"),
+        "wall_s": perf.get("wall_s"),
+        "step_time_s": perf.get("step_time_s"),
+        "units_per_s": perf.get("units_per_s"),
+        "unit": perf.get("unit", ""),
+        "misalignment_mean_ds": _misalignment(rec, "misalignment", "mean_abs_ds"),
+        "misalignment_regime_flip": _misalignment(rec, "regime_change", "regime_flip_fraction"),
+        "git_commit": (rec.get("provenance", {}).get("git") or {}).get("commit") or "",
+        "gpu": (rec.get("provenance", {}).get("hardware") or {}).get("gpu") or "",
+        "suite": rec.get("meta", {}).get("suite", ""),
+    }

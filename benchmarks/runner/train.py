@@ -1,0 +1,220 @@
+"""One run: adapt, train for a fixed number of optimiser steps, evaluate, diagnose.
+
+nanoGPT-style: one readable loop. accelerate places the model (and wraps it for data parallelism
+under ``accelerate launch``); the task owns data, loss and metrics; the method owns its optimiser.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from tasks.base import Task
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class RunInterrupted(RuntimeError):
+    """The invocation's time budget ran out mid-run; the run is not recorded and will be redone."""
+
+
+def default_injector() -> Callable[..., Any]:
+    from nalora.injection import inject
+
+    return inject
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _mixed_precision(setting: str | None) -> str:
+    # bf16 on GPUs that have it; plain fp32 on CPU (bf16 autocast on CPU is slow and not what users run).
+    if setting in (None, "auto"):
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return setting
+
+
+def _evaluate(task: Task, setup: Any, model: torch.nn.Module, accelerator: Any, split: str, limit: int | None, bs: int) -> dict:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), accelerator.autocast():
+            out = task.evaluate(setup, model, split, limit=limit, batch_size=bs)
+    finally:
+        model.train(was_training)
+    return {k: float(v) for k, v in out.items()}
+
+
+def _heldout_batches(task: Task, setup: Any, n: int, batch_size: int, seed: int) -> tuple[list, str]:
+    """A few batches for the misalignment diagnostic: the task's held-out batches when it offers them."""
+    fn = getattr(task, "heldout_batches", None)
+    if callable(fn):
+        return list(fn(setup, n=n, batch_size=batch_size)), "validation"
+    # Fallback: a training stream with a seed the run never used (fresh order, same distribution).
+    it = task.train_batches(setup, batch_size, seed + 1_000_003)
+    return [next(it) for _ in range(n)], "train-stream"
+
+
+def _gated_ffns(model: torch.nn.Module) -> list | None:
+    """The gated FFNs of the *unadapted* model (discovery does not see through peft's wrapped Linears)."""
+    try:
+        from nalora.discovery import find_gated_ffns
+
+        return find_gated_ffns(model)
+    except Exception:  # noqa: BLE001 - only the diagnostic needs them
+        return None
+
+
+def _misalignment(model: torch.nn.Module, ffns: list | None, batches: list, device: torch.device) -> dict:
+    from nalora.diagnostics import selection_misalignment
+
+    # Module paths are unchanged under peft (base_model.model is the original model, Linears wrapped in place).
+    batches = [_to_device(b, device) for b in batches]
+    return dict(selection_misalignment(model, ffns or [], batches))
+
+
+def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None = None, deadline: float | None = None,
+              progress: bool = True, position: int = 0) -> dict[str, Any]:
+    """Train and evaluate one run described by ``config`` (see ``record.py``); returns its results.
+
+    Raises on failure (the caller records it). Works in one process and under ``accelerate launch``
+    (each process trains on its own data stream; evaluation runs on the main process).
+    """
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup, set_seed
+
+    t_start = time.time()
+    tr, ad = config["training"], config["adapter"]
+    steps, ga = int(tr["steps"]), int(tr.get("grad_accum", 1))
+    from accelerate.state import AcceleratorState, GradientState
+
+    # Several runs share one process (grid, worker): each may set its own precision. The process/distributed
+    # state (PartialState) is kept; only the per-run accelerator state is reset.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    accelerator = Accelerator(mixed_precision=_mixed_precision(tr.get("mixed_precision")))
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.reset_peak_memory_stats()
+    device = accelerator.device
+
+    setup = task.setup(config["model"], device=device)
+    want_diag = tr.get("diag_batches", 0) and "gate" in ad.get("targets", ()) and config["base_method"] not in ("full", "head")
+    ffns = _gated_ffns(setup.model) if want_diag else None
+    set_seed(config["seed"])  # before adapters are initialised: the seed fixes the adapter init
+    inject = injector or default_injector()
+    adapted = inject(
+        setup.model, config["base_method"], targets=tuple(ad.get("targets", ("gate",))),
+        towers=tuple(ad.get("towers", ("language", "vision"))), rank=ad.get("rank", 8), alpha=ad.get("alpha", 16),
+        dropout=ad.get("dropout", 0.0), trainable=list(setup.trainable), method_options=dict(config.get("options") or {}),
+    )
+    adapted.model.to(device)
+    optimizer = adapted.make_optimizer(config["lr"], tr.get("weight_decay", 0.0), total_steps=steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(tr.get("warmup_ratio", 0.0) * steps), steps)
+    model = accelerator.prepare(adapted.model)
+    unwrapped = accelerator.unwrap_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable, total = adapted.num_trainable(), sum(p.numel() for p in unwrapped.parameters())
+
+    val_limit, test_limit = tr.get("eval_limit"), tr.get("test_limit")
+    eval_bs, eval_every, log_every = tr.get("eval_batch_size", 16), tr.get("eval_every", 0), max(1, tr.get("log_every", 10))
+    history: dict[str, list] = {"train_loss": [], "validation": [], "lr": []}
+    data = task.train_batches(setup, tr["batch_size"], config["seed"] + 7919 * accelerator.process_index)
+    units, eval_s, unit = 0, 0.0, None
+    loss_sum, loss_n = torch.zeros((), device=device), 0
+    bar = tqdm(total=steps, desc=f"{config['method']} {config['task']} s{config['seed']} lr{config['lr']:g}",
+               leave=False, position=position, disable=not (progress and accelerator.is_main_process))
+    model.train()
+    t_train = time.time()
+    for step in range(1, steps + 1):
+        for micro in range(ga):
+            batch = _to_device(next(data), device)
+            if unit is None:  # what Task.units counts (its default: real tokens if there is a mask, else images)
+                unit = getattr(task, "unit", None) or ("tokens" if isinstance(batch, dict) and "attention_mask" in batch else "images")
+            # Gradients are all-reduced only on the last micro-batch of an optimiser step.
+            sync = contextlib.nullcontext() if micro == ga - 1 else accelerator.no_sync(model)
+            with sync, accelerator.autocast():
+                loss = task.loss(setup, model, batch) / ga
+                accelerator.backward(loss)
+            loss_sum += loss.detach().float()
+            units += task.units(batch)
+        loss_n += 1
+        if tr.get("max_grad_norm"):
+            accelerator.clip_grad_norm_(params, tr["max_grad_norm"])
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+        # Host sync only every log_every steps: that is also where a NaN loss is caught.
+        if step % log_every == 0 or step == steps:
+            mean_loss = float(loss_sum) / loss_n
+            if not math.isfinite(mean_loss):
+                raise NonFiniteLoss(f"training loss is {mean_loss} at step {step}")
+            history["train_loss"].append([step, mean_loss])
+            history["lr"].append([step, scheduler.get_last_lr()[0]])
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+            loss_sum.zero_()
+            loss_n = 0
+        if eval_every and step % eval_every == 0 and step != steps and accelerator.is_main_process:
+            t0 = time.time()
+            history["validation"].append([step, _evaluate(task, setup, unwrapped, accelerator, "validation", val_limit, eval_bs)])
+            eval_s += time.time() - t0
+        if deadline is not None and time.time() > deadline:
+            raise RunInterrupted(f"time budget ran out at step {step}/{steps}")
+    bar.close()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    train_s = time.time() - t_train - eval_s
+
+    result: dict[str, Any] = {"trainable_params": trainable, "total_params": total, "adapted_modules": list(adapted.report)}
+    if adapted.controller is not None:
+        result["nalora"] = {"history": adapted.controller.history()}
+    adapted.finalize()  # NA-LoRA folds its mask: what is evaluated is exactly the adapter that is saved
+
+    metrics: dict[str, dict] = {}
+    if accelerator.is_main_process:
+        t0 = time.time()
+        metrics["validation"] = _evaluate(task, setup, unwrapped, accelerator, "validation", val_limit, eval_bs)
+        metrics["test"] = _evaluate(task, setup, unwrapped, accelerator, "test", test_limit, eval_bs)
+        history["validation"].append([steps, metrics["validation"]])
+        eval_s += time.time() - t0
+        if want_diag:
+            try:
+                batches, source = _heldout_batches(task, setup, tr["diag_batches"], tr["batch_size"], config["seed"])
+                result["diagnostics"] = {"selection_misalignment": _misalignment(unwrapped, ffns, batches, device), "source": source}
+            except Exception as err:  # noqa: BLE001 - a diagnostic must never fail the run
+                result["diagnostics"] = {"selection_misalignment": {"error": f"{type(err).__name__}: {err}"}, "source": ""}
+    accelerator.wait_for_everyone()
+
+    n_proc = accelerator.num_processes
+    result["metrics"] = metrics
+    result["history"] = history
+    result["perf"] = {
+        "wall_s": time.time() - t_start,
+        "train_s": train_s,
+        "eval_s": eval_s,
+        "step_time_s": train_s / steps,
+        "units": units * n_proc,
+        "units_per_s": units * n_proc / train_s if train_s > 0 else None,
+        "unit": unit,
+        "peak_gpu_mem_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "mixed_precision": accelerator.mixed_precision,
+        "num_processes": n_proc,
+    }
+    return result
+

@@ -1,0 +1,560 @@
+"""``NALoRAController``: NA-LoRA's training-time mechanisms on top of a plain peft LoRA model.
+
+How it rides on an ordinary training loop (NALORA.md, mechanisms 1 and 2):
+
+* Statistics: on the forward of every ``mask_interval``-th optimiser step only, forward hooks on the
+  gate (and up) modules accumulate, per gate channel, ``sum |phi'(g) u|`` (or ``|phi'(g)|``) and the
+  regime counts over real tokens. Other forwards cost one Python flag check per hook.
+* The mask is applied *in place*: the B rows (or A_down columns) of masked channels hold zero, their
+  trained values are stashed, and they come back from the stash when the channel is kept again. So the
+  adapter parameters always equal ``diag(m) B`` and the forward needs no extra multiply.
+* Around ``optimizer.step()`` (step pre/post hooks) the changed rows are snapshot and rewritten:
+  masked rows and their optimiser state (Adam moments, momentum) are restored exactly, and the change
+  of each kept ``B_gate`` row is multiplied by ``gamma_c``.
+* Everything stays on device; nothing synchronises with the host except ``history()``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from nalora.activations import dphi, has_partition, normalize_activation, regime_thresholds
+from nalora.config import NALoRAConfig
+from nalora.schedule import keep_count, keep_fraction
+
+
+@dataclass
+class _Unit:
+    """One controlled gated FFN: its modules, statistics and current channel mask."""
+
+    name: str
+    act: str
+    d_ff: int
+    layout: str
+    gate: nn.Module
+    up: nn.Module | None
+    gate_rows: slice | None
+    up_rows: slice | None
+    chunk_dim: int
+    thresholds: tuple[float, float] | None  # (z_min, z_lin) where the activation has a partition
+    gammas: torch.Tensor | None  # (3,) when step scaling applies to this unit
+    keep: torch.Tensor  # (d_ff,) bool
+    k: int
+    importance: torch.Tensor | None = None  # EMA I_c
+    occupancy: torch.Tensor | None = None  # EMA p_c, (d_ff, 3)
+    gamma: torch.Tensor | None = None  # (d_ff,)
+    acc: dict[str, Any] = field(default_factory=dict)
+    pending: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class _Slot:
+    """One masked / scaled adapter parameter; ``entries`` map channels of units to its rows or columns."""
+
+    param: nn.Parameter
+    dim: int
+    entries: list[tuple[_Unit, torch.Tensor, bool, bool]]  # (unit, index, masked, scaled)
+    keep: torch.Tensor  # bool along ``dim``
+    scale: torch.Tensor  # float along ``dim``: gamma on scaled rows, 1 elsewhere
+    stash: torch.Tensor | None = None
+    full: bool = True  # python mirror: every entry keeps every channel
+    scaled: bool = False  # python: some entry is step-scaled
+    prev: torch.Tensor | None = None  # snapshot before optimizer.step() (preallocated)
+    prev_state: dict[str, torch.Tensor] = field(default_factory=dict)  # same for optimiser state
+    step_weight: torch.Tensor | None = None  # param-shaped keep * gamma: the lerp weight of the step
+    keep_weight: torch.Tensor | None = None  # param-shaped keep (0/1): the lerp weight of the state
+
+    def view(self, v: torch.Tensor) -> torch.Tensor:
+        shape = [1] * self.param.ndim
+        shape[self.dim] = -1
+        return v.view(shape)
+
+    @property
+    def active(self) -> bool:
+        """Whether optimizer.step() must be corrected on this parameter (python-side, no sync)."""
+        return self.scaled or not self.full
+
+    def rebuild_weights(self) -> None:
+        """Param-shaped weights for the step hooks, rebuilt only when the mask or gamma changes."""
+        p = self.param
+        keep = self.view(self.keep).to(p.dtype).expand_as(p)
+        self.keep_weight = keep.contiguous()
+        self.step_weight = (keep * self.view(self.scale).to(p.dtype)).contiguous()
+        if self.prev is None:
+            self.prev = torch.empty_like(p.detach())
+
+
+def _lora(module: nn.Module, adapter: str, what: str, where: str) -> nn.Parameter:
+    """The weight of ``module.lora_A/B[adapter]`` or a clear error."""
+    holder = getattr(module, what, None)
+    if holder is None or adapter not in holder:
+        raise ValueError(f"{where} is not a LoRA layer with adapter {adapter!r} (type {type(module).__name__})")
+    return holder[adapter].weight
+
+
+def _index(rows: slice | None, d_ff: int, where: str) -> torch.Tensor:
+    if rows is None:
+        return torch.arange(d_ff)
+    idx = torch.arange(rows.stop)[rows]
+    if idx.numel() != d_ff:
+        raise ValueError(f"{where}: row slice {rows} has {idx.numel()} rows, expected d_ff={d_ff}")
+    return idx
+
+
+def _jacobian(act: str, g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``phi'(g) * v``; one fused kernel (autograd's own backward) where torch has one."""
+    if act == "silu":
+        return torch.ops.aten.silu_backward(v, g)
+    if act in ("gelu", "gelu_tanh"):
+        return torch.ops.aten.gelu_backward(v, g, approximate="none" if act == "gelu" else "tanh")
+    return dphi(act, g) * v
+
+
+class NALoRAController:
+    """NA-LoRA's mask, step scaling and statistics for the gated FFNs ``ffns`` of ``peft_model``.
+
+    ``ffns``: ``GatedFFN`` records whose module paths are relative to the base model (as from
+    ``nalora.discovery``); each gate must carry a LoRA adapter ``adapter_name``. ``total_steps``
+    (optimiser steps of the run) drives the keep-fraction schedule; required when ``config.mask``.
+    """
+
+    def __init__(
+        self,
+        peft_model: nn.Module,
+        ffns: Sequence[Any],
+        config: NALoRAConfig | None = None,
+        *,
+        adapter_name: str = "default",
+        total_steps: int | None = None,
+    ) -> None:
+        self.model = peft_model
+        self.config = config or NALoRAConfig()
+        self.adapter_name = adapter_name
+        self.total_steps = self._check_steps(total_steps)
+        if not ffns:
+            raise ValueError("NALoRAController needs at least one gated FFN")
+        base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+        self.units: list[_Unit] = [self._make_unit(base, f) for f in ffns]
+        self.slots: list[_Slot] = self._make_slots(base, ffns)
+        self._attn_pos = self._attention_mask_position(peft_model)
+        self._handles: list[Any] = []
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._attn: torch.Tensor | None = None
+        self.step = 0  # optimiser steps taken so far
+        self._collect = True  # the next forward(s) belong to a statistics step
+        self._stat_handles: list[Any] = []
+        self.stat_calls = 0  # statistics computations (tests check none happen off refresh steps)
+        self._history: list[dict[str, Any]] = []
+        self._active: list[_Slot] = []  # slots corrected around the current optimizer.step()
+        self._masked: list[_Slot] = []
+        self._snapshot: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.folded = False
+        self._register_forward_hooks()
+
+    # ---------------------------------------------------------------- construction
+    @staticmethod
+    def _check_steps(total_steps: int | None) -> int | None:
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                        or total_steps <= 0):
+            raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+        return total_steps
+
+    def _make_unit(self, base: nn.Module, f: Any) -> _Unit:
+        try:
+            act = normalize_activation(f.activation)
+        except ValueError as e:
+            raise ValueError(f"gated FFN {f.name}: {e}") from None
+        gate = base.get_submodule(f.gate)
+        w = _lora(gate, self.adapter_name, "lora_B", f"gate {f.gate}")
+        packed = f.layout == "packed"
+        up = None
+        if self.config.importance == "jacobian" and not packed:
+            up = base.get_submodule(f.up)
+        part = has_partition(act)
+        thresholds = regime_thresholds(act, self.config.regime_tol) if part else None
+        gammas = None
+        if part and self.config.step_scaling:
+            gammas = torch.tensor(self.config.gammas[act], dtype=torch.float32, device=w.device)
+        return _Unit(
+            name=f.name, act=act, d_ff=int(f.d_ff), layout=f.layout, gate=gate, up=up,
+            gate_rows=f.gate_rows if packed else None, up_rows=f.up_rows if packed else None,
+            chunk_dim=int(getattr(f, "chunk_dim", -1)), thresholds=thresholds, gammas=gammas,
+            keep=torch.ones(int(f.d_ff), dtype=torch.bool, device=w.device), k=int(f.d_ff),
+        )
+
+    def _make_slots(self, base: nn.Module, ffns: Sequence[Any]) -> list[_Slot]:
+        slots: dict[int, _Slot] = {}
+        targets = self.config.mask_targets if self.config.mask else []
+
+        def add(p: nn.Parameter, dim: int, unit: _Unit, idx: torch.Tensor, masked: bool, scaled: bool) -> None:
+            if not (masked or scaled):
+                return
+            s = slots.get(id(p))
+            if s is None:
+                n = p.shape[dim]
+                s = slots[id(p)] = _Slot(param=p, dim=dim, entries=[],
+                                         keep=torch.ones(n, dtype=torch.bool, device=p.device),
+                                         scale=torch.ones(n, dtype=torch.float32, device=p.device))
+            s.entries.append((unit, idx.to(p.device), masked, scaled))
+            s.scaled = s.scaled or scaled
+
+        for u, f in zip(self.units, ffns):
+            gate_b = _lora(u.gate, self.adapter_name, "lora_B", f"gate {f.gate}")
+            add(gate_b, 0, u, _index(u.gate_rows, u.d_ff, f.gate), "gate" in targets, u.gammas is not None)
+            if "up" in targets:
+                up_mod = u.gate if u.layout == "packed" else base.get_submodule(f.up)
+                up_b = _lora(up_mod, self.adapter_name, "lora_B", f"up {f.up} (mask_targets has 'up')")
+                add(up_b, 0, u, _index(u.up_rows, u.d_ff, f.up), True, False)
+            if "down" in targets:
+                down_a = _lora(base.get_submodule(f.down), self.adapter_name, "lora_A",
+                               f"down {f.down} (mask_targets has 'down')")
+                if down_a.shape[1] != u.d_ff:
+                    raise ValueError(f"down {f.down}: lora_A has {down_a.shape[1]} input columns, d_ff={u.d_ff}")
+                add(down_a, 1, u, torch.arange(u.d_ff), True, False)
+        for s in slots.values():
+            if any(m for *_, m, _ in s.entries):
+                s.stash = s.param.detach().clone()
+            s.rebuild_weights()
+        return list(slots.values())
+
+    @staticmethod
+    def _attention_mask_position(model: nn.Module) -> int | None:
+        """Positional index of ``attention_mask`` in the top-level forward, if it has one."""
+        try:
+            names = list(inspect.signature(model.forward).parameters)
+        except (TypeError, ValueError):
+            return None
+        return names.index("attention_mask") if "attention_mask" in names else None
+
+    def _register_forward_hooks(self) -> None:
+        for s in self.slots:
+            if s.stash is not None:  # masked rows get no gradient (a no-op while the mask is full)
+                self._handles.append(s.param.register_hook(lambda g, s=s: None if s.full else g * s.keep_weight))
+        self._set_collect(True)
+
+    def _set_collect(self, flag: bool) -> None:
+        """Statistics hooks exist only while the next forward is a statistics forward (no cost otherwise)."""
+        self._collect = flag
+        if flag and not self._stat_handles:
+            h = [self.model.register_forward_pre_hook(self._capture_mask, with_kwargs=True)]
+            for u in self.units:
+                h.append(u.gate.register_forward_hook(lambda m, a, o, u=u: self._on_gate(u, o)))
+                if u.up is not None:
+                    h.append(u.up.register_forward_hook(lambda m, a, o, u=u: self._on_up(u, o)))
+            self._stat_handles = h
+        elif not flag:
+            for h in self._stat_handles:
+                h.remove()
+            self._stat_handles = []
+
+    # ---------------------------------------------------------------- statistics
+    def _collecting(self) -> bool:
+        return self._collect and torch.is_grad_enabled()
+
+    def _capture_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._collecting():
+            return
+        am = kwargs.get("attention_mask")
+        if am is None and self._attn_pos is not None and len(args) > self._attn_pos:
+            am = args[self._attn_pos]
+        self._attn = am.detach() if torch.is_tensor(am) and am.dim() == 2 else None
+
+    @staticmethod
+    def _part(out: torch.Tensor, rows: slice | None, dim: int) -> torch.Tensor:
+        if rows is not None:
+            out = out.narrow(dim, rows.start or 0, len(range(out.shape[dim])[rows]))
+        return out if dim in (-1, out.dim() - 1) else out.movedim(dim, -1)
+
+    def _on_gate(self, u: _Unit, out: torch.Tensor) -> None:
+        if not self._collecting():
+            return
+        out = out.detach()
+        g = self._part(out, u.gate_rows, u.chunk_dim)
+        if self.config.importance == "derivative":
+            self._accumulate(u, g, None)
+        elif u.layout == "packed":
+            self._accumulate(u, g, self._part(out, u.up_rows, u.chunk_dim))
+        elif "u" in u.pending:
+            self._accumulate(u, g, u.pending.pop("u"))
+        else:
+            u.pending["g"] = g
+
+    def _on_up(self, u: _Unit, out: torch.Tensor) -> None:
+        if not self._collecting():
+            return
+        v = self._part(out.detach(), None, u.chunk_dim)
+        if "g" in u.pending:
+            self._accumulate(u, u.pending.pop("g"), v)
+        else:
+            u.pending["u"] = v
+
+    def _accumulate(self, u: _Unit, g: torch.Tensor, v: torch.Tensor | None) -> None:
+        """Add one forward's per-channel sums (device tensors only, no host sync)."""
+        self.stat_calls += 1
+        # the training forward may run under autocast: keep the statistics in float32
+        with torch.autocast(device_type=g.device.type, enabled=False):
+            self._accumulate_f32(u, g, v)
+
+    def _accumulate_f32(self, u: _Unit, g: torch.Tensor, v: torch.Tensor | None) -> None:
+        lead = tuple(g.shape[:-1])
+        g2 = g.reshape(-1, u.d_ff).float()
+        if v is None:
+            resp = dphi(u.act, g2).abs()
+        else:
+            resp = _jacobian(u.act, g2, v.reshape(-1, u.d_ff).float()).abs_()
+        am = self._attn
+        w = am.reshape(-1).to(g2.dtype) if am is not None and tuple(am.shape) == lead else None
+        n: Any = g2.shape[0] if w is None else w.sum()
+        sums = {"r": resp}
+        if u.thresholds is not None:
+            z_min, z_lin = u.thresholds
+            sums["supp"] = (g2 < z_min).to(g2.dtype)
+            sums["lin"] = (g2 >= z_lin).to(g2.dtype)
+        acc = u.acc
+        for key, x in sums.items():
+            s = x.sum(0) if w is None else w @ x
+            acc[key] = s if key not in acc else acc[key] + s
+        acc["n"] = n if "n" not in acc else acc["n"] + n
+
+    @torch.no_grad()
+    def _update_statistics(self) -> list[torch.Tensor | None]:
+        """EMA update from this step's sums; returns this step's channel-mean regime occupancy per unit."""
+        beta = self.config.beta
+        batch_occ: list[torch.Tensor | None] = []
+        for u in self.units:
+            acc, u.acc = u.acc, {}
+            u.pending.clear()
+            if "n" not in acc:  # no statistics forward reached this FFN: keep the old state
+                batch_occ.append(None)
+                continue
+            n = acc["n"].clamp_min(1e-12) if torch.is_tensor(acc["n"]) else max(float(acc["n"]), 1e-12)
+            r = acc["r"].float() / n
+            # first observation initialises the EMAs (a zero start would shrink gamma by (1 - beta))
+            u.importance = r if u.importance is None else u.importance.mul_(beta).add_(r, alpha=1 - beta)
+            occ = None
+            if u.thresholds is not None:
+                supp, lin = acc["supp"].float() / n, acc["lin"].float() / n
+                occ = torch.stack([supp, 1.0 - supp - lin, lin], dim=-1)
+                u.occupancy = occ if u.occupancy is None else u.occupancy.mul_(beta).add_(occ, alpha=1 - beta)
+                if u.gammas is not None:
+                    u.gamma = u.occupancy @ u.gammas
+            batch_occ.append(None if occ is None else occ.mean(0))
+        for s in self.slots:
+            for u, idx, _, scaled in s.entries:
+                if scaled and u.gamma is not None:
+                    s.scale.index_copy_(0, idx, u.gamma)
+            if s.scaled:
+                s.rebuild_weights()
+        return batch_occ
+
+    @torch.no_grad()
+    def _refresh_mask(self) -> tuple[float, list[torch.Tensor | None]]:
+        """New top-k keep sets from the importance EMA; stash newly masked rows, restore returning ones."""
+        if not self.config.mask:
+            return 1.0, [None] * len(self.units)
+        if self.total_steps is None:
+            raise ValueError("NA-LoRA mask needs total_steps (optimiser steps of the run)")
+        c = self.config
+        rho = keep_fraction(self.step + 1, self.total_steps, c.warmup_frac, c.final_frac, c.rho_final)
+        turnover: list[torch.Tensor | None] = []
+        for u in self.units:
+            if u.importance is None:
+                turnover.append(None)
+                continue
+            k = keep_count(rho, u.d_ff)
+            new = torch.zeros_like(u.keep).scatter_(0, torch.topk(u.importance, k).indices, True)
+            turnover.append((new & ~u.keep).sum() / k)
+            u.keep, u.k = new, k
+        new_full = {id(u): u.k == u.d_ff for u in self.units}
+        # slots whose mask stays full (warm-up) need nothing; the rest move with a few foreach kernels
+        moved = [s for s in self.slots if s.stash is not None
+                 and not (s.full and all(new_full[id(u)] for u, _, m, _ in s.entries if m))]
+        if moved:
+            old_weights = [s.keep_weight for s in moved]
+            for s in moved:
+                keep = torch.ones_like(s.keep)
+                for u, idx, masked, _ in s.entries:
+                    if masked:
+                        keep.index_copy_(0, idx, u.keep)
+                s.keep = keep
+                s.full = all(new_full[id(u)] for u, _, m, _ in s.entries if m)
+                s.rebuild_weights()
+            stashes, params = [s.stash for s in moved], [s.param.detach() for s in moved]
+            torch._foreach_lerp_(stashes, params, old_weights)  # stash := logical B (kept rows from B)
+            torch._foreach_copy_(params, torch._foreach_mul(stashes, [s.keep_weight for s in moved]))
+        return rho, turnover
+
+    # ---------------------------------------------------------------- optimiser hooks
+    def attach(self, optimizer: torch.optim.Optimizer, total_steps: int | None = None) -> torch.optim.Optimizer:
+        """Hook ``optimizer.step()``; every controlled parameter must be one of its parameters."""
+        if self.folded:
+            raise ValueError("controller was folded; build a new one to keep training with NA-LoRA")
+        if self._optimizer is not None:
+            raise ValueError("controller is already attached to an optimiser")
+        if total_steps is not None:
+            self.total_steps = self._check_steps(total_steps)
+        if self.config.mask and self.total_steps is None:
+            raise ValueError("NA-LoRA mask needs total_steps (optimiser steps of the run)")
+        owned = {id(p) for grp in optimizer.param_groups for p in grp["params"]}
+        for s in self.slots:
+            if id(s.param) not in owned:
+                raise ValueError(f"an adapter parameter of {s.entries[0][0].name} is not in the optimiser")
+        self._optimizer = optimizer
+        # look the methods up at call time so that tests can wrap them
+        self._handles.append(optimizer.register_step_pre_hook(lambda o, a, k: self._pre_step()))
+        self._handles.append(optimizer.register_step_post_hook(lambda o, a, k: self._post_step()))
+        return optimizer
+
+    def _state_triples(self, slots: list[_Slot]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(snapshot buffer, optimiser-state tensor, keep weight) for the param-shaped state of ``slots``."""
+        state = self._optimizer.state if self._optimizer is not None else {}
+        out = []
+        for s in slots:
+            for k, v in state.get(s.param, {}).items():
+                if torch.is_tensor(v) and v.shape == s.param.shape:
+                    if k not in s.prev_state:
+                        s.prev_state[k] = torch.empty_like(v)  # allocated once per state entry
+                    out.append((s.prev_state[k], v, s.keep_weight.to(v.dtype)))
+        return out
+
+    @torch.no_grad()
+    def _pre_step(self) -> None:
+        # multi-tensor copies over all slots: a few kernel launches per step, whatever the depth
+        self._active = [s for s in self.slots if s.active]
+        if not self._active:
+            return
+        torch._foreach_copy_([s.prev for s in self._active], [s.param.detach() for s in self._active])
+        self._masked = [s for s in self._active if not s.full]
+        self._snapshot = self._state_triples(self._masked)
+        if self._snapshot:
+            torch._foreach_copy_([b for b, _, _ in self._snapshot], [v for _, v, _ in self._snapshot])
+
+    @torch.no_grad()
+    def _post_step(self) -> None:
+        collecting = self._collect
+        batch_occ = self._update_statistics() if collecting else None
+        if self._active:
+            params = [s.param.detach() for s in self._active]
+            prevs = [s.prev for s in self._active]
+            # lerp(prev, new, w) is prev exactly at w = 0 (masked row), new exactly at w = 1, and
+            # prev + w (new - prev) otherwise: each row's step multiplied by keep * gamma
+            torch._foreach_lerp_(prevs, params, [s.step_weight for s in self._active])
+            torch._foreach_copy_(params, prevs)
+            if self._snapshot:  # masked rows of Adam moments / momentum back to their values before the step
+                bufs, vals, weights = (list(x) for x in zip(*self._snapshot))
+                torch._foreach_lerp_(bufs, vals, weights)
+                torch._foreach_copy_(vals, bufs)
+            state = self._optimizer.state if self._optimizer is not None else {}
+            for s in self._masked:  # state created by this very step has no snapshot: masked rows start at 0
+                for k, v in state.get(s.param, {}).items():
+                    if torch.is_tensor(v) and v.shape == s.param.shape and k not in s.prev_state:
+                        v.mul_(s.keep_weight.to(v.dtype))
+        self._active, self._masked, self._snapshot = [], [], []
+        if collecting:
+            rho, turnover = self._refresh_mask()
+            self._record(rho, turnover, batch_occ)
+        self.step += 1
+        self._set_collect(self.step % self.config.mask_interval == 0)
+        self._attn = None
+
+    # ---------------------------------------------------------------- diagnostics
+    def _record(self, rho: float, turnover: list, batch_occ: list) -> None:
+        nan = torch.tensor(float("nan"))
+        dev = self.units[0].keep.device
+        nan3 = torch.full((3,), float("nan"), device=dev)
+
+        def stack(xs: list, fill: torch.Tensor) -> torch.Tensor:
+            return torch.stack([fill.to(dev) if x is None else x.float().to(dev) for x in xs])
+
+        self._history.append({
+            "step": self.step,
+            "rho": rho,
+            "kept_fraction": [u.k / u.d_ff for u in self.units],
+            "turnover": stack(turnover, nan),
+            "occupancy": stack(batch_occ, nan3),
+            "gamma_mean": stack([None if u.gamma is None else u.gamma.mean() for u in self.units], nan),
+        })
+
+    def history(self) -> dict[str, Any]:
+        """Mask dynamics per statistics refresh (syncs with the host: call it for logging, not per step).
+
+        ``occupancy[i][j]`` is the (supp, sel, lin) fraction of layer j's tokens x channels on refresh i;
+        ``turnover`` the fraction of the new keep set not kept before; NaN where not applicable.
+        """
+        out: dict[str, Any] = {"layers": [u.name for u in self.units], "step": [], "rho": [],
+                               "kept_fraction": [], "turnover": [], "occupancy": [], "gamma_mean": []}
+        for h in self._history:
+            for key in ("step", "rho", "kept_fraction"):
+                out[key].append(h[key])
+            for key in ("turnover", "occupancy", "gamma_mean"):
+                out[key].append(h[key].cpu().tolist())
+        return out
+
+    # ---------------------------------------------------------------- persistence and teardown
+    def state_dict(self) -> dict[str, Any]:
+        """Controller state for resuming (the adapter weights themselves live in the peft model)."""
+        return {
+            "step": self.step,
+            "collect": self._collect,
+            "total_steps": self.total_steps,
+            "units": [{"importance": u.importance, "occupancy": u.occupancy, "keep": u.keep.clone(), "k": u.k}
+                      for u in self.units],
+            "stash": [None if s.stash is None else s.stash.clone() for s in self.slots],
+            "history": list(self._history),
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` output onto a controller built on the same model and FFNs."""
+        if len(state["units"]) != len(self.units) or len(state["stash"]) != len(self.slots):
+            raise ValueError("controller state does not match this controller's FFNs")
+        self.step = int(state["step"])
+        self._set_collect(bool(state["collect"]))
+        self.total_steps = state["total_steps"]
+        for u, st in zip(self.units, state["units"]):
+            dev = u.keep.device
+            u.importance = None if st["importance"] is None else st["importance"].to(dev).clone()
+            u.occupancy = None if st["occupancy"] is None else st["occupancy"].to(dev).clone()
+            u.keep, u.k = st["keep"].to(dev).clone(), int(st["k"])
+            u.gamma = None if (u.occupancy is None or u.gammas is None) else u.occupancy @ u.gammas
+        for s, stash in zip(self.slots, state["stash"]):
+            if stash is not None and s.stash is not None:
+                s.stash.copy_(stash)
+            keep = torch.ones_like(s.keep)
+            for u, idx, masked, scaled in s.entries:
+                if masked:
+                    keep.index_copy_(0, idx, u.keep)
+                if scaled and u.gamma is not None:
+                    s.scale.index_copy_(0, idx, u.gamma)
+            s.keep = keep
+            s.full = all(u.k == u.d_ff for u, _, masked, _ in s.entries if masked)
+            s.rebuild_weights()
+        self._history = list(state.get("history", []))
+
+    def remove(self) -> None:
+        """Remove every hook. The parameters already hold ``diag(m) B`` (the mask is applied in place)."""
+        self._set_collect(False)
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._optimizer = None
+
+    def fold(self) -> None:
+        """End of training: ``B <- diag(m) B`` (and the ablation variants), hooks removed, stash dropped.
+
+        The mask lives in the parameters already, so this makes it final; what remains is a plain peft
+        LoRA adapter.
+        """
+        with torch.no_grad():
+            for s in self.slots:
+                if s.stash is not None:
+                    s.param.mul_(s.view(s.keep).to(s.param.dtype))
+                    s.stash = None
+        self.remove()
+        self.folded = True

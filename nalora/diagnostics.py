@@ -1,0 +1,115 @@
+"""Selection misalignment (NALORA.md diagnostics): how much an adapter moves the gates' selection weights."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from nalora.activations import has_partition, normalize_activation, regime_thresholds, selection
+
+
+def _gate_part(out: torch.Tensor, f: Any) -> torch.Tensor:
+    dim = int(getattr(f, "chunk_dim", -1))
+    if f.layout == "packed" and f.gate_rows is not None:
+        rows = f.gate_rows
+        out = out.narrow(dim, rows.start or 0, len(range(out.shape[dim])[rows]))
+    return out if dim in (-1, out.dim() - 1) else out.movedim(dim, -1)
+
+
+def _run(model: nn.Module, batch: Any) -> None:
+    if isinstance(batch, dict):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        model(batch)
+
+
+@torch.no_grad()
+def selection_misalignment(
+    model: nn.Module,
+    ffns: Sequence[Any],
+    batches: Iterable[Any],
+    adapter_name: str = "default",
+    tol: float = 0.1,
+) -> dict[str, Any]:
+    """Adapter on vs off (peft ``disable_adapter()``) on held-out ``batches``, per gate channel and real token:
+
+    ``misalignment``: mean ``|s(g + dg) - s(g)|``; ``regime_change``: fraction of (token, channel) pairs
+    whose regime (suppressed / selecting / linear, ``|k-1| <= tol``) differs (over FFNs with a partition;
+    NaN if none). Real tokens: a batch dict's 2-D ``attention_mask`` when its shape matches, else all.
+    ``dg`` includes the effect of adapters upstream. Works for any peft method that changes the gates.
+    """
+    if not hasattr(model, "disable_adapter"):
+        raise ValueError(f"{type(model).__name__} has no disable_adapter(): selection misalignment needs a peft model")
+    if not ffns:
+        raise ValueError("selection_misalignment needs at least one gated FFN")
+    active = getattr(model, "active_adapter", adapter_name)
+    if active != adapter_name:
+        raise ValueError(f"adapter {adapter_name!r} is not the active adapter ({active!r}); set_adapter it first")
+    base = model.get_base_model()
+    acts = [normalize_activation(f.activation) for f in ffns]
+    thr = [regime_thresholds(a, tol) if has_partition(a) else None for a in acts]
+    gates = [base.get_submodule(f.gate) for f in ffns]
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [g.register_forward_hook(lambda m, a, o, i=i: captured.__setitem__(i, _gate_part(o, ffns[i])))
+             for i, g in enumerate(gates)]
+    was_training = model.training
+    model.eval()
+    sums = [{"mis": 0.0, "chg": 0.0, "n": 0.0} for _ in ffns]
+    n_batches = 0
+    try:
+        for batch in batches:
+            n_batches += 1
+            captured.clear()
+            _run(model, batch)
+            on = dict(captured)
+            captured.clear()
+            with model.disable_adapter():
+                _run(model, batch)
+            off = dict(captured)
+            am = batch.get("attention_mask") if isinstance(batch, dict) else None
+            for i, f in enumerate(ffns):
+                if i not in on or i not in off:
+                    continue  # this FFN did not run on this batch (e.g. no image in a VLM batch)
+                g1, g0 = on[i].float(), off[i].float()
+                w = None
+                if torch.is_tensor(am) and tuple(am.shape) == tuple(g1.shape[:-1]):
+                    w = am.to(g1.dtype)[..., None]
+                d = (selection(acts[i], g1) - selection(acts[i], g0)).abs()
+                chg = None
+                if thr[i] is not None:
+                    z_min, z_lin = thr[i]
+                    r1 = (g1 >= z_min).long() + (g1 >= z_lin).long()
+                    r0 = (g0 >= z_min).long() + (g0 >= z_lin).long()
+                    chg = (r1 != r0).to(g1.dtype)
+                if w is None:
+                    n = float(d.numel())
+                else:
+                    d, chg = d * w, None if chg is None else chg * w
+                    n = float(w.sum()) * g1.shape[-1]
+                sums[i]["mis"] += float(d.sum())
+                sums[i]["chg"] += float("nan") if chg is None else float(chg.sum())
+                sums[i]["n"] += n
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if n_batches == 0:
+        raise ValueError("selection_misalignment got no batches")
+    per_layer = {}
+    for f, s in zip(ffns, sums):
+        n = max(s["n"], 1e-12)
+        per_layer[f.name] = {"misalignment": s["mis"] / n, "regime_change": s["chg"] / n, "pairs": s["n"]}
+    total = sum(s["n"] for s in sums)
+    part = [s for s, t in zip(sums, thr) if t is not None]
+    part_n = sum(s["n"] for s in part)
+    return {
+        "misalignment": sum(s["mis"] for s in sums) / max(total, 1e-12),
+        "regime_change": sum(s["chg"] for s in part) / part_n if part_n > 0 else float("nan"),
+        "pairs": total,
+        "per_layer": per_layer,
+    }

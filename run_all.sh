@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Reproduce the results from scratch: set up, fetch assets, run a suite, rebuild the report.
+#
+#   ./run_all.sh                          # `default` on a GPU machine, `smoke` on a CPU-only one
+#   ./run_all.sh --suite hub              # another suite (name in benchmarks/suites/ or a YAML path)
+#   ./run_all.sh --methods lora,nalora --tasks sarcasm --out results-sub --workers 4
+#   ./run_all.sh --max-minutes 9          # stop cleanly before a time limit; run again to resume
+#
+# Every flag not listed below is passed to `nalora-bench run` as is. Finished runs are never repeated,
+# so running this again after an interruption continues where it stopped.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+SUITE="" OUT="results" RUN_ARGS=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --suite) SUITE="$2"; shift 2 ;;
+    --out) OUT="$2"; shift 2 ;;
+    --methods|--tasks|--workers|--max-minutes) RUN_ARGS+=("$1" "$2"); shift 2 ;;
+    --retry-failed|--no-progress|--dry-run) RUN_ARGS+=("$1"); shift ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    *) echo "run_all.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+# 1. Environment: the project's own setup script when there is one, else a venv with the package.
+if [[ -f scripts/setup.sh ]]; then
+  bash scripts/setup.sh
+elif [[ ! -x .venv/bin/python ]]; then
+  echo "run_all.sh: creating .venv and installing the project"
+  python3 -m venv .venv
+  .venv/bin/pip install -e '.[dev]'
+fi
+if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+BENCH=("$PY" -m benchmarks.cli)
+
+# 2. Which suite: default on a GPU, smoke otherwise (say which).
+if [[ -z "$SUITE" ]]; then
+  if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    SUITE=default; echo "run_all.sh: GPU found ($("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))')): running suite 'default'"
+  else
+    SUITE=smoke; echo "run_all.sh: no GPU: running suite 'smoke' (minutes on a CPU; numbers not meaningful)"
+  fi
+fi
+
+# 3. Assets the suite needs (models + datasets of its tasks); a cached asset is not fetched again.
+ASSETS=$("$PY" -m benchmarks.runner.assets_needed "$SUITE" "${RUN_ARGS[@]}")
+if [[ -n "$ASSETS" ]]; then
+  # shellcheck disable=SC2086
+  "${BENCH[@]}" fetch $ASSETS
+fi
+
+# 4. Run (resumable) and rebuild leaderboard, tables and plots from the run JSONs.
+set +e
+"${BENCH[@]}" run --suite "$SUITE" --out "$OUT" "${RUN_ARGS[@]}"
+rc=$?
+set -e
+if [[ $rc -ne 0 && $rc -ne 3 ]]; then exit $rc; fi
+"${BENCH[@]}" report --results "$OUT"
+if [[ $rc -eq 3 ]]; then echo "run_all.sh: time budget reached; run the same command again to continue"; fi
+exit $rc

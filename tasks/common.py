@@ -1,0 +1,288 @@
+"""Shared helpers of the language tasks: model loading, SFT collation, log-likelihood scoring, generation.
+
+The scoring follows lm-evaluation-harness (``HFLM._encode_pair`` / ``loglikelihood`` and
+``ConfigurableTask.process_results``) so that a zero-shot number here means what it means there:
+
+* context and continuation are tokenised together and split after the context's tokens (trailing spaces
+  of the context move to the continuation);
+* the score of a choice is the summed log-probability of its continuation tokens;
+* ``acc`` is the argmax of the summed log-likelihoods, ``acc_norm`` the argmax of the log-likelihood
+  divided by the length of the choice text (lm-eval: ``len(choice)`` characters, the choice without the
+  leading delimiter; for the ASCII data used here that is its UTF-8 byte length).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+
+# --------------------------------------------------------------------------------------------------
+# models
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer (256 bytes + ``<|endoftext|>``) built in memory: no files, no network."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def tiny_llama(seed: int = 0):
+    """A random-weight 2-layer Llama (SwiGLU) with ``tiny_tokenizer()``: for tests and dry runs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, hidden_act="silu",
+        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    gen = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    torch.random.set_rng_state(gen)  # building a test model must not move the caller's RNG
+    return model.eval(), tokenizer
+
+
+# Model names that never touch the asset cache: ``setup("tiny-llama")`` works anywhere.
+TINY_MODELS: dict[str, Callable[[], tuple[nn.Module, object]]] = {"tiny-llama": tiny_llama}
+
+
+def load_causal_lm(name: str) -> tuple[nn.Module, object]:
+    """``(model, tokenizer)`` for ``name``: a tiny test model or ``benchmarks.assets.load_model(name)``."""
+    if name in TINY_MODELS:
+        return TINY_MODELS[name]()
+    from benchmarks.assets import load_model
+
+    bundle = load_model(name)
+    if getattr(bundle, "kind", "causal_lm") != "causal_lm" or bundle.tokenizer is None:
+        raise ValueError(f"model {name!r} is a {bundle.kind}, language tasks need a causal LM with a tokenizer")
+    return bundle.model, bundle.tokenizer
+
+
+def wants_bos(model: nn.Module) -> bool:
+    """Whether contexts start with BOS. lm-eval adds it only for Gemma, whose outputs degrade without it."""
+    model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
+    return model_type.startswith("gemma")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# tokenisation
+
+
+def encode_pair(tokenizer, context: str, continuation: str, add_bos: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids of ``context`` and ``continuation``, split as lm-eval's ``_encode_pair`` does."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    cont = whole[len(ctx):]
+    if add_bos and tokenizer.bos_token_id is not None:
+        ctx = [tokenizer.bos_token_id] + ctx
+    if not cont:
+        raise ValueError(f"empty continuation after tokenisation: {continuation!r}")
+    return ctx, cont
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    return 0
+
+
+def sft_collate(
+    tokenizer, pairs: Sequence[tuple[str, str]], max_length: int = 512, add_bos: bool = False,
+    append_eos: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` / ``attention_mask`` / ``labels`` for prompt + answer pairs.
+
+    ``labels`` are the input ids on answer tokens (and the optional EOS) and ``-100`` on prompt and
+    padding, so the causal-LM loss trains the answer only. Over-long examples lose prompt tokens from
+    the left; the answer is kept whole.
+    """
+    rows = []
+    for prompt, answer in pairs:
+        ctx, cont = encode_pair(tokenizer, prompt, answer, add_bos)
+        if append_eos and tokenizer.eos_token_id is not None:
+            cont = cont + [tokenizer.eos_token_id]
+        ids = (ctx + cont)[-max_length:]
+        n_ans = min(len(cont), len(ids))
+        rows.append((ids, n_ans))
+    width = max(len(ids) for ids, _ in rows)
+    pad = _pad_id(tokenizer)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (ids, n_ans) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+        labels[i, len(ids) - n_ans : len(ids)] = torch.tensor(ids[len(ids) - n_ans :])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens of ``batch`` (moved to the model's device)."""
+    device = model_device(model)
+    out = model(**{k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")})
+    return out.loss
+
+
+# --------------------------------------------------------------------------------------------------
+# log-likelihood scoring
+
+
+@torch.no_grad()
+def loglikelihoods(
+    model: nn.Module, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 16,
+    max_length: int = 1024, add_bos: bool = False,
+) -> list[float]:
+    """Summed log-probability of each continuation given its context (lm-eval ``loglikelihood``).
+
+    Sequences are left-padded (explicit position ids) so that only the last ``max(len(continuation))``
+    positions need logits: memory stays small even with a 256k vocabulary.
+    """
+    device = model_device(model)
+    pad = _pad_id(tokenizer)
+    encoded = [encode_pair(tokenizer, c, x, add_bos) for c, x in requests]
+    # Longest first: batches of similar length pad less (lm-eval sorts the same way).
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]) - len(encoded[i][1]))
+    out = [0.0] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        seqs, conts = [], []
+        for i in idx:
+            ctx, cont = encoded[i]
+            if len(cont) > max_length:
+                raise ValueError(f"continuation of {len(cont)} tokens exceeds max_length={max_length}")
+            # The model sees context + continuation minus the last token; keep the right end.
+            seqs.append((ctx + cont)[-(max_length + 1) :][:-1])
+            conts.append(cont)
+        width = max(len(s) for s in seqs)
+        keep = max(len(c) for c in conts)
+        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            input_ids[r, width - len(s) :] = torch.tensor(s)
+            mask[r, width - len(s) :] = 1
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        kwargs = dict(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                      position_ids=position_ids.to(device))
+        try:
+            logits = model(**kwargs, logits_to_keep=keep).logits
+        except TypeError:  # a model without logits_to_keep: slice afterwards
+            logits = model(**kwargs).logits
+        logits = logits[:, -keep:].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        for r, (i, cont) in enumerate(zip(idx, conts)):
+            target = torch.tensor(cont, device=logprobs.device)
+            lp = logprobs[r, keep - len(cont) :].gather(-1, target[:, None]).squeeze(-1)
+            out[i] = float(lp.sum())
+    return out
+
+
+def choice_metrics(
+    lls: Sequence[Sequence[float]], choices: Sequence[Sequence[str]], labels: Sequence[int], norm: bool = True
+) -> dict[str, float]:
+    """``acc`` (and ``acc_norm``) from per-example choice log-likelihoods, as lm-eval computes them."""
+    if not lls:
+        raise ValueError("no examples to score")
+    hits = hits_norm = 0
+    for ll, ch, gold in zip(lls, choices, labels):
+        if not 0 <= gold < len(ch):
+            raise ValueError(f"label {gold} out of range for {len(ch)} choices")
+        hits += int(max(range(len(ll)), key=lambda j: (ll[j], -j)) == gold)
+        if norm:
+            normed = [ll[j] / max(len(ch[j]), 1) for j in range(len(ll))]
+            hits_norm += int(max(range(len(ll)), key=lambda j: (normed[j], -j)) == gold)
+    metrics = {"acc": hits / len(lls)}
+    if norm:
+        metrics["acc_norm"] = hits_norm / len(lls)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# generation
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 16,
+    stop: Sequence[str] = ("\n\n",), max_length: int = 1024, add_bos: bool = False,
+) -> list[str]:
+    """Greedy continuations of ``prompts`` (left-padded batches), cut at the first ``stop`` string."""
+    device = model_device(model)
+    pad = _pad_id(tokenizer)
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        enc = []
+        for p in chunk:
+            ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+            if add_bos and tokenizer.bos_token_id is not None:
+                ids = [tokenizer.bos_token_id] + ids
+            enc.append(ids[-(max_length - max_new_tokens) :])
+        width = max(len(e) for e in enc)
+        input_ids = torch.full((len(enc), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(enc), width), dtype=torch.long)
+        for r, e in enumerate(enc):
+            input_ids[r, width - len(e) :] = torch.tensor(e)
+            mask[r, width - len(e) :] = 1
+        gen = model.generate(
+            input_ids=input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+            stop_strings=list(stop) or None, tokenizer=tokenizer,
+        )
+        for row in gen[:, width:]:
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            for s in stop:
+                text = text.split(s)[0]
+            texts.append(text)
+    return texts
+
+
+_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def normalize_number(text: str) -> str | None:
+    """Canonical form of a number string: no commas, ``$`` or trailing ``.0``; ``None`` if not a number."""
+    s = text.strip().replace(",", "").replace("$", "").rstrip(".")
+    try:
+        value = float(s)
+    except ValueError:
+        return None
+    if math.isfinite(value) and value == int(value):
+        return str(int(value))
+    return repr(value)
+
+
+def final_number(text: str) -> str | None:
+    """The number a GSM8K-style answer ends with: after ``####`` if present, else the last number."""
+    if "####" in text:
+        text = text.split("####")[-1]
+    found = _NUMBER.findall(text)
+    return normalize_number(found[-1]) if found else None

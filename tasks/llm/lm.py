@@ -1,0 +1,337 @@
+"""Base classes of the causal-LM tasks: ``LMTask`` (data, setup, SFT), ``ChoiceTask``, ``GenerationTask``.
+
+A new language task subclasses ``ChoiceTask`` (multiple choice or classification scored by
+log-likelihood) or ``GenerationTask`` (greedy generation, exact match on the final number) and fills in
+the ``doc_to_*`` methods; everything the runner calls is inherited.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tasks.base import Task, TaskSetup
+from tasks.common import (
+    choice_metrics,
+    final_number,
+    greedy_generate,
+    lm_loss,
+    load_causal_lm,
+    loglikelihoods,
+    sft_collate,
+    wants_bos,
+)
+
+SPLITS = ("train", "validation", "test")
+_DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_local_splits(data_dir: str | Path) -> datasets.DatasetDict:  # noqa: F821
+    """Raw splits from ``data_dir/<split>.{jsonl,json,parquet,csv}`` (a fixture or a user's copy)."""
+    import datasets
+
+    folder = Path(data_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"task data folder {folder} does not exist")
+    files: dict[str, tuple[str, str]] = {}
+    for f in sorted(folder.iterdir()):
+        if f.suffix in _DATA_SUFFIXES:
+            files[f.stem] = (_DATA_SUFFIXES[f.suffix], str(f))
+    if not files:
+        raise FileNotFoundError(f"no <split>.jsonl/.json/.parquet/.csv files in {folder}")
+    out = {}
+    for split, (kind, path) in files.items():
+        if path.endswith(".jsonl"):  # small fixtures: no builder, no cache files, no progress bars
+            with open(path) as f:
+                out[split] = datasets.Dataset.from_list([json.loads(line) for line in f if line.strip()])
+        else:
+            out[split] = datasets.load_dataset(kind, data_files=path, split="train")
+    return datasets.DatasetDict(out)
+
+
+class LMTask(Task):
+    """A causal-LM task: the data side (splits) and the training side (SFT on prompt + answer)."""
+
+    family = "llm"
+    dataset_name: str | None = None
+    """Hub configuration name (``load_dataset(dataset, dataset_name)``)."""
+    split_map: dict[str, str] = {"train": "train", "validation": "validation", "test": "test"}
+    """Our split -> the source's split. A source without labelled test data maps ``test`` to its validation."""
+    validation_from_train: float = 0
+    """If > 0: hold training examples out (fixed seed) as the validation split: a count if >= 1, else a fraction."""
+    max_length: int = 512
+    """Longest token sequence; longer prompts lose tokens from the left."""
+
+    def __init__(self, data_dir: str | Path | None = None) -> None:
+        """``data_dir`` replaces the data source with local ``<split>.jsonl`` files (tests, offline copies)."""
+        self.data_dir = data_dir
+        self._splits = None
+        if not type(self).protocol:
+            self.protocol = self.default_protocol()
+
+    # -- data ---------------------------------------------------------------------------------------
+
+    def _raw(self) -> datasets.DatasetDict:  # noqa: F821
+        if self.data_dir is not None:
+            return load_local_splits(self.data_dir)
+        if self.requires_network:
+            import datasets
+
+            try:
+                return datasets.load_dataset(self.dataset, self.dataset_name)
+            except Exception as err:
+                raise RuntimeError(
+                    f"task {self.name!r} needs the hub dataset {self.dataset!r}"
+                    f"{' (' + self.dataset_name + ')' if self.dataset_name else ''}, which could not be loaded "
+                    f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                    "this task requires network access or a data_dir with local copies"
+                ) from err
+        from benchmarks.assets import load_dataset
+
+        return load_dataset(self.dataset)
+
+    def load_splits(self) -> datasets.DatasetDict:  # noqa: F821
+        """``train`` / ``validation`` / ``test``, mapped from the source's splits (cached per instance)."""
+        if self._splits is not None:
+            return self._splits
+        import datasets
+
+        raw = self._raw()
+        out = {}
+        for ours, theirs in self.split_map.items():
+            if theirs not in raw:
+                raise ValueError(
+                    f"task {self.name!r}: source split {theirs!r} (for {ours}) not found; have {sorted(raw)}"
+                )
+            out[ours] = raw[theirs]
+        if self.validation_from_train:
+            n = self.validation_from_train
+            n = int(n) if n >= 1 else float(n)
+            if len(out["train"]) < 2 or (isinstance(n, int) and len(out["train"]) <= n):
+                raise ValueError(f"task {self.name!r}: cannot hold out {n} of {len(out['train'])} training examples")
+            parts = out["train"].train_test_split(test_size=n, shuffle=True, seed=0)
+            out["train"], out["validation"] = parts["train"], parts["test"]
+        missing = [s for s in SPLITS if s not in out]
+        if missing:
+            raise ValueError(f"task {self.name!r}: no {missing} split (set split_map or validation_from_train)")
+        self._splits = datasets.DatasetDict({s: out[s] for s in SPLITS})
+        return self._splits
+
+    def examples(self, split: str, limit: int | None = None) -> datasets.Dataset:  # noqa: F821
+        """``split`` or a fixed subset of ``limit`` examples (seeded shuffle: sources may be class-ordered)."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        data = self.load_splits()[split]
+        if limit is not None and limit < len(data):
+            data = data.shuffle(seed=0).select(range(limit))
+        return data
+
+    # -- model --------------------------------------------------------------------------------------
+
+    def setup(self, model_name: str, device: torch.device | str = "cpu") -> TaskSetup:
+        """Load ``model_name`` (asset cache, or a ``tasks.common.TINY_MODELS`` name) for this task."""
+        model, tokenizer = load_causal_lm(model_name)
+        return self.setup_from(model, tokenizer, device)
+
+    def setup_from(self, model: nn.Module, tokenizer: Any, device: torch.device | str = "cpu") -> TaskSetup:
+        """Wrap an already loaded causal LM and tokenizer (tests, notebooks)."""
+        return TaskSetup(
+            model=model.to(device), trainable=[],
+            extras={"tokenizer": tokenizer, "add_bos": wants_bos(model)},
+        )
+
+    # -- training -----------------------------------------------------------------------------------
+
+    def train_pair(self, example: dict) -> tuple[str, str]:
+        """(prompt, answer) of one training example; the loss covers the answer only."""
+        raise NotImplementedError
+
+    append_eos: bool = False
+
+    def collate(self, setup: TaskSetup, examples: list[dict]) -> dict[str, torch.Tensor]:
+        return sft_collate(
+            setup.extras["tokenizer"], [self.train_pair(ex) for ex in examples], self.max_length,
+            add_bos=setup.extras.get("add_bos", False), append_eos=self.append_eos,
+        )
+
+    def train_batches(self, setup: TaskSetup, batch_size: int, seed: int) -> Iterator[dict]:
+        """Collated batches forever; each epoch is a fresh permutation drawn from ``seed``."""
+        data = self.load_splits()["train"]
+        if len(data) == 0:
+            raise ValueError(f"task {self.name!r}: empty training split")
+        epoch = 0
+        while True:
+            order = list(range(len(data)))
+            random.Random(f"{seed}:{epoch}").shuffle(order)
+            for start in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
+                rows = [data[i] for i in order[start : start + batch_size]]
+                yield self.collate(setup, rows)
+            epoch += 1
+
+    def loss(self, setup: TaskSetup, model: nn.Module, batch: dict) -> torch.Tensor:
+        return lm_loss(model, batch)
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def default_protocol(self) -> str:
+        return ""
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update(requires_network=self.requires_network, dataset_name=self.dataset_name)
+        return d
+
+
+class _EvalMode:
+    """Evaluate in eval mode and restore the caller's mode (the runner evaluates mid-training)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self) -> nn.Module:
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        self.model.train(self.was_training)
+
+
+class ChoiceTask(LMTask):
+    """Multiple choice / classification scored by the log-likelihood of each choice (lm-eval style)."""
+
+    answer_format = "choices"
+    metrics = {"acc": True, "acc_norm": True}
+    selection_metric = "acc"
+    report_metric = "acc"
+    target_delimiter: str = " "
+    num_choices: int | None = None
+    """Fixed number of choices (chance = 1/num_choices); ``None``: computed from the test split."""
+
+    def doc_to_text(self, example: dict) -> str:
+        raise NotImplementedError
+
+    def doc_to_choices(self, example: dict) -> list[str]:
+        raise NotImplementedError
+
+    def doc_to_label(self, example: dict) -> int:
+        raise NotImplementedError
+
+    def requests(self, example: dict) -> list[tuple[str, str]]:
+        """(context, continuation) per choice; override for tasks whose context varies (Winogrande)."""
+        text = self.doc_to_text(example)
+        return [(text, self.target_delimiter + c) for c in self.doc_to_choices(example)]
+
+    def train_pair(self, example: dict) -> tuple[str, str]:
+        return self.requests(example)[self.doc_to_label(example)]
+
+    def default_protocol(self) -> str:
+        norm = (
+            "; acc_norm = argmax of log-likelihood / len(choice text) (characters, as lm-eval)"
+            if "acc_norm" in self.metrics else ""
+        )
+        return (
+            f"log-likelihood of each choice after a zero-shot prompt (lm-eval style: delimiter "
+            f"{self.target_delimiter!r}, context/continuation tokenised as lm-eval _encode_pair, BOS for Gemma "
+            f"only, prompts left-truncated to {self.max_length} tokens); acc = argmax of summed log-likelihood"
+            f"{norm}"
+        )
+
+    def score(
+        self, setup: TaskSetup, model: nn.Module, split: str, limit: int | None = None, batch_size: int = 16
+    ) -> tuple[list[list[float]], list[list[str]], list[int]]:
+        """Per example: the log-likelihood of each choice, the choice texts and the gold index."""
+        data = self.examples(split, limit)
+        flat, spans, choices, labels = [], [], [], []
+        for ex in data:
+            reqs = self.requests(ex)
+            spans.append((len(flat), len(flat) + len(reqs)))
+            flat.extend(reqs)
+            choices.append(self.doc_to_choices(ex))
+            labels.append(self.doc_to_label(ex))
+        with _EvalMode(model):
+            lls = loglikelihoods(
+                model, setup.extras["tokenizer"], flat, batch_size=batch_size, max_length=self.max_length,
+                add_bos=setup.extras.get("add_bos", False),
+            )
+        return [lls[a:b] for a, b in spans], choices, labels
+
+    def metrics_from(self, lls: list[list[float]], choices: list[list[str]], labels: list[int]) -> dict[str, float]:
+        metrics = choice_metrics(lls, choices, labels, norm="acc_norm" in self.metrics)
+        return {k: v for k, v in metrics.items() if k in self.metrics}
+
+    def evaluate(
+        self, setup: TaskSetup, model: nn.Module, split: str, limit: int | None = None, batch_size: int = 16
+    ) -> dict[str, float]:
+        return self.metrics_from(*self.score(setup, model, split, limit, batch_size))
+
+    def chance(self) -> dict[str, float]:
+        if self.num_choices:
+            p = 1.0 / self.num_choices
+        else:
+            try:
+                test = self.load_splits()["test"]
+            except Exception:  # noqa: BLE001 - data not available: chance unknown
+                return {}
+            p = sum(1.0 / len(self.doc_to_choices(ex)) for ex in test) / max(len(test), 1)
+        return {m: p for m in self.metrics}
+
+
+class GenerationTask(LMTask):
+    """Free-text answers: greedy generation, exact match on the final number."""
+
+    answer_format = "free_text"
+    metrics = {"exact_match": True}
+    selection_metric = "exact_match"
+    report_metric = "exact_match"
+    append_eos = True  # the model learns to stop after the answer, which keeps generation short
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ("\n\n", "Question:")
+
+    def doc_to_text(self, example: dict) -> str:
+        raise NotImplementedError
+
+    def doc_to_target(self, example: dict) -> str:
+        """The training continuation (a worked solution ending in ``#### <number>``)."""
+        raise NotImplementedError
+
+    def doc_to_answer(self, example: dict) -> str:
+        """The gold final number."""
+        raise NotImplementedError
+
+    def train_pair(self, example: dict) -> tuple[str, str]:
+        return self.doc_to_text(example), self.doc_to_target(example)
+
+    def default_protocol(self) -> str:
+        return (
+            f"greedy generation after a zero-shot prompt (at most {self.max_new_tokens} new tokens, stop at "
+            f"{list(self.stop)} or EOS); exact_match = final number of the generation (after '####' if "
+            "present, else the last number; commas, '$' and trailing '.0' ignored) equals the gold number"
+        )
+
+    def evaluate(
+        self, setup: TaskSetup, model: nn.Module, split: str, limit: int | None = None, batch_size: int = 16
+    ) -> dict[str, float]:
+        data = self.examples(split, limit)
+        if len(data) == 0:
+            raise ValueError("no examples to score")
+        prompts = [self.doc_to_text(ex) for ex in data]
+        with _EvalMode(model):
+            outs = greedy_generate(
+                model, setup.extras["tokenizer"], prompts, max_new_tokens=self.max_new_tokens,
+                batch_size=batch_size, stop=self.stop, max_length=self.max_length + self.max_new_tokens,
+                add_bos=setup.extras.get("add_bos", False),
+            )
+        hits = 0
+        for ex, out in zip(data, outs):
+            gold = final_number(self.doc_to_answer(ex))
+            hits += int(gold is not None and final_number(out) == gold)
+        return {"exact_match": hits / len(data)}
+
+    def chance(self) -> dict[str, float]:
+        return {"exact_match": 0.0}

@@ -1,0 +1,135 @@
+"""Vision QA tasks: "What is shown in the image?" answered in text, scored by log-likelihood.
+
+The model is a VLM (the composed ``ENCODER+LM`` with an aligned connector, or ``hub:<id>``).
+Training: answer-only cross-entropy on `` <class name>``. Evaluation (lm-eval protocol): every
+class name is a choice; ``acc`` = argmax of the summed log-probability of the choice tokens,
+``acc_norm`` = argmax of log-probability per byte of the choice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from benchmarks.vlm.align import AlignConfig
+from benchmarks.vlm.build import DEFAULT_VLM, device_of
+from benchmarks.vlm.io import ComposedIO, choice_metrics, sequence_logprobs
+from tasks.base import Task, TaskSetup
+from tasks.registry import register_task
+from tasks.vlm.data import cap_train, class_names, epochs, eval_order, load_capped, to_device
+
+PROMPT = "Question: What is shown in the image? Answer:"
+MAX_SEQS_PER_FORWARD = 160  # choice sequences per forward pass when scoring (memory of the logits)
+
+
+class VisionQATask(Task):
+    """A classification dataset posed as image QA over its class names."""
+
+    family = "vlm"
+    answer_format = "choices"
+    metrics = {"acc": True, "acc_norm": True}
+    selection_metric = "acc"
+    report_metric = "acc"
+    default_model = DEFAULT_VLM
+    protocol = ("image + 'Question: What is shown in the image? Answer:'; choices = ' <class name>' "
+                "(lower case); acc = argmax summed log-prob, acc_norm = argmax log-prob per byte")
+
+    def __init__(self, max_train: int | None = 2000, image_size: int | None = None, grid: int = 2,
+                 align: bool = True, align_config: AlignConfig | None = None, cache_root: str | None = None,
+                 splits: Any = None):
+        self.max_train = max_train
+        self.image_size, self.grid, self.align = image_size, grid, align
+        self.align_config = align_config or AlignConfig()
+        self.cache_root = cache_root
+        self._splits = None if splits is None else cap_train(splits, self.max_train)
+
+    def load_splits(self) -> Any:
+        if self._splits is None:
+            self._splits = load_capped(self.dataset, self.max_train)
+        return self._splits
+
+    def classes(self) -> list[str]:
+        return class_names(self.load_splits()["train"])
+
+    def setup(self, model_name: str, device: torch.device | str = "cpu") -> TaskSetup:
+        from benchmarks.vlm.factory import build_vlm
+
+        build = build_vlm(model_name, device, image_size=self.image_size, grid=self.grid, align=self.align,
+                          align_config=self.align_config, cache_root=self.cache_root)
+        trainable = getattr(build.io, "trainable", ["connector"])
+        return TaskSetup(model=build.model, trainable=list(trainable),
+                         extras={"io": build.io, "classes": self.classes(), "alignment": build.alignment,
+                                 "provenance": build.provenance, "spec": build.spec})
+
+    def train_batches(self, setup: TaskSetup, batch_size: int, seed: int) -> Iterator[dict]:
+        train, io, classes = self.load_splits()["train"], setup.extras["io"], setup.extras["classes"]
+        for idx in epochs(len(train), batch_size, seed):
+            rows = train.select(idx)
+            yield io.batch(rows["image"], [PROMPT] * len(idx), [" " + classes[y] for y in rows["label"]])
+
+    def loss(self, setup: TaskSetup, model: nn.Module, batch: dict) -> torch.Tensor:
+        return model(**to_device(batch, device_of(model))).loss
+
+    @torch.no_grad()
+    def evaluate(self, setup: TaskSetup, model: nn.Module, split: str, limit: int | None = None,
+                 batch_size: int = 16) -> dict[str, float]:
+        data, io = self.load_splits()[split], setup.extras["io"]
+        choices = [" " + c for c in setup.extras["classes"]]
+        nbytes = [len(c.encode("utf-8")) for c in choices]
+        order = eval_order(len(data), limit)
+        per_forward = max(1, min(batch_size, MAX_SEQS_PER_FORWARD // len(choices)))
+        was_training, device = model.training, device_of(model)
+        model.eval()
+        hits: dict[str, list[torch.Tensor]] = {"acc": [], "acc_norm": []}
+        for i in range(0, len(order), per_forward):
+            rows = data.select(order[i : i + per_forward])
+            scores = self._scores(model, io, rows["image"], choices, device)
+            for k, v in choice_metrics(scores, torch.tensor(rows["label"], device=scores.device), nbytes).items():
+                hits[k].append(v.cpu())
+        model.train(was_training)
+        result = {k: float(torch.cat(v).mean()) if v else float("nan") for k, v in hits.items()}
+        result["n"] = float(len(order))
+        return result
+
+    @staticmethod
+    def _scores(model: nn.Module, io: Any, images: list, choices: list[str], device: Any) -> torch.Tensor:
+        """``(N, K)`` summed choice log-probs; the composed VLM shares the prompt's KV cache."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if isinstance(io, ComposedIO) and hasattr(base, "score_choices"):
+            # peft injects adapters in place, so the base module runs with them.
+            prompt = list(io.tokenizer.encode(PROMPT, add_special_tokens=True))
+            ids = [list(io.tokenizer.encode(c, add_special_tokens=False)) for c in choices]
+            return base.score_choices(io.transform.stack(images).to(device), prompt, ids)
+        batch = to_device(io.choice_batch(images, [PROMPT] * len(images), choices), device)
+        return sequence_logprobs(model(**batch).logits, batch["labels"]).view(len(images), len(choices))
+
+    def chance(self) -> dict[str, float]:
+        k = len(self.classes())
+        return {"acc": 1.0 / k, "acc_norm": 1.0 / k}
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d["options"] = {"max_train": self.max_train, "image_size": self.image_size, "grid": self.grid,
+                        "align": self.align, "prompt": PROMPT}
+        return d
+
+
+@register_task("fashion-mnist")
+class FashionMNISTQA(VisionQATask):
+    dataset = "fashion-mnist"
+    source = "Fashion-MNIST (Debian dataset-fashion-mnist, MIT), 10 clothing classes"
+
+
+@register_task("emoji")
+class EmojiQA(VisionQATask):
+    dataset = "emoji"
+    source = "Google Noto emoji images (npm emoji-datasource-google) with their emoji categories"
+
+
+@register_task("cifar10")
+class Cifar10QA(VisionQATask):
+    dataset = "cifar10"
+    source = "CIFAR-10 test set via BIG-bench (heavy asset: `nalora-bench fetch cifar10`)"

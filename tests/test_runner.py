@@ -1,0 +1,487 @@
+"""Runner tests on CPU with a fake tiny task (random 2-layer Llama) and a stand-in injector.
+
+The stand-in keeps these tests independent of the method library's progress; one test uses the
+real ``nalora.inject`` when it imports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tasks.base import Task, TaskSetup
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+# ---------------------------------------------------------------------------------------------
+# Fakes
+
+
+def tiny_llama() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1234)  # the base model is the same for every run; only the adapter seed varies
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg)
+
+
+def _examples(seed: int, n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(1, 32, (n, 8), generator=g)
+    x[:, -1] = x[:, 0]  # learnable: the last token copies the first
+    return x
+
+
+class FakeTask(Task):
+    """Copy task: predict the last token (= the first). Accuracy at the last position."""
+
+    name = "fake"
+    family = "llm"
+    metrics = {"acc": True}
+    protocol = "fake: argmax of the last-position logits"
+    default_model = "tiny-llama"
+    sleep = 0.0
+    nan = False
+
+    def load_splits(self):  # pragma: no cover - not used by the runner
+        return {}
+
+    def setup(self, model_name, device="cpu"):
+        return TaskSetup(model=tiny_llama().to(device))
+
+    def train_batches(self, setup, batch_size, seed):
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            x = torch.randint(1, 32, (batch_size, 8), generator=g)
+            x[:, -1] = x[:, 0]
+            yield {"input_ids": x, "attention_mask": torch.ones_like(x)}
+
+    def loss(self, setup, model, batch):
+        if self.sleep:
+            time.sleep(self.sleep)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["input_ids"])
+        return out.loss * float("nan") if self.nan else out.loss
+
+    def evaluate(self, setup, model, split, limit=None, batch_size=16):
+        x = _examples(1 if split == "validation" else 2, limit or 16).to(next(model.parameters()).device)
+        logits = model(input_ids=x).logits
+        return {"acc": float((logits[:, -2].argmax(-1) == x[:, -1]).float().mean())}
+
+
+class NanTask(FakeTask):
+    name = "fake-nan"
+    nan = True
+
+
+class SlowTask(FakeTask):
+    name = "fake-slow"
+    sleep = 0.15
+
+
+class DevTask(FakeTask):
+    name = "fake-dev"
+
+
+TASKS = {c.name: c for c in (FakeTask, NanTask, SlowTask, DevTask)}
+
+
+def fake_resolver(name: str) -> Task:
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}")
+    return TASKS[name]()
+
+
+@dataclass
+class _StandInMethod:
+    def make_optimizer(self, adapted, lr, weight_decay=0.0, *, total_steps=None, **kw):
+        return torch.optim.AdamW([p for p in adapted.model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+
+
+@dataclass
+class StandInAdapted:
+    model: torch.nn.Module
+    method: Any = field(default_factory=_StandInMethod)
+    report: list = field(default_factory=list)
+    controller: Any = None
+
+    def make_optimizer(self, lr, weight_decay=0.0, *, total_steps=None, **kw):
+        return self.method.make_optimizer(self, lr, weight_decay, total_steps=total_steps)
+
+    def num_trainable(self):
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def finalize(self):
+        pass
+
+
+ROLE = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj", "attn": "q_proj"}
+
+
+def stand_in_inject(model, method="lora", *, targets=("gate",), towers=(), rank=8, alpha=16, dropout=0.0,
+                    trainable=(), method_options=None):
+    """Plain peft LoRA (or full FT); ``method_options={"raise": ...}`` raises like a bad config."""
+    from peft import LoraConfig, get_peft_model
+
+    if (method_options or {}).get("raise"):
+        raise ValueError(f"bad option for {method}: {method_options['raise']}")
+    if method == "full":
+        model.requires_grad_(True)
+        return StandInAdapted(model)
+    if method not in ("lora", "nalora"):
+        raise ValueError(f"unknown method {method!r}")
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=[ROLE[t] for t in targets])
+    return StandInAdapted(get_peft_model(model, cfg), report=[{"name": t, "applied": "lora"} for t in targets])
+
+
+def write_suite(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+BASE_SUITE = """\
+extends: none
+tasks: [fake]
+methods: {lora: {}}
+seeds: [0]
+lr_grid: [1.0e-3]
+adapter: {targets: [gate, up], towers: [language], rank: 2, alpha: 4, dropout: 0.0}
+training: {steps: 3, batch_size: 4, eval_every: 2, eval_limit: 8, test_limit: 8, log_every: 1, diag_batches: 0}
+"""
+
+
+def run(suite: Path, out: Path, **kw) -> int:
+    from benchmarks.runner.cli import run_suite
+
+    kw.setdefault("resolver", fake_resolver)
+    kw.setdefault("injector", stand_in_inject)
+    return run_suite(str(suite), out, progress=False, log=lambda s: None, **kw)
+
+
+def runs(out: Path, phase: str = "runs") -> dict[str, dict]:
+    d = out / phase
+    return {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Suites
+
+
+def test_defaults_override_merge(tmp_path):
+    from benchmarks.runner.suite import load_suite
+
+    write_suite(tmp_path / "base.yaml", """\
+        extends: none
+        seeds: [0, 1]
+        lr_grid: [1.0e-4, 1.0e-3]
+        adapter: {targets: [gate], rank: 8, alpha: 16}
+        training: {steps: 100, batch_size: 8}
+        methods:
+          lora: {}
+          full: {lr_grid: [1.0e-5], lr_grid_reason: "full FT needs small lr"}
+          nalora: {options: {rho_final: 0.5, beta: 0.9}}
+        """)
+    s = load_suite(write_suite(tmp_path / "child.yaml", """\
+        extends: base
+        tasks: [fake]
+        training: {steps: 5}
+        adapter: {rank: 4}
+        methods:
+          full: {}
+          nalora: {options: {rho_final: 0.25}}
+        """))
+    assert s.training == {"steps": 5, "batch_size": 8}  # nested merge keeps batch_size
+    assert s.adapter == {"targets": ["gate"], "rank": 4, "alpha": 16}
+    assert [m.label for m in s.methods] == ["full", "nalora"]  # the child's mapping selects methods
+    by = {m.label: m for m in s.methods}
+    assert by["full"].lr_grid == [1e-5] and by["full"].lr_grid_reason  # kept from the parent entry
+    assert by["nalora"].options == {"rho_final": 0.25, "beta": 0.9}
+    assert by["nalora"].lr_grid == [1e-4, 1e-3] and s.seeds == [0, 1]
+
+
+def test_shipped_suites_load():
+    from benchmarks.runner.suite import load_suite
+
+    smoke, default = load_suite("smoke"), load_suite("default")
+    assert smoke.seeds == [0] and len(default.seeds) == 3
+    assert {"lora", "nalora", "nalora_mask", "nalora_scale", "full"} <= {m.label for m in default.methods}
+    assert default.tune and not ({t.name for t in default.dev_tasks} & {t.name for t in default.tasks})
+    assert load_suite("hub").tasks
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("trainng: {steps: 2}\n", "unknown key 'trainng'"),
+    ("training: {steps: 0}\n", "training.steps must be a positive integer"),
+    ("lr_grid: [fast]\n", "lr_grid has 'fast'"),
+    ("seeds: []\n", "seeds must be a non-empty list"),
+    ("methods: {lora: {lr_grid: [1.0]}}\n", "no lr_grid_reason"),
+    ("methods: {lora: {rnak: 2}}\n", "unknown key 'rnak' in methods.lora"),
+    ("dev_tasks: [fake]\n", "dev task 'fake' is also a reported task"),
+    ("tune: {options: {rho_final: [0.5]}}\n", "tune needs dev_tasks"),
+    ("tasks: [fake\n", "is not valid YAML"),
+    (None, "top level must be a mapping"),
+])
+def test_bad_suite_errors_clearly(tmp_path, text, needle):
+    from benchmarks.runner.suite import SuiteError, load_suite
+
+    p = tmp_path / "bad.yaml"
+    # PyYAML keeps the last of duplicate keys, so appending overrides the valid base suite.
+    p.write_text("- just\n- a list\n" if text is None else BASE_SUITE + text)
+    with pytest.raises(SuiteError) as e:
+        load_suite(p)
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg and "bad.yaml" in msg
+
+
+def test_unknown_suite_and_filters(tmp_path):
+    from benchmarks.runner.suite import SuiteError, load_suite
+
+    with pytest.raises(SuiteError, match="unknown suite 'nope'; known suites: .*smoke"):
+        load_suite("nope")
+    with pytest.raises(SuiteError, match="--methods: 'dora' is not in suite"):
+        load_suite(write_suite(tmp_path / "s.yaml", BASE_SUITE), methods=["dora"])
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    # benchmarks/cli.py turns a ValueError from main() into one "error:" line.
+    import argparse
+
+    from benchmarks.runner import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--suite", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "r")])
+    with pytest.raises(ValueError) as e:
+        cli.main(args)
+    assert "missing.yaml does not exist" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="--workers must be >= 0"):
+        cli.main(parser.parse_args(["--workers", "-1"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Grid, ids, records
+
+
+def test_run_ids_stable_and_distinct(tmp_path):
+    from benchmarks.runner.grid import expand
+    from benchmarks.runner.suite import load_suite
+
+    s = load_suite(write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("seeds: [0]", "seeds: [0, 1]").replace("lr_grid: [1.0e-3]", "lr_grid: [1.0e-3, 1.0e-2]")))
+    fam = lambda n: ("llm", "tiny")  # noqa: E731
+    a, b = expand(s, fam), expand(s, fam)
+    assert len(a) == 4 and [x.run_id for x in a] == [x.run_id for x in b]
+    assert len({x.run_id for x in a}) == 4
+
+
+def test_run_records_everything(tmp_path):
+    suite = write_suite(tmp_path / "s.yaml", BASE_SUITE)
+    assert run(suite, tmp_path / "r") == 0
+    (rec,) = runs(tmp_path / "r").values()
+    assert rec["status"] == "ok", rec["error"]
+    assert rec["config"]["method"] == "lora" and rec["config"]["lr"] == 1e-3 and rec["config"]["adapter"]["rank"] == 2
+    assert set(rec["metrics"]) == {"validation", "test"} and 0 <= rec["metrics"]["test"]["acc"] <= 1
+    assert [s for s, _ in rec["history"]["train_loss"]] == [1, 2, 3]
+    assert [s for s, _ in rec["history"]["validation"]] == [2, 3]  # periodic at 2, final at 3
+    assert rec["task_info"]["protocol"].startswith("fake")
+    assert 0 < rec["trainable_params"] < rec["total_params"]
+    assert rec["perf"]["unit"] == "tokens" and rec["perf"]["units"] == 3 * 4 * 8 and rec["perf"]["step_time_s"] > 0
+    assert rec["provenance"]["packages"]["torch"] and "gpu" in rec["provenance"]["hardware"]
+    assert rec["meta"]["lr_grid"] == [1e-3]
+
+
+def test_seed_fixes_adapter_init(tmp_path):
+    # Same config -> same numbers; a different seed -> different training stream and adapter init.
+    suite = write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("seeds: [0]", "seeds: [0, 1]"))
+    run(suite, tmp_path / "a")
+    run(suite, tmp_path / "b")
+    ra, rb = runs(tmp_path / "a"), runs(tmp_path / "b")
+    assert ra.keys() == rb.keys()
+    for k in ra:
+        assert ra[k]["history"]["train_loss"] == rb[k]["history"]["train_loss"]
+    l0, l1 = (r["history"]["train_loss"] for r in sorted(ra.values(), key=lambda r: r["config"]["seed"]))
+    assert l0 != l1
+
+
+def test_failures_recorded_and_grid_goes_on(tmp_path):
+    suite = write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("tasks: [fake]", "tasks: [fake, fake-nan]").replace(
+        "methods: {lora: {}}", "methods: {lora: {}, broken: {method: lora, options: {raise: boom}}, ghost: {}}"))
+    assert run(suite, tmp_path / "r") == 0
+    recs = runs(tmp_path / "r").values()
+    by = {(r["config"]["task"], r["config"]["method"]): r for r in recs}
+    assert len(by) == 6
+    assert by[("fake", "lora")]["status"] == "ok"
+    assert by[("fake-nan", "lora")]["status"] == "failed" and by[("fake-nan", "lora")]["error"]["type"] == "nan_loss"
+    assert by[("fake", "broken")]["error"] == by[("fake", "broken")]["error"] | {"type": "bad_config"}
+    assert "boom" in by[("fake", "broken")]["error"]["message"]
+    assert "unknown method 'ghost'" in by[("fake", "ghost")]["error"]["message"]
+    # A finished (even failed) run is not repeated; --retry-failed repeats only the failed ones.
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "r/runs").glob("*.json")}
+    run(suite, tmp_path / "r")
+    assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "r/runs").glob("*.json")}
+    run(suite, tmp_path / "r", retry_failed=True)
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "r/runs").glob("*.json")}
+    changed = {n for n in before if before[n] != after[n]}
+    assert changed == {f"{r['run_id']}.json" for r in recs if r["status"] == "failed"}
+
+
+def test_max_minutes_stops_and_resumes(tmp_path):
+    suite = write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("seeds: [0]", "seeds: [0, 1, 2]").replace("tasks: [fake]", "tasks: [fake-slow]"))
+    # 3 steps x 0.15 s sleep: a 0.005-minute budget (0.3 s) cannot fit all three runs.
+    rc = run(suite, tmp_path / "r", max_minutes=0.005)
+    from benchmarks.runner.cli import EXIT_MORE_TO_DO
+
+    assert rc == EXIT_MORE_TO_DO and len(runs(tmp_path / "r")) < 3
+    assert run(suite, tmp_path / "r") == 0 and len(runs(tmp_path / "r")) == 3
+    assert not list((tmp_path / "r/runs").glob(".*"))  # no temp files left behind
+
+
+KILL_SCRIPT = """\
+import sys
+sys.path.insert(0, {tests!r})
+import test_runner as t
+from benchmarks.runner.cli import run_suite
+print("started", flush=True)
+sys.exit(run_suite({suite!r}, {out!r}, resolver=t.fake_resolver, injector=t.stand_in_inject, progress=False))
+"""
+
+
+def test_resume_after_kill(tmp_path):
+    suite = write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("seeds: [0]", "seeds: [0, 1, 2, 3, 4, 5]").replace("tasks: [fake]", "tasks: [fake-slow]"))
+    out = tmp_path / "r"
+    script = tmp_path / "go.py"
+    script.write_text(KILL_SCRIPT.format(tests=str(HERE), suite=str(suite), out=str(out)))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    t0 = time.time()
+    while len(list((out / "runs").glob("*.json"))) < 2:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() - t0 < 120, "grid did not produce runs"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-grid, likely mid-run
+    proc.wait()
+    first = {p.name: p.read_bytes() for p in (out / "runs").glob("*.json")}
+    assert 2 <= len(first) < 6
+    rc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, timeout=300)
+    assert rc.returncode == 0, rc.stderr.decode()[-2000:]
+    final = {p.name: p.read_bytes() for p in (out / "runs").glob("*.json")}
+    assert len(final) == 6  # nothing lost, nothing duplicated
+    assert all(final[n] == b for n, b in first.items())  # completed JSONs untouched
+    assert sorted(json.loads(b)["config"]["seed"] for b in final.values()) == [0, 1, 2, 3, 4, 5]
+    assert not [p for p in (out / "runs").iterdir() if p.suffix != ".json"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection and tuning
+
+
+def _rec(task, method, lr, seed, val, test, status="ok"):
+    from benchmarks.runner.grid import run_id
+
+    config = {"model": "m", "task": task, "method": method, "base_method": method, "seed": seed, "lr": lr,
+              "adapter": {}, "options": {}, "training": {"steps": 1}}
+    return {"run_id": run_id(config), "status": status, "config": config,
+            "task_info": {"metrics": {"acc": True}, "selection_metric": "acc", "report_metric": "acc"},
+            "metrics": {"validation": {"acc": val}, "test": {"acc": test}} if status == "ok" else {}}
+
+
+def test_selection_by_mean_validation():
+    from benchmarks.runner.grid import select_settings
+
+    recs = [
+        # lr 1e-3 has the best single seed but the worse mean; 1e-4 wins on mean validation.
+        _rec("t", "lora", 1e-3, 0, 0.95, 0.10), _rec("t", "lora", 1e-3, 1, 0.50, 0.10),
+        _rec("t", "lora", 1e-4, 0, 0.80, 0.70), _rec("t", "lora", 1e-4, 1, 0.80, 0.72),
+        # lr 1e-2 has the best mean over its ok seeds but a failed seed: ranked after complete settings.
+        _rec("t", "lora", 1e-2, 0, 0.99, 0.9), _rec("t", "lora", 1e-2, 1, 0, 0, status="failed"),
+    ]
+    sel = select_settings(recs)
+    assert sel[("m", "t", "lora")]["lr"] == 1e-4 and sel[("m", "t", "lora")]["val_mean"] == pytest.approx(0.8)
+
+
+def test_tune_runs_apart_and_chosen_values_used(tmp_path):
+    suite = write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("methods: {lora: {}}", "methods: {lora: {}, nalora: {}}") + textwrap.dedent("""\
+        dev_tasks: [fake-dev]
+        tune:
+          methods: [nalora]
+          options: {rank_hint: [1, 2]}
+        """))
+    assert run(suite, tmp_path / "r") == 0
+    tune_runs, main_runs = runs(tmp_path / "r", "tune/runs"), runs(tmp_path / "r")
+    assert {r["config"]["task"] for r in tune_runs.values()} == {"fake-dev"} and len(tune_runs) == 2
+    assert {r["config"]["task"] for r in main_runs.values()} == {"fake"}
+    chosen = json.loads((tmp_path / "r/tune/chosen.json").read_text())
+    value = chosen["chosen"]["nalora"]["rank_hint"]
+    best = max(tune_runs.values(), key=lambda r: (r["metrics"]["validation"]["acc"], -r["config"]["options"]["rank_hint"]))
+    assert value == best["config"]["options"]["rank_hint"]
+    (nal,) = [r for r in main_runs.values() if r["config"]["method"] == "nalora"]
+    assert nal["config"]["options"] == {"rank_hint": value}
+
+
+def _real_inject():
+    try:
+        from nalora.injection import inject
+    except Exception as err:  # noqa: BLE001
+        pytest.skip(f"nalora.inject not importable yet: {err}")
+    return inject
+
+
+def test_real_inject_records_diagnostics(tmp_path):
+    inject = _real_inject()
+    suite = write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("diag_batches: 0", "diag_batches: 1").replace(
+        "methods: {lora: {}}", "methods: {lora: {}, nalora: {}}").replace("steps: 3", "steps: 12"))
+    assert run(suite, tmp_path / "r", injector=inject) == 0
+    by = {r["config"]["method"]: r for r in runs(tmp_path / "r").values()}
+    for m in ("lora", "nalora"):
+        assert by[m]["status"] == "ok", by[m]["error"]
+        assert by[m]["adapted_modules"]
+        diag = by[m]["diagnostics"]["selection_misalignment"]
+        assert "error" not in diag and diag["misalignment"] > 0  # the trained adapter moved the gates
+    assert by["lora"]["nalora"] is None
+    hist = by["nalora"]["nalora"]["history"]
+    assert hist["step"] and hist["kept_fraction"]
+
+
+def test_real_nalora_under_bf16_autocast(tmp_path):
+    # The GPU default is bf16 autocast; CPU autocast reproduces the dtype mix here.
+    inject = _real_inject()
+    suite = write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("log_every: 1", "log_every: 1, mixed_precision: bf16").replace(
+        "methods: {lora: {}}", "methods: {nalora: {}}").replace("steps: 3", "steps: 12"))
+    assert run(suite, tmp_path / "r", injector=inject) == 0
+    (rec,) = runs(tmp_path / "r").values()
+    assert rec["status"] == "ok", rec["error"]["message"]
+
+
+@pytest.mark.slow  # spawned workers re-import torch + transformers: about a minute on 2 shared cores
+def test_worker_pool_cpu(tmp_path):
+    # Two spawned workers (CPU): every run is recorded once, same numbers as in-process.
+    suite = write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("seeds: [0]", "seeds: [0, 1]"))
+    assert run(suite, tmp_path / "pool", workers=2) == 0
+    assert run(suite, tmp_path / "inproc") == 0
+    a, b = runs(tmp_path / "pool"), runs(tmp_path / "inproc")
+    assert a.keys() == b.keys() and len(a) == 2
+    for k in a:
+        assert a[k]["status"] == "ok" and a[k]["metrics"] == b[k]["metrics"]
+
+
+def test_runs_with_different_precision_share_a_process(tmp_path):
+    # A per-task override may change precision; accelerate's state must not leak from one run to the next.
+    suite = write_suite(tmp_path / "s.yaml", BASE_SUITE.replace(
+        "tasks: [fake]", "tasks: [{name: fake-dev, training: {mixed_precision: bf16}}, fake]"))
+    assert run(suite, tmp_path / "r") == 0
+    by = {r["config"]["task"]: r for r in runs(tmp_path / "r").values()}
+    assert by["fake-dev"]["status"] == "ok", by["fake-dev"]["error"]
+    assert by["fake"]["status"] == "ok", by["fake"]["error"]
+    assert by["fake-dev"]["perf"]["mixed_precision"] == "bf16" and by["fake"]["perf"]["mixed_precision"] == "no"

@@ -1,0 +1,192 @@
+"""The task registry: decorator, built-in discovery, --include-path plugins, entry points, YAML, `list tasks`."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import re
+import socket
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks import registry
+from tasks.base import Task
+from tasks.registry import get_task, list_tasks, load_tasks, register_task, task_source
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILTIN_LLM = {
+    "socialiqa", "quartz", "sarcasm", "movie-reviews", "gsm8k", "boolq", "piqa", "siqa", "hellaswag",
+    "winogrande", "arc_easy", "arc_challenge", "openbookqa", "gsm8k-hub",
+}
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("network access in a test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.fixture
+def clean_registry():
+    """Snapshot the registry and restore it, so tests may register throwaway tasks."""
+    saved = (dict(registry._TASKS), dict(registry._SOURCES), list(registry._ERRORS), set(registry._LOADED))
+    yield
+    for store, old in zip((registry._TASKS, registry._SOURCES, registry._ERRORS, registry._LOADED), saved):
+        store.clear()
+        store.update(old) if isinstance(store, (dict, set)) else store.extend(old)
+
+
+def _plugin_source() -> str:
+    text = (ROOT / "docs" / "adding_a_task.md").read_text()
+    return re.search(r"```python\n(.*?)```", text, re.DOTALL).group(1)
+
+
+def test_decorator_registers_and_rejects_clashes(clean_registry):
+    class A(Task):
+        load_splits = setup = train_batches = loss = evaluate = None
+
+    class B(A):
+        pass
+
+    register_task("zz-a")(A)
+    assert A.name == "zz-a" and registry.task_class("zz-a") is A and "zz-a" in list_tasks()
+    register_task("zz-a")(A)  # the same class again (a re-import) is fine
+    with pytest.raises(ValueError, match="already registered"):
+        register_task("zz-a")(B)
+    with pytest.raises(ValueError, match="Task subclass"):
+        register_task("zz-b")(dict)
+    with pytest.raises(ValueError, match="non-empty"):
+        register_task(" ")
+
+
+def test_builtin_tasks_found_with_families():
+    load_tasks()
+    assert BUILTIN_LLM <= set(list_tasks("llm"))
+    assert not BUILTIN_LLM & set(list_tasks("vlm"))
+    assert task_source("socialiqa") == "builtin"
+    assert not [e for e in registry.load_errors() if "/tasks/llm/" in e.path], registry.load_errors()
+
+
+def test_unknown_task_names_the_known_ones():
+    with pytest.raises(KeyError, match="unknown task 'nope'.*socialiqa"):
+        get_task("nope")
+
+
+def test_every_builtin_llm_task_declares_its_contract():
+    load_tasks()
+    for name in BUILTIN_LLM:
+        task = get_task(name)
+        d = task.describe()
+        assert d["family"] == "llm" and d["dataset"] and d["source"] and d["protocol"], name
+        assert task.selection_metric in task.metrics and task.report_metric in task.metrics, name
+        assert all(task.metrics.values()), name  # every metric here is higher-is-better
+        assert task.requires_network == ("/" in task.dataset), name  # hub ids have an org, assets do not
+
+
+def test_include_path_plugin_end_to_end(tmp_path, clean_registry):
+    """The plugin of docs/adding_a_task.md: load, setup on a tiny model, train a few steps, evaluate."""
+    (tmp_path / "sum_check.py").write_text(_plugin_source())
+    errors = load_tasks(include_paths=[tmp_path], builtin=False, entry_points=False)
+    assert errors == []
+    assert task_source("sum-check").startswith("include:") and "sum_check.py" in task_source("sum-check")
+    task = get_task("sum-check")
+    setup = task.setup("tiny-llama")
+    opt = torch.optim.AdamW(setup.model.parameters(), lr=1e-2)
+    batches = task.train_batches(setup, batch_size=4, seed=0)
+    first = None
+    for _ in range(4):
+        batch = next(batches)
+        loss = task.loss(setup, setup.model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        first = loss.item() if first is None else first
+    assert torch.isfinite(loss) and loss.item() < first
+    metrics = task.evaluate(setup, setup.model, "test", limit=4, batch_size=2)
+    assert set(metrics) == {"acc"} and 0.0 <= metrics["acc"] <= 1.0
+    assert task.chance() == {"acc": 0.5}
+
+
+def test_yaml_plugin_and_broken_files_reported_without_hiding_others(tmp_path, clean_registry):
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "validation", "test"):
+        (data / f"{split}.jsonl").write_text('{"q": "Is 2 even", "label": 1}\n{"q": "Is 3 even", "label": 0}\n')
+    (tmp_path / "even.yaml").write_text(
+        "task: even-yesno\ndataset: local\nprompt: \"{q}?\\nAnswer:\"\nchoices: ['no', 'yes']\nlabel: label\n"
+        "metrics: [acc]\n"
+    )
+    (tmp_path / "broken.py").write_text("import nonexistent_module_xyz\n")
+    (tmp_path / "bad.yaml").write_text("task: bad\ndataset: x\nprompt: p\nchoices: [a, b]\nlabel: label\nmetrics: [f1]\n")
+    (tmp_path / "typo.yaml").write_text("task: typo\ndataset: x\nprompt: p\nchoices: [a, b]\nlabel: label\npromt: q\n")
+    errors = load_tasks(include_paths=[tmp_path], builtin=False, entry_points=False)
+    by_file = {Path(e.path).name: e.problem for e in errors}
+    assert set(by_file) == {"broken.py", "bad.yaml", "typo.yaml"}
+    assert "nonexistent_module_xyz" in by_file["broken.py"] and "line 1" in by_file["broken.py"]
+    assert "metrics" in by_file["bad.yaml"] and "'promt'" in by_file["typo.yaml"]
+    assert all("\n" not in p for p in by_file.values())
+
+    task = get_task("even-yesno", data_dir=data)
+    setup = task.setup("tiny-llama")
+    assert task.doc_to_text(task.load_splits()["test"][0]) == "Is 2 even?\nAnswer:"
+    assert task.train_pair(task.load_splits()["test"][0]) == ("Is 2 even?\nAnswer:", " yes")
+    assert set(task.evaluate(setup, setup.model, "test")) == {"acc"}
+
+    # `list tasks` shows the good task and names each broken file with its problem; exit code 1.
+    from tasks import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    out = io.StringIO()
+    rc = cli._list_tasks(parser.parse_args(["tasks", "--include-path", str(tmp_path)]), out=out)
+    text = out.getvalue()
+    assert rc == 1
+    assert re.search(r"^even-yesno\s+llm\s+\S", text, re.MULTILINE)
+    assert str(tmp_path / "broken.py") in text and "ModuleNotFoundError" in text
+    assert re.search(r"^socialiqa\s+llm", text, re.MULTILINE)  # the built-ins are still listed
+
+
+def test_missing_include_path_is_one_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_tasks(include_paths=[tmp_path / "nope"], builtin=False, entry_points=False)
+
+
+def test_entry_point_plugins(tmp_path, monkeypatch, clean_registry):
+    pkg = tmp_path / "ep_tasks_pkg.py"
+    pkg.write_text(_plugin_source().replace('"sum-check"', '"sum-check-ep"'))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    good = metadata.EntryPoint("sum", "ep_tasks_pkg", registry.ENTRY_POINT_GROUP)
+    bad = metadata.EntryPoint("bad", "ep_missing_pkg_xyz", registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry.metadata, "entry_points",
+                        lambda group: [good, bad] if group == registry.ENTRY_POINT_GROUP else [])
+    errors = load_tasks(builtin=False)
+    assert "sum-check-ep" in list_tasks() and task_source("sum-check-ep").startswith("entry-point:")
+    assert any("ep_missing_pkg_xyz" in e.path and "ModuleNotFoundError" in e.problem for e in errors)
+    sys.modules.pop("ep_tasks_pkg", None)
+
+
+def test_list_tasks_reports_not_fetched_hub_data():
+    from tasks import cli
+
+    load_tasks()
+    assert cli.split_sizes(get_task("piqa")).startswith("not fetched")
+    fixture = get_task("piqa", data_dir=ROOT / "tests/fixtures/tasks/piqa")
+    assert cli.split_sizes(fixture) == "7/1/8"  # 8 train rows, 10% held out as validation; test = hub validation
+
+
+def test_list_methods_models_datasets(capsys):
+    from tasks import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    for what, expect in (("methods", r"^lora$"), ("models", r"^smollm2-135m\s"), ("datasets", r"^socialiqa\s")):
+        assert cli.main(parser.parse_args([what])) == 0
+        assert re.search(expect, capsys.readouterr().out, re.MULTILINE), what
+    with pytest.raises(SystemExit):
+        parser.parse_args(["widgets"])

@@ -1,0 +1,223 @@
+"""The built-in vision tasks end to end on tiny random models; real-asset checks marked slow."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+from datasets import Image as DImage
+from PIL import Image
+
+from tasks.registry import get_task, list_tasks, load_tasks
+from tasks.vlm.data import cap_train, eval_order
+
+NAMES = ["T-shirt/top", "Trouser", "Bag"]
+QA_TASKS = ["fashion-mnist", "emoji", "cifar10"]
+PROBE_TASKS = ["fashion-mnist-probe", "emoji-probe", "cifar10-probe"]
+
+
+def _split(n: int, seed: int, rgba: bool = False) -> Dataset:
+    # Class k has mean brightness ~ 40 + 80 k: learnable from pixels alone.
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    ims = []
+    for y in labels:
+        arr = (rng.random((28, 28)) * 40 + 40 + 80 * y).astype("uint8")
+        im = Image.fromarray(arr)
+        ims.append(im.convert("RGBA") if rgba else im)
+    return Dataset.from_dict(
+        {"image": ims, "label": labels.tolist(), "id": [f"{seed}-{i}" for i in range(n)]},
+        features=Features({"image": DImage(), "label": ClassLabel(names=NAMES), "id": Value("string")}),
+    )
+
+
+@pytest.fixture(scope="module")
+def splits() -> DatasetDict:
+    return DatasetDict(train=_split(48, 0), validation=_split(12, 1), test=_split(12, 2))
+
+
+def _splits_copy(splits: DatasetDict) -> DatasetDict:
+    return DatasetDict({k: v for k, v in splits.items()})
+
+
+def test_registered_with_family_vlm():
+    load_tasks()
+    assert set(QA_TASKS + PROBE_TASKS) <= set(list_tasks("vlm"))
+    t = get_task("emoji-probe")
+    assert t.family == "vlm" and t.metrics == {"acc": True}
+    assert get_task("fashion-mnist").metrics == {"acc": True, "acc_norm": True}
+
+
+@pytest.mark.parametrize("name", QA_TASKS)
+@pytest.mark.parametrize("spec", ["tiny-dinov2+tiny-llama", "tiny-eva02+tiny-llama"])
+def test_qa_task_end_to_end(name, spec, splits):
+    task = get_task(name, splits=_splits_copy(splits), align=False, max_train=20)
+    assert len(task.load_splits()["train"]) == 20
+    assert task.chance() == {"acc": pytest.approx(1 / 3), "acc_norm": pytest.approx(1 / 3)}
+    setup = task.setup(spec)
+    assert setup.trainable == ["connector"] and setup.extras["classes"] == ["t-shirt/top", "trouser", "bag"]
+    params = [p for n, p in setup.model.named_parameters() if n.startswith("connector.")]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    batches = task.train_batches(setup, batch_size=4, seed=0)
+    first = next(batches)
+    assert first["pixel_values"].shape == (4, 3, 28, 28)
+    assert task.units(first) == int(first["attention_mask"].sum())
+    losses = []
+    for _ in range(3):
+        loss = task.loss(setup, setup.model, first)  # one fixed batch: its loss must go down
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+    metrics = task.evaluate(setup, setup.model, "validation", limit=5, batch_size=2)
+    assert set(metrics) == {"acc", "acc_norm", "n"} and metrics["n"] == 5
+    assert all(0.0 <= metrics[k] <= 1.0 for k in ("acc", "acc_norm"))
+
+
+def test_qa_scoring_picks_the_likeliest_answer(splits):
+    """With the LM forced to prefer the bytes of " bag", acc equals that class's share of the split."""
+    task = get_task("fashion-mnist", splits=_splits_copy(splits), align=False)
+    setup = task.setup("tiny-dinov2+tiny-llama")
+    bag = ord("b") + 3
+
+    class Forced(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **batch):
+            out = self.inner(**batch)
+            out.logits = torch.zeros_like(out.logits)
+            out.logits[..., bag] = 10.0
+            return out
+
+    metrics = task.evaluate(setup, Forced(setup.model), "test")
+    labels = np.array(task.load_splits()["test"]["label"])
+    assert metrics["acc"] == pytest.approx(float((labels == 2).mean()))
+
+
+@pytest.mark.parametrize("name", PROBE_TASKS)
+@pytest.mark.parametrize("encoder", ["tiny-dinov2", "tiny-eva02"])
+def test_probe_task_end_to_end(name, encoder, splits):
+    task = get_task(name, splits=_splits_copy(splits))
+    setup = task.setup(encoder)
+    assert setup.trainable == ["head"]
+    assert not any(p.requires_grad for p in setup.model.vision_tower.parameters())
+    batch = next(task.train_batches(setup, batch_size=8, seed=1))
+    assert task.units(batch) == 8
+    assert torch.isfinite(task.loss(setup, setup.model, batch))
+    metrics = task.evaluate(setup, setup.model, "test", limit=7, batch_size=3)
+    assert metrics["n"] == 7 and 0.0 <= metrics["acc"] <= 1.0
+    assert task.chance() == {"acc": pytest.approx(1 / 3)}
+
+
+def test_probe_head_learns(splits):
+    task = get_task("fashion-mnist-probe", splits=_splits_copy(splits))
+    setup = task.setup("tiny-eva02")
+    opt = torch.optim.AdamW(setup.model.head.parameters(), lr=0.05)
+    batches = task.train_batches(setup, batch_size=16, seed=0)
+    for _ in range(60):
+        task.loss(setup, setup.model, next(batches)).backward()
+        opt.step()
+        opt.zero_grad()
+    # Classes differ in brightness: a trained head beats chance (1/3) clearly on the training data.
+    train_acc = task.evaluate(setup, setup.model, "train")["acc"]
+    assert train_acc > 0.6
+
+
+def test_train_batches_reshuffle_and_cover(splits):
+    task = get_task("emoji-probe", splits=_splits_copy(splits), max_train=10)
+    setup = task.setup("tiny-dinov2")
+    it = task.train_batches(setup, batch_size=4, seed=3)
+    epoch1 = [next(it)["labels"] for _ in range(3)]  # 4 + 4 + 2
+    assert sum(len(b) for b in epoch1) == 10
+    again = task.train_batches(setup, batch_size=4, seed=3)
+    assert torch.equal(next(again)["labels"], epoch1[0])
+
+
+def test_cap_and_eval_order_are_deterministic(splits):
+    a = cap_train(_splits_copy(splits), 10)["train"]["id"]
+    b = cap_train(_splits_copy(splits), 10)["train"]["id"]
+    assert a == b and len(a) == 10
+    assert eval_order(100, 5) == eval_order(100, 5) and sorted(eval_order(10, None)) == list(range(10))
+    with pytest.raises(ValueError, match="max_train"):
+        cap_train(_splits_copy(splits), 0)
+    with pytest.raises(ValueError, match="no 'test' split"):
+        cap_train(DatasetDict(train=splits["train"], validation=splits["validation"]), None)
+
+
+def test_probe_rejects_vlm_spec(splits):
+    with pytest.raises(ValueError, match="image encoder"):
+        get_task("fashion-mnist-probe", splits=_splits_copy(splits)).setup("dinov2-s+smollm2-135m")
+
+
+def _asset_or_skip(*names: str) -> None:
+    from benchmarks.assets import load_dataset, load_model  # noqa: F401
+
+    try:
+        from benchmarks.assets import Cache, cache_dir
+
+        cache = Cache(cache_dir())
+        missing = [n for n in names if not cache.has(n)]
+    except Exception as err:  # noqa: BLE001 - the asset API itself not ready counts as missing
+        pytest.skip(f"asset cache unavailable: {err}")
+    if missing:
+        pytest.skip(f"assets not in the cache: {', '.join(missing)} (run `nalora-bench fetch {' '.join(missing)}`)")
+
+
+@pytest.mark.slow
+def test_real_composed_qa_fashion_mnist():
+    _asset_or_skip("dinov2-s", "smollm2-135m", "fashion-mnist")
+    task = get_task("fashion-mnist", max_train=64, align=False)  # alignment itself: docs/vlm.md script
+    setup = task.setup("dinov2-s+smollm2-135m")
+    batch = next(task.train_batches(setup, batch_size=2, seed=0))
+    loss = task.loss(setup, setup.model, batch)
+    assert torch.isfinite(loss) and float(loss) < 20
+    metrics = task.evaluate(setup, setup.model, "validation", limit=10, batch_size=10)
+    assert metrics["n"] == 10 and 0 <= metrics["acc"] <= 1
+
+
+@pytest.mark.slow
+def test_real_dinov2_probe_fashion_mnist():
+    _asset_or_skip("dinov2-s", "fashion-mnist")
+    task = get_task("fashion-mnist-probe", max_train=64)
+    setup = task.setup("dinov2-s")
+    opt = torch.optim.AdamW(setup.model.head.parameters(), lr=1e-2)
+    batches = task.train_batches(setup, batch_size=16, seed=0)
+    for _ in range(4):
+        task.loss(setup, setup.model, next(batches)).backward()
+        opt.step()
+        opt.zero_grad()
+    metrics = task.evaluate(setup, setup.model, "validation", limit=32)
+    assert metrics["n"] == 32 and 0 <= metrics["acc"] <= 1
+
+
+@pytest.mark.parametrize("task_name,spec,method", [
+    ("emoji", "tiny-dinov2+tiny-llama", "lora"),
+    ("fashion-mnist", "tiny-eva02+tiny-llama", "nalora"),
+    ("emoji-probe", "tiny-eva02", "nalora"),
+    ("fashion-mnist-probe", "tiny-dinov2", "lora"),
+])
+def test_tasks_through_the_injector(task_name, spec, method, splits):
+    """What the runner does: inject on setup.model with setup.trainable, then loss / evaluate."""
+    injection = pytest.importorskip("nalora.injection")
+    task = get_task(task_name, splits=_splits_copy(splits), **({} if "probe" in task_name else {"align": False}))
+    setup = task.setup(spec)
+    torch.manual_seed(0)
+    adapted = injection.inject(setup.model, method, targets=("gate", "up"), rank=2, trainable=setup.trainable)
+    trained = [n for n, p in adapted.model.named_parameters() if p.requires_grad]
+    assert any(setup.trainable[0] in n for n in trained) and any("lora" in n for n in trained)
+    opt = adapted.make_optimizer(1e-2, total_steps=2)
+    batches = task.train_batches(setup, batch_size=4, seed=0)
+    for _ in range(2):
+        loss = task.loss(setup, adapted.model, next(batches))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.isfinite(loss)
+    metrics = task.evaluate(setup, adapted.model, "test", limit=4, batch_size=2)
+    assert metrics["n"] == 4
