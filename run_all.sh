@@ -3,11 +3,12 @@
 #
 #   ./run_all.sh                          # `default` on a GPU machine, `smoke` on a CPU-only one
 #   ./run_all.sh --suite hub              # another suite (name in benchmarks/suites/ or a YAML path)
-#   ./run_all.sh --methods lora,nalora --tasks sarcasm --out results-sub --workers 4
+#   ./run_all.sh --methods lora,nalora --tasks sarcasm --seeds 0 --out results-sub --workers 4
+#   ./run_all.sh --suite my_suite.yaml --include-path my_tasks/   # a suite that names tasks of your own
 #   ./run_all.sh --max-minutes 9          # stop cleanly before a time limit; run again to resume
 #
-# Every flag not listed below is passed to `nalora-bench run` as is. Finished runs are never repeated,
-# so running this again after an interruption continues where it stopped.
+# The flags above (and --retry-failed, --no-progress, --dry-run) go to `nalora-bench run`; anything else is
+# an error. Finished runs are never repeated, so running this again after an interruption continues.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -16,9 +17,9 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --suite) SUITE="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
-    --methods|--tasks|--workers|--max-minutes) RUN_ARGS+=("$1" "$2"); shift 2 ;;
+    --methods|--tasks|--seeds|--include-path|--workers|--max-minutes) RUN_ARGS+=("$1" "$2"); shift 2 ;;
     --retry-failed|--no-progress|--dry-run) RUN_ARGS+=("$1"); shift ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done

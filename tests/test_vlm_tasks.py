@@ -9,6 +9,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from datasets import Image as DImage
 from PIL import Image
 
+from conftest import require_assets
 from tasks.registry import get_task, list_tasks, load_tasks
 from tasks.vlm.data import cap_train, eval_order
 
@@ -155,23 +156,9 @@ def test_probe_rejects_vlm_spec(splits):
         get_task("fashion-mnist-probe", splits=_splits_copy(splits)).setup("dinov2-s+smollm2-135m")
 
 
-def _asset_or_skip(*names: str) -> None:
-    from benchmarks.assets import load_dataset, load_model  # noqa: F401
-
-    try:
-        from benchmarks.assets import Cache, cache_dir
-
-        cache = Cache(cache_dir())
-        missing = [n for n in names if not cache.has(n)]
-    except Exception as err:  # noqa: BLE001 - the asset API itself not ready counts as missing
-        pytest.skip(f"asset cache unavailable: {err}")
-    if missing:
-        pytest.skip(f"assets not in the cache: {', '.join(missing)} (run `nalora-bench fetch {' '.join(missing)}`)")
-
-
 @pytest.mark.slow
 def test_real_composed_qa_fashion_mnist():
-    _asset_or_skip("dinov2-s", "smollm2-135m", "fashion-mnist")
+    require_assets("dinov2-s", "smollm2-135m", "fashion-mnist")
     task = get_task("fashion-mnist", max_train=64, align=False)  # alignment itself: docs/vlm.md script
     setup = task.setup("dinov2-s+smollm2-135m")
     batch = next(task.train_batches(setup, batch_size=2, seed=0))
@@ -183,7 +170,7 @@ def test_real_composed_qa_fashion_mnist():
 
 @pytest.mark.slow
 def test_real_dinov2_probe_fashion_mnist():
-    _asset_or_skip("dinov2-s", "fashion-mnist")
+    require_assets("dinov2-s", "fashion-mnist")
     task = get_task("fashion-mnist-probe", max_train=64)
     setup = task.setup("dinov2-s")
     opt = torch.optim.AdamW(setup.model.head.parameters(), lr=1e-2)
@@ -204,7 +191,7 @@ def test_real_dinov2_probe_fashion_mnist():
 ])
 def test_tasks_through_the_injector(task_name, spec, method, splits):
     """What the runner does: inject on setup.model with setup.trainable, then loss / evaluate."""
-    injection = pytest.importorskip("nalora.injection")
+    from nalora import injection
     task = get_task(task_name, splits=_splits_copy(splits), **({} if "probe" in task_name else {"align": False}))
     setup = task.setup(spec)
     torch.manual_seed(0)

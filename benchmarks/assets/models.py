@@ -238,6 +238,8 @@ def sanity_losses(model, tokenizer, text: str = SANITY_TEXT, seed: int = 0) -> d
     g = torch.Generator().manual_seed(seed)
     rand = torch.randint(0, len(tokenizer), ids.shape, generator=g)
     rand[:, 0] = ids[0, 0]  # keep BOS (if any) so only the content differs
+    device = next(model.parameters()).device
+    ids, rand = ids.to(device), rand.to(device)
     with torch.no_grad():
         real = model(input_ids=ids, labels=ids).loss.item()
         noise = model(input_ids=rand, labels=rand).loss.item()

@@ -9,13 +9,14 @@ import argparse
 import sys
 
 
-def assets_needed(suite_name: str, tasks: list[str] | None = None, resolver=None) -> list[str]:
+def assets_needed(suite_name: str, tasks: list[str] | None = None, resolver=None,
+                  include_paths: list[str] | None = None) -> list[str]:
     """Model names and dataset names of the suite's reported and dev tasks, without hub-only ones."""
     from benchmarks.runner.execute import make_resolver
     from benchmarks.runner.grid import _models_for
     from benchmarks.runner.suite import load_suite
 
-    suite = load_suite(suite_name, tasks=tasks)
+    suite = load_suite(suite_name, tasks=tasks, task_paths=include_paths)
     resolver = resolver or make_resolver(suite.task_paths)
     names: list[str] = list(suite.assets)
     for spec in suite.tasks + suite.dev_tasks:
@@ -34,9 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("suite")
     p.add_argument("--tasks", default=None)
+    p.add_argument("--include-path", action="append", default=[])
     args, _ = p.parse_known_args(argv)
     try:
-        names = assets_needed(args.suite, [t for t in (args.tasks or "").split(",") if t] or None)
+        names = assets_needed(args.suite, [t for t in (args.tasks or "").split(",") if t] or None,
+                              include_paths=args.include_path)
     except (ValueError, KeyError) as err:
         print(f"run_all.sh: error: {err}", file=sys.stderr)
         return 2

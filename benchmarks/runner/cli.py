@@ -14,6 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", "--results", dest="out", default="results", help="results folder (default: results)")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the suite's methods")
     parser.add_argument("--tasks", default=None, help="comma-separated subset of the suite's reported tasks")
+    parser.add_argument("--seeds", default=None, help="comma-separated subset of the suite's seeds")
+    parser.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                        help="also load tasks from DIR (*.py / *.yaml task files); may be repeated")
     parser.add_argument("--workers", type=int, default=0,
                         help="worker processes per GPU sharing it (0: run in this process; needed under accelerate launch)")
     parser.add_argument("--max-minutes", type=float, default=None,
@@ -28,7 +31,7 @@ def _split(value: str | None) -> list[str] | None:
 
 
 def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = None, tasks: list[str] | None = None,
-              workers: int = 0, max_minutes: float | None = None, retry_failed: bool = False, dry_run: bool = False,
+              seeds: list[int] | None = None, include_paths: list[str] | None = None, workers: int = 0, max_minutes: float | None = None, retry_failed: bool = False, dry_run: bool = False,
               progress: bool = True, resolver: Callable[[str], Any] | None = None, injector: Callable | None = None,
               log: Callable[[str], None] = print) -> int:
     """Tune (if the suite has ``tune``), then run the reported grid. Returns 0 when everything is done,
@@ -44,7 +47,7 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
     from benchmarks.runner.store import ResultStore, atomic_write_json
     from benchmarks.runner.suite import load_suite
 
-    suite = load_suite(suite_name, methods=methods, tasks=tasks)
+    suite = load_suite(suite_name, methods=methods, tasks=tasks, seeds=seeds, task_paths=include_paths)
     resolver = resolver or make_resolver(suite.task_paths)
     families: dict[str, tuple[str, str]] = {}
 
@@ -112,6 +115,11 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     if args.max_minutes is not None and args.max_minutes <= 0:
         raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes}")
-    return run_suite(args.suite, args.out, methods=_split(args.methods), tasks=_split(args.tasks), workers=args.workers,
+    try:
+        seeds = [int(x) for x in _split(args.seeds)] if args.seeds else None
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    return run_suite(args.suite, args.out, methods=_split(args.methods), tasks=_split(args.tasks), seeds=seeds,
+                     include_paths=args.include_path, workers=args.workers,
                      max_minutes=args.max_minutes, retry_failed=args.retry_failed, dry_run=args.dry_run,
                      progress=not args.no_progress)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -15,7 +16,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 @functools.lru_cache(maxsize=1)
 def git_state() -> dict[str, Any]:
-    """Commit hash and whether the working tree had uncommitted changes (read-only git calls)."""
+    """Commit hash and whether the working tree had uncommitted changes (read-only git calls).
+
+    A copy of the tree without ``.git`` (e.g. shipped to a GPU machine) names its commit in
+    ``$NALORA_GIT_COMMIT``; ``dirty`` is then unknown (None).
+    """
+    if os.environ.get("NALORA_GIT_COMMIT"):
+        return {"commit": os.environ["NALORA_GIT_COMMIT"], "dirty": None, "from": "NALORA_GIT_COMMIT"}
+
     def git(*args: str) -> str | None:
         try:
             return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=True).stdout.strip()

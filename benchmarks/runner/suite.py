@@ -311,8 +311,10 @@ def validate(raw: dict, path: Path) -> Suite:
     )
 
 
-def load_suite(name_or_path: str | Path, *, methods: list[str] | None = None, tasks: list[str] | None = None) -> Suite:
-    """Load, merge and validate a suite; ``methods`` / ``tasks`` keep only the named entries."""
+def load_suite(name_or_path: str | Path, *, methods: list[str] | None = None, tasks: list[str] | None = None,
+               seeds: list[int] | None = None, task_paths: list[str] | None = None) -> Suite:
+    """Load, merge and validate a suite; ``methods`` / ``tasks`` / ``seeds`` keep only the named entries,
+    ``task_paths`` add task folders (``--include-path``) to the suite's own."""
     raw, path = load_raw(name_or_path)
     suite = validate(raw, path)
     if methods:
@@ -325,4 +327,12 @@ def load_suite(name_or_path: str | Path, *, methods: list[str] | None = None, ta
         if unknown:
             raise SuiteError(f"--tasks: {unknown[0]!r} is not in suite {suite.name} (has: {', '.join(t.name for t in suite.tasks)})")
         suite.tasks = [t for t in suite.tasks if t.name in tasks]
+    if seeds is not None:
+        unknown = sorted(set(seeds) - set(suite.seeds))
+        if unknown or not seeds:
+            raise SuiteError(f"--seeds: {unknown[0] if unknown else 'nothing'} is not in suite {suite.name} "
+                             f"(has: {', '.join(map(str, suite.seeds))})")
+        suite.seeds = [s for s in suite.seeds if s in seeds]
+    if task_paths:
+        suite.task_paths = list(dict.fromkeys([*suite.task_paths, *map(str, task_paths)]))
     return suite

@@ -1,0 +1,1 @@
+"""Performance measurements (step time per method)."""
