@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +29,30 @@ def _run(model: nn.Module, batch: Any) -> None:
         model(batch)
 
 
+def snapshot_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the trainable parameters: the reference state for ``selection_misalignment``."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@contextlib.contextmanager
+def parameters_swapped(model: nn.Module, values: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Inside the block, the named parameters of ``model`` hold ``values``; restored afterwards."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(values) - set(params))
+    if missing:
+        raise ValueError(f"reference state names parameters the model does not have, e.g. {missing[0]!r}")
+    kept = {n: params[n].detach().clone() for n in values}
+    try:
+        with torch.no_grad():
+            for n, v in values.items():
+                params[n].copy_(v)
+        yield
+    finally:
+        with torch.no_grad():
+            for n, v in kept.items():
+                params[n].copy_(v)
+
+
 @torch.no_grad()
 def selection_misalignment(
     model: nn.Module,
@@ -35,22 +60,35 @@ def selection_misalignment(
     batches: Iterable[Any],
     adapter_name: str = "default",
     tol: float = 0.1,
+    reference: Mapping[str, torch.Tensor] | Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> dict[str, Any]:
-    """Adapter on vs off (peft ``disable_adapter()``) on held-out ``batches``, per gate channel and real token:
+    """Trained model vs its reference state on held-out ``batches``, per gate channel and real token.
 
     ``misalignment``: mean ``|s(g + dg) - s(g)|``; ``regime_change``: fraction of (token, channel) pairs
     whose regime (suppressed / selecting / linear, ``|k-1| <= tol``) differs (over FFNs with a partition;
     NaN if none). Real tokens: a batch dict's 2-D ``attention_mask`` when its shape matches, else all.
-    ``dg`` includes the effect of adapters upstream. Works for any peft method that changes the gates.
+    ``dg`` includes the effect of changes upstream.
+
+    ``reference``: the state ``g`` is measured in. ``None``: the adapter switched off (peft
+    ``disable_adapter()``), right for adapters that start at zero (LoRA, DoRA, NA-LoRA). A mapping of
+    parameter name -> value (``snapshot_trainable`` taken before training) measures against the model as
+    it was before training: needed where the adapter starts non-zero on a modified base (PiSSA) and for
+    full fine-tuning. Or a callable returning a context manager that switches the reference on.
     """
-    if not hasattr(model, "disable_adapter"):
-        raise ValueError(f"{type(model).__name__} has no disable_adapter(): selection misalignment needs a peft model")
     if not ffns:
         raise ValueError("selection_misalignment needs at least one gated FFN")
-    active = getattr(model, "active_adapter", adapter_name)
-    if active != adapter_name:
-        raise ValueError(f"adapter {adapter_name!r} is not the active adapter ({active!r}); set_adapter it first")
-    base = model.get_base_model()
+    if reference is None:
+        if not hasattr(model, "disable_adapter"):
+            raise ValueError(f"{type(model).__name__} has no disable_adapter(): pass reference=snapshot_trainable(...) "
+                             "taken before training")
+        active = getattr(model, "active_adapter", adapter_name)
+        if active != adapter_name:
+            raise ValueError(f"adapter {adapter_name!r} is not the active adapter ({active!r}); set_adapter it first")
+        reference = model.disable_adapter
+    elif isinstance(reference, Mapping):
+        values = reference
+        reference = lambda: parameters_swapped(model, values)  # noqa: E731
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     acts = [normalize_activation(f.activation) for f in ffns]
     thr = [regime_thresholds(a, tol) if has_partition(a) else None for a in acts]
     gates = [base.get_submodule(f.gate) for f in ffns]
@@ -68,7 +106,7 @@ def selection_misalignment(
             _run(model, batch)
             on = dict(captured)
             captured.clear()
-            with model.disable_adapter():
+            with reference():
                 _run(model, batch)
             off = dict(captured)
             am = batch.get("attention_mask") if isinstance(batch, dict) else None

@@ -6,7 +6,7 @@ import pytest
 import tiny_models as tm
 import torch
 
-from nalora import inject
+from nalora import find_gated_ffns, inject
 from nalora.activations import selection
 from nalora.diagnostics import selection_misalignment
 
@@ -78,3 +78,29 @@ def test_other_gate_methods_and_errors():
         selection_misalignment(tm.llama(), ad.options["plan"].ffns, _batches())
     with pytest.raises(ValueError, match="no batches"):
         selection_misalignment(ad.model, ad.options["plan"].ffns, [])
+
+
+def test_reference_state_for_pissa_and_full_fine_tuning():
+    from nalora.diagnostics import snapshot_trainable
+
+    # PiSSA starts with a non-zero adapter on a residual base: "adapter off" is not the pretrained model,
+    # the snapshot taken before training is (the initial PiSSA model equals the original up to rounding).
+    ad = inject(tm.llama(), "pissa", targets=("gate",), towers=("language",), rank=4)
+    ffns = ad.options["plan"].ffns
+    ref = snapshot_trainable(ad.model)
+    assert selection_misalignment(ad.model, ffns, _batches())["misalignment"] > 1e-3  # the misleading "off"
+    assert selection_misalignment(ad.model, ffns, _batches(), reference=ref)["misalignment"] < 1e-6
+    _train(ad)
+    assert selection_misalignment(ad.model, ffns, _batches(), reference=ref)["misalignment"] > 1e-4
+
+    # Full fine-tuning has no adapter to switch off: measured against its starting weights, restored after.
+    full = inject(tm.llama(), "full")
+    ffns = find_gated_ffns(full.model)
+    ref = snapshot_trainable(full.model)
+    assert selection_misalignment(full.model, ffns, _batches(), reference=ref)["misalignment"] == 0.0
+    _train(full)
+    after = {n: p.detach().clone() for n, p in full.model.named_parameters()}
+    assert selection_misalignment(full.model, ffns, _batches(), reference=ref)["misalignment"] > 0
+    assert all(torch.equal(p, after[n]) for n, p in full.model.named_parameters())  # trained weights restored
+    with pytest.raises(ValueError, match="does not have"):
+        selection_misalignment(full.model, ffns, _batches(), reference={"nope": torch.zeros(1)})

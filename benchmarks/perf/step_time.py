@@ -10,6 +10,7 @@ Reports the median step time per method and its ratio to ``lora``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -28,26 +29,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=100, help="timed optimiser steps per round")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed steps before each round")
+    parser.add_argument("--steps", type=int, default=50, help="timed optimiser steps per round")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps before each round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the methods")
     parser.add_argument("--out", default=None, help="write the measurement as JSON (and .md beside it)")
 
 
-def _load(model_name: str, device: torch.device) -> torch.nn.Module:
-    from tasks.common import load_causal_lm
-
-    model, _ = load_causal_lm(model_name)
-    return model.to(device)
-
-
-def time_method(method: str, model_name: str, batch: dict, *, targets: tuple[str, ...], rank: int, steps: int,
+def time_method(method: str, base: torch.nn.Module, batch: dict, *, targets: tuple[str, ...], rank: int, steps: int,
                 warmup: int, device: torch.device) -> float:
-    """Seconds per optimiser step of ``method`` (forward, backward, clip, step, zero_grad) over ``steps``."""
+    """Seconds per optimiser step of ``method`` (forward, backward, clip, step, zero_grad) over ``steps``,
+    on a fresh copy of ``base`` (loaded once: reloading per trial costs more than the trial)."""
     from nalora import inject
 
     torch.manual_seed(0)
-    adapted = inject(_load(model_name, device), method, targets=targets, rank=rank, alpha=2 * rank)
+    adapted = inject(copy.deepcopy(base).to(device), method, targets=targets, rank=rank, alpha=2 * rank)
     total = warmup + steps
     opt = adapted.make_optimizer(1e-4, total_steps=total)
     params = [p for p in adapted.model.parameters() if p.requires_grad]
@@ -79,23 +74,25 @@ def time_method(method: str, model_name: str, batch: dict, *, targets: tuple[str
 
 
 def measure(model_name: str, methods: list[str], *, targets: tuple[str, ...] = ("gate", "up", "down"), rank: int = 8,
-            batch_size: int = 8, seq_len: int = 512, steps: int = 100, warmup: int = 20, rounds: int = 3,
+            batch_size: int = 8, seq_len: int = 512, steps: int = 50, warmup: int = 10, rounds: int = 3,
             progress: bool = True) -> dict[str, Any]:
     """Median step time per method over ``rounds`` interleaved rounds; ratios to ``lora`` when it is measured."""
     from tqdm.auto import tqdm
 
+    from tasks.common import load_causal_lm
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    vocab = _load(model_name, torch.device("cpu")).config.vocab_size
+    base, _ = load_causal_lm(model_name)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
+    ids = torch.randint(0, base.config.vocab_size, (batch_size, seq_len), generator=g)
     batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": ids.to(device)}
     times: dict[str, list[float]] = {m: [] for m in methods}
     bar = tqdm(total=rounds * len(methods), desc="steptime", disable=not progress)
     for _ in range(rounds):
         for m in methods:
-            times[m].append(time_method(m, model_name, batch, targets=targets, rank=rank, steps=steps,
+            times[m].append(time_method(m, base, batch, targets=targets, rank=rank, steps=steps,
                                         warmup=warmup, device=device))
             bar.update(1)
     bar.close()

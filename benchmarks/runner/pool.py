@@ -43,9 +43,20 @@ class GridSummary:
         return s
 
 
-def _pin_gpu(gpu: str | None) -> None:
+def _init_worker(gpu: str | None, threads: int) -> None:
+    """Pin a spawned worker to its GPU and to its share of the CPU cores, before it imports torch.
+
+    Without the thread cap every worker starts one intra-op thread per core, and N workers
+    oversubscribe the CPU that launches their GPU kernels.
+    """
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(threads))
+
+
+def _threads_per_worker(workers: int, pools: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, workers * pools))
 
 
 def _gpu_ids() -> list[str]:
@@ -55,6 +66,11 @@ def _gpu_ids() -> list[str]:
     import torch  # parent only: workers are pinned before they import torch
 
     return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _finished_durations(store: ResultStore) -> list[float]:
+    return [float(r["perf"]["wall_s"]) for r in store.records()
+            if r.get("status") == "ok" and (r.get("perf") or {}).get("wall_s")]
 
 
 def _dedup(specs: list[RunSpec]) -> list[RunSpec]:
@@ -85,7 +101,9 @@ def run_grid(specs: list[RunSpec], root: str, *, phase: str = "main", resolver: 
     summary = GridSummary(total=len(specs), skipped=len(specs) - len(todo))
     start = time.time()
     deadline = start + 60 * max_minutes if max_minutes else None
-    durations: list[float] = []
+    # Seed the typical run time from finished runs (this phase's, else the other phase's), so that an
+    # invocation whose budget is nearly spent starts no run it cannot finish.
+    durations = _finished_durations(store) or _finished_durations(ResultStore(root, "tune" if phase == "main" else "main"))
 
     def may_start() -> bool:
         if deadline is None:
@@ -129,7 +147,9 @@ def _run_pools(todo, root, phase, resolver, injector, workers, deadline, progres
 
     gpus = _gpu_ids() or [None]  # CPU-only machine: one pool
     ctx = mp.get_context("spawn")  # fork after CUDA init is unsafe
-    pools = {g: ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pin_gpu, initargs=(g,)) for g in gpus}
+    threads = _threads_per_worker(workers, len(gpus))
+    pools = {g: ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(g, threads))
+             for g in gpus}
     free_slots = {g: list(range(workers)) for g in gpus}
     running: dict[Future, tuple[RunSpec, Any, int, ProcessPoolExecutor]] = {}
     queue = list(todo)
@@ -163,7 +183,8 @@ def _run_pools(todo, root, phase, resolver, injector, workers, deadline, progres
                         queue.insert(0, spec)
                     if pools[g] is pool:  # the first of its runs to report: replace the broken pool once
                         pools[g].shutdown(wait=False, cancel_futures=True)
-                        pools[g] = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pin_gpu, initargs=(g,))
+                        pools[g] = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                                       initargs=(g, threads))
         summary.remaining = len(queue)
     finally:
         for p in pools.values():

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from nalora.diagnostics import snapshot_trainable
 from tasks.base import Task
 
 
@@ -79,12 +80,13 @@ def _gated_ffns(model: torch.nn.Module) -> list | None:
         return None
 
 
-def _misalignment(model: torch.nn.Module, ffns: list | None, batches: list, device: torch.device) -> dict:
+def _misalignment(model: torch.nn.Module, ffns: list | None, batches: list, device: torch.device,
+                  reference: dict[str, torch.Tensor]) -> dict:
     from nalora.diagnostics import selection_misalignment
 
     # Module paths are unchanged under peft (base_model.model is the original model, Linears wrapped in place).
     batches = [_to_device(b, device) for b in batches]
-    return dict(selection_misalignment(model, ffns or [], batches))
+    return dict(selection_misalignment(model, ffns or [], batches, reference=reference))
 
 
 def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None = None, deadline: float | None = None,
@@ -114,7 +116,9 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
     device = accelerator.device
 
     setup = task.setup(config["model"], device=device)
-    want_diag = tr.get("diag_batches", 0) and "gate" in ad.get("targets", ()) and config["base_method"] not in ("full", "head")
+    # Every method that moves the gate weights: adapters on the gate, and full fine-tuning.
+    touches_gate = config["base_method"] == "full" or (config["base_method"] != "head" and "gate" in ad.get("targets", ()))
+    want_diag = tr.get("diag_batches", 0) and touches_gate
     ffns = _gated_ffns(setup.model) if want_diag else None
     set_seed(config["seed"])  # before adapters are initialised: the seed fixes the adapter init
     inject = injector or default_injector()
@@ -124,6 +128,9 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
         dropout=ad.get("dropout", 0.0), trainable=list(setup.trainable), method_options=dict(config.get("options") or {}),
     )
     adapted.model.to(device)
+    # The diagnostic measures against the model as it was before training (not "adapter off": PiSSA's base is
+    # a residual, and full fine-tuning has no adapter to switch off).
+    reference = snapshot_trainable(adapted.model) if want_diag else None
     optimizer = adapted.make_optimizer(config["lr"], tr.get("weight_decay", 0.0), total_steps=steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(tr.get("warmup_ratio", 0.0) * steps), steps)
     model = accelerator.prepare(adapted.model)
@@ -196,7 +203,7 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
         if want_diag:
             try:
                 batches, source = _heldout_batches(task, setup, tr["diag_batches"], tr["batch_size"], config["seed"])
-                result["diagnostics"] = {"selection_misalignment": _misalignment(unwrapped, ffns, batches, device), "source": source}
+                result["diagnostics"] = {"selection_misalignment": _misalignment(unwrapped, ffns, batches, device, reference), "source": source}
             except Exception as err:  # noqa: BLE001 - a diagnostic must never fail the run
                 result["diagnostics"] = {"selection_misalignment": {"error": f"{type(err).__name__}: {err}"}, "source": ""}
     accelerator.wait_for_everyone()
