@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce the results from scratch: set up, fetch assets, run a suite, rebuild the report.
 #
-#   ./run_all.sh                          # `default` on a GPU machine, `smoke` on a CPU-only one
+#   ./run_all.sh                          # `default` on a GPU machine, `smoke` on a CPU-only one,
+#                                         # into results/<suite>/ (runs/, leaderboard.csv, tables/, plots/)
 #   ./run_all.sh --suite hub              # another suite (name in benchmarks/suites/ or a YAML path)
 #   ./run_all.sh --methods lora,nalora --tasks sarcasm --seeds 0 --out results-sub --workers 4
 #   ./run_all.sh --suite my_suite.yaml --include-path my_tasks/   # a suite that names tasks of your own
@@ -12,14 +13,14 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-SUITE="" OUT="results" RUN_ARGS=()
+SUITE="" OUT="" RUN_ARGS=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --suite) SUITE="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
     --methods|--tasks|--seeds|--include-path|--workers|--max-minutes) RUN_ARGS+=("$1" "$2"); shift 2 ;;
     --retry-failed|--no-progress|--dry-run) RUN_ARGS+=("$1"); shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -43,6 +44,9 @@ if [[ -z "$SUITE" ]]; then
     SUITE=smoke; echo "run_all.sh: no GPU: running suite 'smoke' (minutes on a CPU; numbers not meaningful)"
   fi
 fi
+
+OUT=${OUT:-results/$(basename "$SUITE" .yaml)}  # results/default, results/smoke, ... unless --out
+echo "run_all.sh: results go to $OUT/"
 
 # 3. Assets the suite needs (models + datasets of its tasks); a cached asset is not fetched again.
 ASSETS=$("$PY" -m benchmarks.runner.assets_needed "$SUITE" "${RUN_ARGS[@]}")

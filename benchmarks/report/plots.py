@@ -53,7 +53,8 @@ def pareto(lb: pd.DataFrame, out_dir: Path) -> list[Path]:
             if r["score"] > best:
                 front.append((r["params"], r["score"]))
                 best = r["score"]
-        ax.plot(*zip(*front), "--", color="gray", label="Pareto front")
+        # markers too: a front of one point (one method best at the smallest size) draws no line
+        ax.plot(*zip(*front), "--o", color="gray", mfc="none", ms=11, label="Pareto front")
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel(f"mean test {df['report_metric'].iloc[0]} over {ntasks} task(s)")
@@ -153,14 +154,19 @@ def mask_dynamics(records: list[dict], selected: set[str], out_dir: Path) -> lis
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    # one colour per method in every panel (a method missing from a panel, e.g. no gamma without step
+    # scaling, must not shift the others' colours), and one legend for the figure
+    methods = sorted(per_method)
+    color = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     for ax, name in zip(axes.flat, names):
-        for method in sorted(per_method):
+        for method in methods:
             if name in per_method[method]:
-                ax.plot(*_mean_curve(per_method[method][name]), label=method)
+                ax.plot(*_mean_curve(per_method[method][name]), color=color[method], label=method)
         ax.set(title=name, xlabel="optimiser step")
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    handles = [plt.Line2D([], [], color=color[m], label=m) for m in methods]
+    fig.legend(handles=handles, loc="lower right", fontsize=8, ncol=2)
     fig.suptitle("NA-LoRA mask dynamics (mean over selected runs)")
     fig.tight_layout()
     return [_save(fig, out_dir / "mask_dynamics.png")]

@@ -76,4 +76,7 @@ def asset_provenance(names: list[str]) -> dict[str, Any]:
 
 def collect(assets: list[str]) -> dict[str, Any]:
     """Everything needed to say which code, packages, hardware and data produced a run."""
-    return {"git": git_state(), "packages": package_versions(), "hardware": hardware(), "assets": asset_provenance(assets)}
+    from datetime import datetime, timezone
+
+    return {"git": git_state(), "packages": package_versions(), "hardware": hardware(), "assets": asset_provenance(assets),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
