@@ -73,6 +73,14 @@ class Task(ABC):
                 return int(batch[key].shape[0])
         return 0
 
+    def assets(self, model_name: str) -> list[str]:
+        """Asset-cache names a run on ``model_name`` needs (``run_all.sh`` fetches them first): the model's
+        parts (``encoder+lm``) and the dataset; hub ids (``org/name``) and ``kind:name`` specs are not assets."""
+        names = [part for part in model_name.split("+") if part and "/" not in part and ":" not in part]
+        if self.dataset and "/" not in self.dataset:
+            names.append(self.dataset)
+        return names
+
     def chance(self) -> dict[str, float]:
         """Chance level of each metric (uniform guessing); used to sanity-check zero-shot scores."""
         return {}

@@ -11,7 +11,10 @@ import sys
 
 def assets_needed(suite_name: str, tasks: list[str] | None = None, resolver=None,
                   include_paths: list[str] | None = None) -> list[str]:
-    """Model names and dataset names of the suite's reported and dev tasks, without hub-only ones."""
+    """Asset-cache names of the suite's reported and dev tasks (``Task.assets``: models, datasets, what a
+    composed VLM's connector is aligned on), without hub-only tasks and names the cache does not know
+    (tiny test models)."""
+    from benchmarks.assets import SPECS
     from benchmarks.runner.execute import make_resolver
     from benchmarks.runner.grid import _models_for
     from benchmarks.runner.suite import load_suite
@@ -24,11 +27,8 @@ def assets_needed(suite_name: str, tasks: list[str] | None = None, resolver=None
         if getattr(task, "requires_network", False):
             continue
         for model in _models_for(suite, spec, task.family, task.default_model):
-            # a composed VLM is named "encoder+lm": fetch its parts
-            names += [part for part in model.split("+") if part and "/" not in part]
-        if task.dataset and "/" not in task.dataset:
-            names.append(task.dataset)
-    return sorted(set(names))
+            names += task.assets(model)
+    return sorted({n for n in names if n in SPECS})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,6 +54,11 @@ class VisionQATask(Task):
     def classes(self) -> list[str]:
         return class_names(self.load_splits()["train"])
 
+    def assets(self, model_name: str) -> list[str]:
+        """Besides the model and data: the datasets the connector is aligned on (composed VLMs only)."""
+        extra = list(self.align_config.sources) if self.align and "+" in model_name else []
+        return [*super().assets(model_name), *extra]
+
     def setup(self, model_name: str, device: torch.device | str = "cpu") -> TaskSetup:
         from benchmarks.vlm.factory import build_vlm
 
