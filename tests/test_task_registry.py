@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import re
 import socket
 import sys
@@ -42,8 +43,11 @@ def clean_registry():
         store.update(old) if isinstance(store, (dict, set)) else store.extend(old)
 
 
-def _plugin_source() -> str:
-    text = (ROOT / "docs" / "adding_a_task.md").read_text()
+def _plugin_source(doc: str = "README.md") -> str:
+    """The first python block of the "Adding a task" section of README.md (or of ``doc``)."""
+    text = (ROOT / doc).read_text()
+    if doc == "README.md":
+        text = text[text.index("## Adding a task"):]
     return re.search(r"```python\n(.*?)```", text, re.DOTALL).group(1)
 
 
@@ -89,9 +93,10 @@ def test_every_builtin_llm_task_declares_its_contract():
         assert task.requires_network == ("/" in task.dataset), name  # hub ids have an org, assets do not
 
 
-def test_include_path_plugin_end_to_end(tmp_path, clean_registry):
-    """The plugin of docs/adding_a_task.md: load, setup on a tiny model, train a few steps, evaluate."""
-    (tmp_path / "sum_check.py").write_text(_plugin_source())
+@pytest.mark.parametrize("doc", ["README.md", "docs/adding_a_task.md"])
+def test_include_path_plugin_end_to_end(tmp_path, clean_registry, doc):
+    """The plugin of the README (and of the longer guide): load, setup on a tiny model, train, evaluate."""
+    (tmp_path / "sum_check.py").write_text(_plugin_source(doc))
     errors = load_tasks(include_paths=[tmp_path], builtin=False, entry_points=False)
     assert errors == []
     assert task_source("sum-check").startswith("include:") and "sum_check.py" in task_source("sum-check")
@@ -190,3 +195,24 @@ def test_list_methods_models_datasets(capsys):
         assert re.search(expect, capsys.readouterr().out, re.MULTILINE), what
     with pytest.raises(SystemExit):
         parser.parse_args(["widgets"])
+
+
+def test_readme_plugin_through_the_runner(tmp_path, clean_registry):
+    """`nalora-bench run --include-path DIR` on a suite naming the README's plugin task, then the report."""
+    from benchmarks.cli import main as cli
+
+    plugins = tmp_path / "my_tasks"
+    plugins.mkdir()
+    (plugins / "sum_check.py").write_text(_plugin_source())
+    suite = tmp_path / "my_suite.yaml"
+    suite.write_text(
+        "models: {llm: [tiny-llama]}\ntasks: [sum-check]\nmethods: [lora, nalora]\nseeds: [0]\nlr_grid: [1.0e-3]\n"
+        "training: {steps: 4, batch_size: 4, eval_every: 0, eval_limit: 4, test_limit: 4, log_every: 2, diag_batches: 1}\n"
+    )
+    out = tmp_path / "results"
+    assert cli(["run", "--suite", str(suite), "--include-path", str(plugins), "--out", str(out), "--no-progress"]) == 0
+    recs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    assert sorted(r["config"]["method"] for r in recs) == ["lora", "nalora"]
+    assert all(r["status"] == "ok" and r["config"]["task"] == "sum-check" for r in recs), [r["error"] for r in recs]
+    assert cli(["report", "--results", str(out)]) == 0
+    assert "sum-check" in (out / "leaderboard.csv").read_text()

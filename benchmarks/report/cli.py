@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--results", default="results", help="results folder holding runs/ (default: results)")
+    parser.add_argument("--results", required=True, help="results folder holding runs/, e.g. results/default")
     parser.add_argument("--no-plots", action="store_true", help="CSV and tables only")
 
 

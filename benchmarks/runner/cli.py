@@ -11,7 +11,8 @@ EXIT_MORE_TO_DO = 3  # the time budget stopped the grid; run the same command ag
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", default="smoke", help="suite name (benchmarks/suites/NAME.yaml) or path to a YAML file")
-    parser.add_argument("--out", "--results", dest="out", default="results", help="results folder (default: results)")
+    parser.add_argument("--out", "--results", dest="out", default=None,
+                        help="results folder (default: results/<suite name>)")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the suite's methods")
     parser.add_argument("--tasks", default=None, help="comma-separated subset of the suite's reported tasks")
     parser.add_argument("--seeds", default=None, help="comma-separated subset of the suite's seeds")
@@ -119,7 +120,8 @@ def main(args: argparse.Namespace) -> int:
         seeds = [int(x) for x in _split(args.seeds)] if args.seeds else None
     except ValueError:
         raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-    return run_suite(args.suite, args.out, methods=_split(args.methods), tasks=_split(args.tasks), seeds=seeds,
+    out = args.out or str(Path("results") / Path(args.suite).stem)
+    return run_suite(args.suite, out, methods=_split(args.methods), tasks=_split(args.tasks), seeds=seeds,
                      include_paths=args.include_path, workers=args.workers,
                      max_minutes=args.max_minutes, retry_failed=args.retry_failed, dry_run=args.dry_run,
                      progress=not args.no_progress)

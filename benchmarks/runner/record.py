@@ -1,4 +1,4 @@
-"""The run JSON schema (``results/runs/<run_id>.json``) and the leaderboard columns built from it.
+"""The run JSON schema (``results/<suite>/runs/<run_id>.json``) and the leaderboard columns built from it.
 
 A record is a plain dict::
 
