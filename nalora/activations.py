@@ -174,7 +174,11 @@ def regime_thresholds(name: str, tol: float = 0.1) -> tuple[float, float]:
         raise ValueError(f"tol must be > 0, got {tol}")
     d = _scalar(dphi, act)
     z_min = _bisect(d, -4.0, 0.0)  # phi' < 0 left of z_min, > 0 right of it, for all four
-    dev = lambda x: abs(_scalar(homogeneity, act)(x) - 1.0) - tol
+    k = _scalar(homogeneity, act)
+
+    def dev(x: float) -> float:
+        return abs(k(x) - 1.0) - tol
+
     # k -> 1 from above as z -> +inf; the last grid point where |k-1| > tol brackets z_lin.
     grid = torch.linspace(-20.0, 60.0, 80001, dtype=torch.float64)
     bad = (homogeneity(act, grid) - 1.0).abs() > tol

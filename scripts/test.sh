@@ -5,5 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+.venv/bin/ruff check --quiet .
 export NALORA_TEST_FETCH="${NALORA_TEST_FETCH:-1}"
 exec .venv/bin/python -m pytest -q "$@"

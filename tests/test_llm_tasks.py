@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require_assets
 
 from tasks.common import (
     IGNORE_INDEX,
@@ -18,7 +19,6 @@ from tasks.common import (
     sft_collate,
     tiny_llama,
 )
-from conftest import require_assets
 from tasks.registry import get_task, list_tasks, load_tasks
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tasks"

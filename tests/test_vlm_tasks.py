@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import require_assets
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from datasets import Image as DImage
 from PIL import Image
 
-from conftest import require_assets
 from tasks.registry import get_task, list_tasks, load_tasks
 from tasks.vlm.data import cap_train, eval_order
 

@@ -107,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default=None, help="markdown file (default: print)")
     args = p.parse_args(argv)
-    import benchmarks.assets  # noqa: F401  (imports outside the timed loads)
     import transformers  # noqa: F401
+
+    import benchmarks.assets  # noqa: F401  (imports outside the timed loads)
 
     text = render(Cache(args.cache_dir))
     if args.out:

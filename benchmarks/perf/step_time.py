@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 from pathlib import Path
@@ -66,11 +65,7 @@ def time_method(method: str, base: torch.nn.Module, batch: dict, *, targets: tup
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    seconds = (time.perf_counter() - t0) / steps
-    del adapted, model, opt, params
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return seconds
+    return (time.perf_counter() - t0) / steps
 
 
 def measure(model_name: str, methods: list[str], *, targets: tuple[str, ...] = ("gate", "up", "down"), rank: int = 8,
@@ -94,6 +89,8 @@ def measure(model_name: str, methods: list[str], *, targets: tuple[str, ...] = (
         for m in methods:
             times[m].append(time_method(m, base, batch, targets=targets, rank=rank, steps=steps,
                                         warmup=warmup, device=device))
+            if device.type == "cuda":  # the trial's model is gone: hand its memory back before the next one
+                torch.cuda.empty_cache()
             bar.update(1)
     bar.close()
     median = {m: statistics.median(v) for m, v in times.items()}

@@ -6,8 +6,8 @@ budget stops it, and then nothing is written (the run is redone next time).
 from __future__ import annotations
 
 import functools
-import os
 import gc
+import os
 import time
 import traceback
 from typing import Any, Callable

@@ -56,10 +56,10 @@ def text_batch(tokenizer: Any, prompts: Sequence[str], answers: Sequence[str]) -
     ids = torch.full((len(rows), width), pid, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     lab = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, (r, l) in enumerate(zip(rows, labels)):
+    for i, (r, lb) in enumerate(zip(rows, labels)):
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
-        lab[i, : len(l)] = torch.tensor(l)
+        lab[i, : len(lb)] = torch.tensor(lb)
     return {"input_ids": ids, "attention_mask": mask, "labels": lab}
 
 

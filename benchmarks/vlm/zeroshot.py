@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from benchmarks.vlm.build import DEFAULT_VLM

@@ -9,6 +9,13 @@ import numpy as np
 
 from benchmarks.vlm.align import display_name, label_names
 
+# Where each image dataset comes from (shared by its QA and probe tasks).
+SOURCES = {
+    "fashion-mnist": "Fashion-MNIST (Debian dataset-fashion-mnist, MIT), 10 clothing classes",
+    "emoji": "Google Noto emoji images (npm emoji-datasource-google) with their emoji categories",
+    "cifar10": "CIFAR-10 test set via BIG-bench (heavy asset: `nalora-bench fetch cifar10`)",
+}
+
 
 def load_capped(dataset: str, max_train: int | None, seed: int = 0) -> Any:
     """The asset-cache splits with ``train`` capped to ``max_train`` examples (fixed random subset)."""

@@ -18,7 +18,7 @@ from benchmarks.vlm.composed import VLMOutput
 from benchmarks.vlm.encoders import hidden_size, pooled_feature
 from tasks.base import Task, TaskSetup
 from tasks.registry import register_task
-from tasks.vlm.data import cap_train, class_names, epochs, eval_order, load_capped, to_device
+from tasks.vlm.data import SOURCES, cap_train, class_names, epochs, eval_order, load_capped, to_device
 
 
 class ImageClassifier(nn.Module):
@@ -103,16 +103,16 @@ class VisionProbeTask(Task):
 @register_task("fashion-mnist-probe")
 class FashionMNISTProbe(VisionProbeTask):
     dataset = "fashion-mnist"
-    source = "Fashion-MNIST (Debian dataset-fashion-mnist, MIT), 10 clothing classes"
+    source = SOURCES["fashion-mnist"]
 
 
 @register_task("emoji-probe")
 class EmojiProbe(VisionProbeTask):
     dataset = "emoji"
-    source = "Google Noto emoji images (npm emoji-datasource-google) with their emoji categories"
+    source = SOURCES["emoji"]
 
 
 @register_task("cifar10-probe")
 class Cifar10Probe(VisionProbeTask):
     dataset = "cifar10"
-    source = "CIFAR-10 test set via BIG-bench (heavy asset: `nalora-bench fetch cifar10`)"
+    source = SOURCES["cifar10"]

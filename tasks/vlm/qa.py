@@ -19,7 +19,7 @@ from benchmarks.vlm.build import DEFAULT_VLM, device_of
 from benchmarks.vlm.io import ComposedIO, choice_metrics, sequence_logprobs
 from tasks.base import Task, TaskSetup
 from tasks.registry import register_task
-from tasks.vlm.data import cap_train, class_names, epochs, eval_order, load_capped, to_device
+from tasks.vlm.data import SOURCES, cap_train, class_names, epochs, eval_order, load_capped, to_device
 
 PROMPT = "Question: What is shown in the image? Answer:"
 MAX_SEQS_PER_FORWARD = 160  # choice sequences per forward pass when scoring (memory of the logits)
@@ -125,16 +125,16 @@ class VisionQATask(Task):
 @register_task("fashion-mnist")
 class FashionMNISTQA(VisionQATask):
     dataset = "fashion-mnist"
-    source = "Fashion-MNIST (Debian dataset-fashion-mnist, MIT), 10 clothing classes"
+    source = SOURCES["fashion-mnist"]
 
 
 @register_task("emoji")
 class EmojiQA(VisionQATask):
     dataset = "emoji"
-    source = "Google Noto emoji images (npm emoji-datasource-google) with their emoji categories"
+    source = SOURCES["emoji"]
 
 
 @register_task("cifar10")
 class Cifar10QA(VisionQATask):
     dataset = "cifar10"
-    source = "CIFAR-10 test set via BIG-bench (heavy asset: `nalora-bench fetch cifar10`)"
+    source = SOURCES["cifar10"]
