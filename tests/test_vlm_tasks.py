@@ -208,3 +208,17 @@ def test_tasks_through_the_injector(task_name, spec, method, splits):
     assert torch.isfinite(loss)
     metrics = task.evaluate(setup, adapted.model, "test", limit=4, batch_size=2)
     assert metrics["n"] == 4
+
+
+def test_zero_shot_row_says_which_answer_the_model_gives(splits):
+    from benchmarks.vlm.zeroshot import _row, markdown
+
+    task = get_task("fashion-mnist", splits=_splits_copy(splits), align=False, max_train=20)
+    setup = task.setup("tiny-dinov2+tiny-llama")
+    row = _row(task, setup, limit=12)
+    row["model"] = "tiny"
+    assert row["zero_shot"]["n"] == 12 and row["top_answer"] in task.classes()
+    assert 1 / len(task.classes()) <= row["top_answer_share"] <= 1.0
+    if row["top_answer_share"] == 1.0:  # a constant answer scores exactly its class's share of the sample
+        assert row["zero_shot"]["acc"] == pytest.approx(row["top_answer_class_share_of_sample"])
+    assert f"{row['top_answer']} ({row['top_answer_share']:.2f})" in markdown([row])

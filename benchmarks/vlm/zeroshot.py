@@ -25,11 +25,36 @@ def _row(task: Any, setup: Any, limit: int) -> dict[str, Any]:
     test_labels = splits["test"]["label"]
     t0 = time.time()
     metrics = task.evaluate(setup, setup.model, "test", limit=limit, batch_size=16)
-    return {
+    row = {
         "task": task.name, "sizes": {k: len(v) for k, v in splits.items()}, "classes": len(task.classes()),
         "chance": task.chance(), "majority": max(Counter(test_labels).values()) / len(test_labels),
         "zero_shot": metrics, "eval_seconds": round(time.time() - t0, 1),
     }
+    if hasattr(task, "_scores"):
+        row.update(answer_spread(task, setup, limit))
+    return row
+
+
+def answer_spread(task: Any, setup: Any, limit: int, batch_size: int = 16) -> dict[str, Any]:
+    """Which answer the untrained QA model gives (by summed log-prob): its most frequent answer, the share
+    of examples that get it, and that class's share of the evaluated sample. A model that always gives one
+    answer scores exactly that share, below chance whenever the class is rarer than 1/K in the sample."""
+    from benchmarks.vlm.build import device_of
+    from tasks.vlm.data import eval_order
+
+    data = task.load_splits()["test"]
+    sample = data.select(eval_order(len(data), limit))
+    classes = setup.extras["classes"]
+    choices = [" " + c for c in classes]
+    preds: list[int] = []
+    for i in range(0, len(sample), batch_size):
+        rows = sample.select(range(i, min(i + batch_size, len(sample))))
+        scores = task._scores(setup.model, setup.extras["io"], rows["image"], choices, device_of(setup.model))
+        preds += scores.argmax(-1).tolist()
+    top, count = Counter(preds).most_common(1)[0]
+    gold = sample["label"]
+    return {"top_answer": classes[top], "top_answer_share": count / len(preds),
+            "top_answer_class_share_of_sample": sum(1 for y in gold if y == top) / len(gold)}
 
 
 def zero_shot_table(qa: tuple[str, ...] = QA, probe: tuple[str, ...] = PROBE, vlm: str = DEFAULT_VLM,
@@ -65,17 +90,19 @@ def zero_shot_table(qa: tuple[str, ...] = QA, probe: tuple[str, ...] = PROBE, vl
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The docs table."""
-    lines = ["| task | model | train / val / test | classes | chance | majority | zero-shot acc | acc_norm | n |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | model | train / val / test | classes | chance | majority | zero-shot acc | acc_norm | n | "
+             "top answer (share of answers) | its class's share of the sample |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['task']} | - | {r['skipped']} | | | | | | |")
+            lines.append(f"| {r['task']} | - | {r['skipped']} | | | | | | | | |")
             continue
         s, z = r["sizes"], r["zero_shot"]
         norm = f"{z['acc_norm']:.3f}" if "acc_norm" in z else "-"
         lines.append(f"| {r['task']} | {r['model']} | {s['train']} / {s['validation']} / {s['test']} | "
                      f"{r['classes']} | {r['chance']['acc']:.3f} | {r['majority']:.3f} | {z['acc']:.3f} | "
-                     f"{norm} | {int(z['n'])} |")
+                     f"{norm} | {int(z['n'])} | " + (f"{r['top_answer']} ({r['top_answer_share']:.2f}) | "
+                     f"{r['top_answer_class_share_of_sample']:.2f} |" if "top_answer" in r else "- | - |"))
     return "\n".join(lines)
 
 
