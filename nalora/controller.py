@@ -11,7 +11,8 @@ How it rides on an ordinary training loop (NALORA.md, mechanisms 1 and 2):
 * Around ``optimizer.step()`` (step pre/post hooks) the changed rows are snapshot and rewritten:
   masked rows and their optimiser state (Adam moments, momentum) are restored exactly, and the change
   of each kept ``B_gate`` row is multiplied by ``gamma_c``.
-* Everything stays on device; nothing synchronises with the host except ``history()``.
+* Everything stays on device; nothing synchronises with the host except ``history()`` (and, under data
+  parallelism, the cross-rank sum of the statistics on refresh steps, which keeps every replica's mask equal).
 """
 
 from __future__ import annotations
@@ -323,8 +324,32 @@ class NALoRAController:
         acc["n"] = n if "n" not in acc else acc["n"] + n
 
     @torch.no_grad()
+    def _all_reduce_statistics(self) -> None:
+        """Data parallel (``torch.distributed`` initialised, several ranks): sum this step's statistics over
+        ranks, so that every rank computes the same EMA, mask and step scales and the replicas stay equal.
+        Refresh steps only; one collective per controlled FFN."""
+        import torch.distributed as dist
+
+        for u in self.units:
+            dev = u.keep.device
+            zeros = torch.zeros(u.d_ff, device=dev)
+            keys = ["r", "supp", "lin"] if u.thresholds is not None else ["r"]
+            n = u.acc.get("n", 0.0)
+            flat = torch.cat([*(u.acc.get(k, zeros).float() for k in keys),
+                              torch.as_tensor(n, dtype=torch.float32, device=dev).reshape(1)])
+            dist.all_reduce(flat)
+            if float(flat[-1]) > 0:  # some rank saw this FFN (a host sync, on refresh steps only)
+                parts = flat[:-1].split(u.d_ff)
+                u.acc = {**dict(zip(keys, parts)), "n": flat[-1]}
+            else:
+                u.acc = {}
+
+    @torch.no_grad()
     def _update_statistics(self) -> list[torch.Tensor | None]:
         """EMA update from this step's sums; returns this step's channel-mean regime occupancy per unit."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            self._all_reduce_statistics()
         beta = self.config.beta
         batch_occ: list[torch.Tensor | None] = []
         for u in self.units:
