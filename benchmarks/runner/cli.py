@@ -61,6 +61,16 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
     out = Path(out)
     t_start = time.time()
     left = lambda: None if max_minutes is None else max(0.0, max_minutes - (time.time() - t_start) / 60)  # noqa: E731
+
+    def run_phase(phase_specs: list, phase: str) -> bool:
+        """Run one phase's grid within the time left; log it; True when every run is done."""
+        summary = run_grid(phase_specs, str(out), phase=phase, resolver=resolver, injector=injector, workers=workers,
+                           max_minutes=left(), retry_failed=retry_failed, progress=progress)
+        log(f"{phase}: {summary.line()}")
+        for f in summary.failures:
+            log(f"  failed: {f}")
+        return summary.complete
+
     chosen = None
     if suite.tune:
         tune_specs = grid.expand_tune(suite, family_of)
@@ -68,14 +78,8 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
             f"{len(tune_specs)} runs in {out / 'tune'}")
         if dry_run:
             _list(tune_specs, ResultStore(out, "tune"), log)
-        else:
-            s = run_grid(tune_specs, str(out), phase="tune", resolver=resolver, injector=injector, workers=workers,
-                         max_minutes=left(), retry_failed=retry_failed, progress=progress)
-            log(f"tune: {s.line()}")
-            for f in s.failures:
-                log(f"  failed: {f}")
-            if not s.complete:
-                return EXIT_MORE_TO_DO
+        elif not run_phase(tune_specs, "tune"):
+            return EXIT_MORE_TO_DO
         ids = {s.run_id for s in tune_specs}
         recs = [r for r in ResultStore(out, "tune").records() if r["run_id"] in ids]
         if len(recs) == len(ids):
@@ -94,12 +98,7 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
     if dry_run:
         _list(specs, ResultStore(out, "main"), log)
         return 0
-    s = run_grid(specs, str(out), phase="main", resolver=resolver, injector=injector, workers=workers,
-                 max_minutes=left(), retry_failed=retry_failed, progress=progress)
-    log(f"main: {s.line()}")
-    for f in s.failures:
-        log(f"  failed: {f}")
-    if not s.complete:
+    if not run_phase(specs, "main"):
         return EXIT_MORE_TO_DO
     log(f"done; rebuild the leaderboard with: nalora-bench report --results {out}")
     return 0
