@@ -264,15 +264,20 @@ def _check_options(name: str, options: dict[str, Any], allowed: frozenset[str]) 
 
 
 class _PeftMethod(Method):
-    """A peft LoRA variant: extra ``LoraConfig`` kwargs, optionally a custom optimiser."""
+    """A peft tuner on the plan: its config class (default ``LoraConfig``), extra config kwargs, optionally a
+    custom optimiser. A new peft method is usually ``config_name`` plus ``lora_kwargs``."""
 
     options: ClassVar[frozenset[str]] = frozenset()
+    config_name: ClassVar[str | None] = None  # a peft config class name; None: LoraConfig
 
-    def lora_kwargs(self, options: dict[str, Any]) -> dict[str, Any]:
+    def lora_kwargs(self, options: dict[str, Any], plan: TargetPlan, rank: int, dropout: float) -> dict[str, Any]:
+        """Extra config kwargs (``LoraConfig`` already gets r / alpha / dropout from ``build_lora``)."""
         return {}
 
     def build(self, model, plan, *, rank, alpha, dropout, trainable, options):
         _check_options(self.name, options, self.options)
+        import peft
+
         return build_lora(
             model,
             plan,
@@ -280,8 +285,9 @@ class _PeftMethod(Method):
             alpha=alpha,
             dropout=dropout,
             trainable=trainable,
-            lora_kwargs=self.lora_kwargs(options),
+            lora_kwargs=self.lora_kwargs(options, plan, rank, dropout),
             method=self,
+            config_cls=getattr(peft, self.config_name) if self.config_name else None,
         )
 
     def make_optimizer(self, adapted, lr, weight_decay=0.0, *, total_steps=None, **kwargs):
@@ -298,7 +304,7 @@ class LoRA(_PeftMethod):
 class RSLoRA(_PeftMethod):
     """Rank-stabilised LoRA: scale ``alpha / sqrt(r)``."""
 
-    def lora_kwargs(self, options):
+    def lora_kwargs(self, options, plan, rank, dropout):
         return {"use_rslora": True}
 
 
@@ -308,7 +314,7 @@ class DoRA(_PeftMethod):
 
     supports_mha = False  # peft has no such layer for nn.MultiheadAttention
 
-    def lora_kwargs(self, options):
+    def lora_kwargs(self, options, plan, rank, dropout):
         return {"use_dora": True}
 
 
@@ -320,7 +326,7 @@ class PiSSA(_PeftMethod):
 
     options = frozenset({"niter"})
 
-    def lora_kwargs(self, options):
+    def lora_kwargs(self, options, plan, rank, dropout):
         niter = options.get("niter")
         if niter is None:
             return {"init_lora_weights": "pissa"}
@@ -389,23 +395,10 @@ class VeRA(_PeftMethod):
     supports_mha = False  # peft has no such layer for nn.MultiheadAttention
 
     options = frozenset({"d_initial"})
+    config_name = "VeraConfig"
 
-    def build(self, model, plan, *, rank, alpha, dropout, trainable, options):
-        from peft import VeraConfig
-
-        _check_options(self.name, options, self.options)
-        kw = {"r": rank, "vera_dropout": dropout, "d_initial": options.get("d_initial", 0.1)}
-        return build_lora(
-            model,
-            plan,
-            rank=rank,
-            alpha=alpha,
-            dropout=dropout,
-            trainable=trainable,
-            lora_kwargs=kw,
-            method=self,
-            config_cls=VeraConfig,
-        )
+    def lora_kwargs(self, options, plan, rank, dropout):
+        return {"r": rank, "vera_dropout": dropout, "d_initial": options.get("d_initial", 0.1)}
 
 
 @register_method("ia3")
@@ -414,20 +407,8 @@ class IA3(_PeftMethod):
 
     supports_mha = False  # peft has no such layer for nn.MultiheadAttention
 
-    def build(self, model, plan, *, rank, alpha, dropout, trainable, options):
-        from peft import IA3Config
+    config_name = "IA3Config"
 
-        _check_options(self.name, options, self.options)
+    def lora_kwargs(self, options, plan, rank, dropout):
         ff = [t.module for t in plan.items if t.roles == ("down",)]
-        kw = {"feedforward_modules": target_regex(ff) if ff else []}
-        return build_lora(
-            model,
-            plan,
-            rank=rank,
-            alpha=alpha,
-            dropout=dropout,
-            trainable=trainable,
-            lora_kwargs=kw,
-            method=self,
-            config_cls=IA3Config,
-        )
+        return {"feedforward_modules": target_regex(ff) if ff else []}
