@@ -3,21 +3,56 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
 
 from benchmarks.runner.grid import select_settings, setting_key
 from benchmarks.runner.record import LEADERBOARD_COLUMNS, leaderboard_row
-from benchmarks.runner.store import ResultStore, atomic_write_text
+from benchmarks.runner.store import atomic_write_text
 
 INT_COLUMNS = ["seed", "rank", "steps", "batch_size", "grad_accum", "trainable_params", "total_params"]
 SORT_KEYS = ["model", "task", "method", "lr", "options", "seed", "run_id"]
 
 
+def _problem(rec: object) -> str | None:
+    """Why a parsed run JSON cannot be reported (None if it can)."""
+    if not isinstance(rec, dict):
+        return f"holds {type(rec).__name__}, not a run record"
+    c = rec.get("config")
+    if not isinstance(c, dict):
+        return "has no config"
+    missing = [k for k in ("model", "task", "method", "seed", "lr") if k not in c]
+    if missing:
+        return f"config lacks {', '.join(missing)}"
+    if not isinstance(rec.get("run_id"), str):
+        return "has no run_id"
+    return None
+
+
 def load_records(results: str | Path, phase: str = "main") -> list[dict]:
-    """Every run JSON of ``phase`` under ``results`` (``main``: ``runs/``; tuning runs are never reported)."""
-    return ResultStore(results, phase).records()
+    """Every run JSON of ``phase`` under ``results`` (``main``: ``runs/``; tuning runs are never reported).
+
+    A file that is not a run record (``[]``, ``null``, truncated JSON, no config) is skipped with a
+    one-line warning naming it on stderr: one bad file must not hide every other result.
+    """
+    runs = Path(results) / ("runs" if phase == "main" else "tune/runs")
+    out = []
+    for p in sorted(runs.glob("*.json")) if runs.is_dir() else []:
+        if p.name.startswith("."):  # temp file of an interrupted atomic write
+            continue
+        try:
+            rec = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            print(f"report: skipping {p}: not valid JSON ({e.msg if hasattr(e, 'msg') else e})", file=sys.stderr)
+            continue
+        why = _problem(rec)
+        if why:
+            print(f"report: skipping {p}: {why}", file=sys.stderr)
+            continue
+        out.append(rec)
+    return out
 
 
 def selected_ids(records: list[dict]) -> set[str]:

@@ -1,10 +1,11 @@
-"""Markdown tables from the leaderboard frame (selected settings only; test scores).
+"""Markdown tables from the analysis (selected settings only; test scores).
 
-- ``main_<model>.md``: mean +- std over seeds per task x method, an average column and the rank.
-- ``ablation_<model>.md``: lora vs nalora_mask vs nalora_scale vs nalora, plus option ablations.
-- ``paired_<model>.md``: NA-LoRA minus LoRA per task, paired by seed, with a 95% t interval.
-- ``selection.md``: the lr picked on validation for every model x task x method, out of which grid.
-- ``tuning.md``: NA-LoRA option values tuned on the dev task(s), when there was tuning.
+- ``main_<model>.md``: every method at its defaults (lr tuned only): mean +- std over seeds per task, Avg, Rank.
+- ``ablation_<model>.md``: controls and ablations against LoRA, with the pooled paired difference.
+- ``paired_<model>.md``: every method minus LoRA per task: paired 95% interval, smallest detectable difference.
+- ``activation.md``: the pooled method-minus-LoRA difference per gated-MLP activation (SwiGLU, GeGLU, ...).
+- ``selection.md``: the lr picked on validation per model x task x method, its grid, edge marks, run statuses.
+- ``tuning.md``: option values tuned on the dev task(s), when there was tuning.
 """
 
 from __future__ import annotations
@@ -14,40 +15,21 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmarks.report import stats
+from benchmarks.report.analysis import BAD_STATUSES, BASELINE, Analysis, Cell, activation_of, method_order
+from benchmarks.report.stats import paired_ci, t975  # noqa: F401  (public: kept importable from here)
 from benchmarks.runner.store import atomic_write_text
 
-ABLATION_CORE = ["lora", "nalora_mask", "nalora_scale", "nalora"]
 DASH = "—"
-
-# Two-sided 95% Student t quantiles t_{0.975, df}; df > 30 uses the normal value (error < 2%).
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-         20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
-         29: 2.045, 30: 2.042}
-
-
-def t975(df: int) -> float:
-    return _T975.get(df, 1.960)
+EDGE, BOUND = "†", "‡"
+LEGEND = (f"{EDGE} selected lr is at an edge of the lrs run for this cell (the grid does not bracket the optimum); "
+          f"{BOUND} at an edge that is the documented lr bound (the grid cannot extend further). "
+          "[k collapsed/diverged/failed] counts runs of the cell (all lrs and seeds) that are not `ok` and were "
+          "never selectable. Tasks marked (uninformative) (no method's selected test score beats chance: one-sided "
+          f"exact binomial test, p < {0.05}) are left out of Avg and of pooled estimates.")
 
 
-def paired_ci(diffs: list[float]) -> tuple[float, float, float]:
-    """Mean difference and its 95% t confidence interval (nan bounds for n < 2)."""
-    n = len(diffs)
-    mean = sum(diffs) / n
-    if n < 2:
-        return mean, math.nan, math.nan
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    half = t975(n - 1) * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
-
-
-def _scale(df: pd.DataFrame) -> float:
-    # Scores in [0, 1] (accuracies) are shown in percent.
-    s = df["test_score"].dropna()
-    return 100.0 if len(s) and s.between(0, 1).all() else 1.0
-
-
-def _fmt(x: float, digits: int = 1) -> str:
+def _fmt(x: float | None, digits: int = 1) -> str:
     return DASH if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
@@ -57,124 +39,198 @@ def _md(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _selected_ok(df: pd.DataFrame) -> pd.DataFrame:
-    return df[df["selected"] & (df["status"] == "ok")]
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def _cell_stats(sel: pd.DataFrame, scale: float) -> dict[tuple[str, str], tuple[float, float, int]]:
-    out = {}
-    for (method, task), g in sel.groupby(["method", "task"], sort=True):
-        v = g["test_score"].dropna().astype(float) * scale
-        if len(v):
-            out[(method, task)] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan, len(v))
-    return out
+def scale_of(an: Analysis, model: str) -> float:
+    """100 when every test score of the model lies in [0, 1] (accuracies, shown in percent), else 1."""
+    s = [x for c in an.cells.values() if c.model == model for x in c.scores]
+    return 100.0 if s and all(0 <= x <= 1 for x in s) else 1.0
 
 
-def score_table(df: pd.DataFrame, methods: list[str], *, title: str, delta_vs: str | None = None) -> str:
-    """Methods x tasks of one model: mean +- std (n), Avg over tasks, Rank by Avg (1 = best)."""
-    sel = _selected_ok(df)
-    scale = _scale(sel)
-    tasks = sorted(df["task"].unique())
-    stats = _cell_stats(sel, scale)
-    failed = set(zip(df.loc[df["status"] != "ok", "method"], df.loc[df["status"] != "ok", "task"]))
-    # Avg over the tasks every listed method finished, so that averages compare like with like.
-    common = [t for t in tasks if all((m, t) in stats for m in methods)]
-    avgs = {m: sum(stats[(m, t)][0] for t in common) / len(common) if common else math.nan for m in methods}
-    ranked = sorted((a, m) for m, a in avgs.items() if not math.isnan(a))
-    ranked.sort(key=lambda x: (-x[0], x[1]))
-    # Competition ranking: equal averages (at the shown precision) share a rank.
+def unit(scale: float) -> str:
+    return "points" if scale == 100 else "score"
+
+
+def mark(cell: Cell) -> str:
+    """Edge/bound mark and non-ok run counts of a cell."""
+    m = (BOUND if cell.at_bound else EDGE) if cell.edge else ""
+    bad = [f"{cell.counts[s]} {s}" for s in BAD_STATUSES if cell.counts.get(s)]
+    return m + (f" [{', '.join(bad)}]" if bad else "")
+
+
+def cell_text(cell: Cell | None, scale: float) -> str:
+    if cell is None:
+        return DASH
+    s = [x * scale for x in cell.scores]
+    if not s:
+        return ("no ok run" + mark(cell)) if any(cell.counts.get(b) for b in BAD_STATUSES) else DASH
+    mean = sum(s) / len(s)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in s) / (len(s) - 1)) if len(s) > 1 else math.nan
+    body = f"{mean:.1f} ± {_fmt(sd)} (n={len(s)})" if scale == 100 else f"{mean:.4g} ± {_fmt(sd, 4)} (n={len(s)})"
+    return body + mark(cell)
+
+
+def task_header(an: Analysis, model: str, task: str) -> str:
+    info = an.tasks[(model, task)]
+    n = f" (n{'≈' if info.n_source == 'inferred' else '='}{info.n})" if info.n else ""
+    return f"{task}{n}" + (" (uninformative)" if info.informative is False else "")
+
+
+def iv_text(iv: stats.Interval, scale: float) -> str:
+    if not (math.isfinite(iv.lo) and math.isfinite(iv.hi)):
+        return DASH
+    return f"[{iv.lo * scale:.2f}, {iv.hi * scale:.2f}]"
+
+
+def score_table(an: Analysis, lb: pd.DataFrame, model: str, methods: list[str], *, title: str,
+                chosen: dict | None = None, delta: bool = False) -> str:
+    """Methods x tasks of one model: mean +- std (n), Avg over informative tasks, Rank by Avg (1 = best)."""
+    scale = scale_of(an, model)
+    tasks = an.task_names(model)
+    get = an.cells.get
+    informative = [t for t in tasks if an.informative(model, t)]
+    common = [t for t in informative if all(get((model, t, m)) and get((model, t, m)).mean is not None for m in methods)]
+    avgs = {m: sum(get((model, t, m)).mean * scale for t in common) / len(common) if common else math.nan for m in methods}
+    ranked = sorted(((a, m) for m, a in avgs.items() if not math.isnan(a)), key=lambda x: (-x[0], x[1]))
     rank = {m: 1 + sum(round(a2, 2) > round(a, 2) for a2, _ in ranked) for a, m in ranked}
-    params = sel.groupby("method")["trainable_pct"].mean()
-    header = ["method", *tasks, "Avg", "Rank", "trainable %"] + ([f"Δ Avg vs {delta_vs}"] if delta_vs else [])
+    mdf = lb[(lb["model"] == model) & lb["selected"] & (lb["status"] == "ok")]
+    params = mdf.groupby("method")["trainable_pct"].mean()
+    tuned = set((chosen or {}).get("chosen", {}))
+    header = ["method", *(task_header(an, model, t) for t in tasks), "Avg", "Rank", "trainable %"]
+    if delta:
+        header += [f"pooled Δ vs {BASELINE} [95% CI]"]
     rows = []
     for m in methods:
-        row = [m]
-        for t in tasks:
-            if (m, t) in stats:
-                mean, sd, n = stats[(m, t)]
-                row.append(f"{mean:.1f} ± {_fmt(sd)} (n={n})" if scale == 100 else f"{mean:.4g} ± {_fmt(sd, 4)} (n={n})")
-            else:
-                row.append("failed" if (m, t) in failed else DASH)
+        label = m + (" §" if m in tuned else "")
+        row = [label, *(cell_text(get((model, t, m)), scale) for t in tasks)]
         row += [_fmt(avgs[m], 2), str(rank.get(m, DASH)), _fmt(params.get(m, math.nan), 3)]
-        if delta_vs:
-            base = avgs.get(delta_vs, math.nan)
-            row.append(_fmt(avgs[m] - base, 2) if m != delta_vs else "0")
+        if delta:
+            p = an.pooled.get((model, m))
+            row.append("0 (baseline)" if m == BASELINE else
+                       DASH if p is None else f"{p.mean * scale:+.2f} {iv_text(p, scale)}")
         rows.append(row)
-    unit = "%" if scale == 100 else "score"
-    note = (f"Test {df['report_metric'].iloc[0]} ({unit}) of the lr selected on validation, mean ± std over seeds (n). "
-            f"Avg over the {len(common)} task(s) every method finished"
-            + (f" (left out: {', '.join(t for t in tasks if t not in common)})" if len(common) < len(tasks) else "")
-            + "; Rank by Avg, 1 = best.\n")
+    left = [t for t in tasks if t not in common]
+    note = (f"Test {an.tasks[(model, tasks[0])].metric} ({'%' if scale == 100 else 'score'}) of the lr selected on "
+            "validation (mean over seeds, `ok` runs only), mean ± std over seeds (n). "
+            f"Avg over the {len(common)} informative task(s) every listed method finished"
+            + (f" (left out: {', '.join(left)})" if left else "") + "; Rank by Avg, 1 = best. "
+            "n in a task header = test examples (n≈: inferred from the scores, for records without per-example results). "
+            + ("§ options tuned on the dev task(s) (tuning.md). " if tuned & set(methods) else "")
+            + LEGEND + "\n")
     return f"## {title}\n\n{note}\n" + _md(header, rows)
 
 
-def main_tables(lb: pd.DataFrame) -> dict[str, str]:
-    """``main_<model>.md`` per model: every non-ablation method."""
+def main_tables(an: Analysis, lb: pd.DataFrame, chosen: dict | None = None) -> dict[str, str]:
+    """``main_<model>.md``: every method that is neither a control nor an ablation."""
     out = {}
-    for model, df in lb.groupby("model", sort=True):
-        methods = sorted(df.loc[~df["ablation"], "method"].unique())
+    for model in an.models():
+        methods = sorted({c.method for c in an.cells.values() if c.model == model and not c.is_control})
         if methods:
-            out[f"main_{_safe(model)}.md"] = score_table(df[~df["ablation"]], methods, title=f"{model}: all methods")
+            out[f"main_{_safe(model)}.md"] = score_table(an, lb, model, methods, title=f"{model}: all methods at their "
+                                                         "defaults (lr tuned only)", chosen=chosen)
     return out
 
 
-def ablation_tables(lb: pd.DataFrame) -> dict[str, str]:
-    """LoRA -> + mask -> + scaling -> NA-LoRA, and the option ablations (ablation variants) when present."""
+def ablation_tables(an: Analysis, lb: pd.DataFrame, chosen: dict | None = None) -> dict[str, str]:
+    """LoRA, NA-LoRA, the mechanism controls and the option ablations, each against LoRA."""
     out = {}
-    for model, df in lb.groupby("model", sort=True):
-        core = [m for m in ABLATION_CORE if m in set(df["method"])]
-        extra = sorted(df.loc[df["ablation"], "method"].unique())
-        if len(core) + len(extra) < 2:
+    for model in an.models():
+        present = {c.method for c in an.cells.values() if c.model == model}
+        extra = method_order({c.method for c in an.cells.values() if c.model == model and c.is_control})
+        core = [m for m in (BASELINE, "nalora") if m in present]
+        if not extra:
             continue
-        keep = df[df["method"].isin(core + extra)]
-        base = "lora" if "lora" in core else None
-        out[f"ablation_{_safe(model)}.md"] = score_table(keep, core + extra, title=f"{model}: NA-LoRA ablations", delta_vs=base)
+        out[f"ablation_{_safe(model)}.md"] = score_table(an, lb, model, core + [m for m in extra if m not in core],
+                                                         title=f"{model}: NA-LoRA controls and ablations",
+                                                         chosen=chosen, delta=BASELINE in present)
     return out
 
 
-def paired_tables(lb: pd.DataFrame, a: str = "nalora", b: str = "lora") -> dict[str, str]:
-    """Per task: mean of (a - b) over seeds both finished, with a 95% t CI and n."""
+def paired_tables(an: Analysis) -> dict[str, str]:
+    """Per model: every method minus LoRA per task (NA-LoRA first), then the pooled estimate per method."""
     out = {}
-    for model, df in lb.groupby("model", sort=True):
-        sel = _selected_ok(df)
-        scale = _scale(sel)
+    for model in an.models():
+        scale = scale_of(an, model)
         rows = []
-        for task in sorted(df["task"].unique()):
-            ga = sel[(sel["task"] == task) & (sel["method"] == a)].set_index("seed")["test_score"]
-            gb = sel[(sel["task"] == task) & (sel["method"] == b)].set_index("seed")["test_score"]
-            seeds = sorted(set(ga.dropna().index) & set(gb.dropna().index))
-            if not seeds:
-                continue
-            diffs = [(float(ga[s]) - float(gb[s])) * scale for s in seeds]
-            mean, lo, hi = paired_ci(diffs)
-            sig = "" if math.isnan(lo) else ("yes" if lo > 0 or hi < 0 else "no")
-            rows.append([task, str(len(seeds)), _fmt(mean, 2), f"[{_fmt(lo, 2)}, {_fmt(hi, 2)}]", sig or DASH])
-        if rows:
-            note = (f"{a} minus {b}: test {df['report_metric'].iloc[0]} ({'points' if scale == 100 else 'score'}) of each "
-                    "method's validation-selected lr, paired by seed; 95% t interval over the n seeds (df = n - 1); "
-                    "'excludes 0' says whether the interval excludes zero. n < 2 gives no interval.\n")
-            out[f"paired_{_safe(model)}.md"] = (f"## {model}: {a} vs {b}\n\n{note}\n"
-                                                + _md(["task", "n", "mean Δ", "95% CI", "excludes 0"], rows))
+        comps = [c for c in an.comparisons if c.model == model]
+        for method in method_order({c.method for c in comps}):
+            for c in (c for c in comps if c.method == method):
+                iv = c.interval
+                ex = iv.excludes_zero
+                rows.append([method, task_header(an, model, c.task), str(iv.seeds), f"{iv.mean * scale:+.2f}",
+                             iv_text(iv, scale), iv.method + (f" ({c.note})" if c.note else ""),
+                             _fmt(iv.mde * scale, 2), DASH if ex is None else ("yes" if ex else "no")])
+            p = an.pooled.get((model, method))
+            if p is not None:
+                ex = p.excludes_zero
+                rows.append([method, f"**pooled** ({len(an.pooled_tasks[(model, method)])} informative task(s))",
+                             str(p.seeds), f"{p.mean * scale:+.2f}", iv_text(p, scale), p.method,
+                             _fmt(p.mde * scale, 2), DASH if ex is None else ("yes" if ex else "no")])
+        if not rows:
+            continue
+        note = (f"Method minus {BASELINE}: test {an.tasks[(model, an.task_names(model)[0])].metric} ({unit(scale)}), each "
+                "method at its own validation-selected lr, paired by seed. `bootstrap`: 95% percentile interval of a "
+                f"paired bootstrap ({stats.BOOT_REPS} replicates, fixed seed) resampling seeds and test examples "
+                "jointly for both methods (per-example results). `t`: seed-level paired Student-t interval (records "
+                "without per-example results). With 1 seed and no per-example results there is no interval. "
+                f"MDE: smallest difference detectable with 80% power at two-sided alpha 0.05, {stats.MDE_FACTOR} x SE. "
+                "Pooled: unweighted mean of the informative tasks' differences (tasks fixed); interval from the mean of "
+                "their bootstrap replicates, or normal with SE = sqrt(sum of task SE^2) / tasks when a task has only a "
+                "t interval, none when a task has neither. With 1 seed and no per-example results the SE behind the "
+                "MDE is the unpaired binomial bound sqrt((p_a(1-p_a) + p_b(1-p_b)) / n), an upper bound for paired "
+                "test-set noise that ignores seed noise. "
+                "seeds = seeds both methods finished.\n")
+        out[f"paired_{_safe(model)}.md"] = (f"## {model}: method minus {BASELINE}\n\n{note}\n"
+                                            + _md(["method", "task", "seeds", "Δ", "95% CI", "interval", "MDE",
+                                                   "excludes 0"], rows))
     return out
 
 
-def selection_table(lb: pd.DataFrame) -> str:
-    """Which lr the validation picked for each model x task x method, and from which grid."""
+def activation_table(an: Analysis) -> str | None:
+    """Pooled method-minus-LoRA difference per activation of the gated MLP, over informative (model, task)s."""
+    groups: dict[tuple[str, str], list] = {}
+    for c in an.comparisons:
+        if an.informative(c.model, c.task) and scale_of(an, c.model) == 100:
+            groups.setdefault((activation_of(c.model), c.method), []).append(c)
+    if not groups:
+        return None
     rows = []
-    for (model, task, method), g in lb.groupby(["model", "task", "method"], sort=True):
-        sel = g[g["selected"]]
-        lrs = sorted(g["lr"].unique())
-        grid = ", ".join(f"{x:g}" for x in lrs)
-        if len(sel):
-            ok = sel[sel["status"] == "ok"]
-            rows.append([model, task, method, f"{sel['lr'].iloc[0]:g}", grid, _fmt(float(ok["val_score"].mean()), 4),
-                         f"{len(ok)}/{len(sel)}", sel["options"].iloc[0] or DASH])
-        else:
-            rows.append([model, task, method, DASH, grid, DASH, f"0/{len(g)}", DASH])
-    note = ("The setting with the best mean validation score over seeds (settings where a seed failed rank last); "
-            "only its test score is reported. 'seeds ok' = finished / run.\n")
+    for act in sorted({a for a, _ in groups}):
+        for method in method_order({m for a, m in groups if a == act}):
+            cs = groups[(act, method)]
+            p = stats.pooled([c.interval for c in cs])
+            ex = p.excludes_zero
+            rows.append([act, method, ", ".join(sorted({c.model for c in cs})), str(len(cs)), f"{p.mean * 100:+.2f}",
+                         iv_text(p, 100), p.method, DASH if ex is None else ("yes" if ex else "no")])
+    note = (f"Method minus {BASELINE} (points), pooled over the informative (model, task) pairs whose model has this "
+            "gated-MLP activation (activation by model name: `benchmarks/report/analysis.py` ACTIVATIONS); same "
+            "pooling as in paired_<model>.md.\n")
+    return "## Per activation\n\n" + note + "\n" + _md(
+        ["activation", "method", "models", "tasks", "pooled Δ", "95% CI", "interval", "excludes 0"], rows)
+
+
+def selection_table(an: Analysis) -> str:
+    """Which lr the validation picked for each model x task x method, from which lrs, and what failed."""
+    rows = []
+    for (model, task, method), c in sorted(an.cells.items()):
+        grid = ", ".join(f"{x:g}" for x in c.lrs)
+        edge = DASH if not c.edge else f"{c.edge}{' (at bound)' if c.at_bound else ''}"
+        counts = ", ".join(f"{c.counts[s]} {s}" for s in BAD_STATUSES if c.counts.get(s)) or DASH
+        opts = ""
+        if c.runs:
+            o = next(iter(c.runs.values()))["config"].get("options") or {}
+            opts = ";".join(f"{k}={v}" for k, v in sorted(o.items()))
+        rows.append([model, task, method, DASH if c.selected_lr is None else f"{c.selected_lr:g}", grid, edge,
+                     _fmt(c.val_mean, 4), str(len(c.runs)), counts, opts or DASH])
+    note = ("The setting with the best mean validation score over its `ok` seeds (settings where a seed was not ok rank "
+            "after complete ones; ties go to the smaller lr); only its test score is reported. `edge`: the selected lr "
+            "is the smallest (low) or largest (high) lr run; `at bound` when that is the documented limit "
+            "(`meta.lr_bounds`). `ok seeds` = seeds of the selected setting that finished ok; `not ok` counts every run "
+            "of the cell that collapsed, diverged or failed.\n")
     return "## Selected hyperparameters\n\n" + note + "\n" + _md(
-        ["model", "task", "method", "selected lr", "lr grid", "val mean", "seeds ok", "options"], rows)
+        ["model", "task", "method", "selected lr", "lrs run", "edge", "val mean", "ok seeds", "not ok", "options"], rows)
 
 
 def tuning_table(chosen: dict) -> str:
@@ -187,19 +243,23 @@ def tuning_table(chosen: dict) -> str:
     return head + _md(["method", "options", "val mean", "dev tasks", "chosen"], rows)
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
-def write_tables(lb: pd.DataFrame, out_dir: str | Path, chosen: dict | None = None) -> list[Path]:
-    """Write every table (atomically) into ``out_dir``; returns the paths."""
-    out_dir = Path(out_dir)
+def all_tables(an: Analysis, lb: pd.DataFrame, chosen: dict | None = None) -> dict[str, str]:
+    """Every table by file name."""
     files: dict[str, str] = {}
-    if len(lb):
-        files |= main_tables(lb) | ablation_tables(lb) | paired_tables(lb)
-        files["selection.md"] = selection_table(lb)
+    if an.cells:
+        files |= main_tables(an, lb, chosen) | ablation_tables(an, lb, chosen) | paired_tables(an)
+        act = activation_table(an)
+        if act:
+            files["activation.md"] = act
+        files["selection.md"] = selection_table(an)
     if chosen:
         files["tuning.md"] = tuning_table(chosen)
+    return files
+
+
+def write_tables(files: dict[str, str], out_dir: str | Path) -> list[Path]:
+    """Write ``files`` (name -> markdown) atomically into ``out_dir``, removing tables no longer produced."""
+    out_dir = Path(out_dir)
     if out_dir.exists():  # tables of methods/tasks no longer in the results must not linger
         for old in out_dir.glob("*.md"):
             if old.name not in files:
