@@ -67,7 +67,7 @@ def report(root, plots=False):
 
 
 def snapshot(root):
-    files = [root / "leaderboard.csv", *sorted((root / "tables").glob("*.md"))]
+    files = [root / "leaderboard.csv", root / "findings.md", *sorted((root / "tables").glob("*.md"))]
     return {str(p.relative_to(root)): p.read_bytes() for p in files}
 
 
@@ -103,16 +103,17 @@ def test_main_table_reports_test_of_validation_choice(tmp_path):
     lora = next(line for line in text.splitlines() if line.startswith("| lora "))
     cells = [c.strip() for c in lora.strip("|").split("|")]
     # lr 1e-3 selected: test 0.50 + seeds 0/.01/.02 -> mean 51.0, std 1.0; t2 adds 10 points.
-    assert cells[1] == "51.0 ± 1.0 (n=3)" and cells[2] == "61.0 ± 1.0 (n=3)"
-    assert cells[3] == "failed" and cells[4] == "56.00"  # t3 failed: Avg over t1, t2 (the tasks all finished)
-    assert "Avg over the 2 task(s) every method finished (left out: t3)" in text
+    # 1e-3 is the top of the lrs run {1e-4, 1e-3}: edge-marked
+    assert cells[1] == "51.0 ± 1.0 (n=3)†" and cells[2] == "61.0 ± 1.0 (n=3)†"
+    assert cells[3] == "no ok run [1 failed]" and cells[4] == "56.00"  # t3 failed: Avg over t1, t2
+    assert "Avg over the 2 informative task(s) every listed method finished (left out: t3)" in text
     full = next(line for line in text.splitlines() if line.startswith("| full "))
     assert full.split("|")[6].strip() == "1"  # best Avg -> rank 1
-    assert "nalora-rho0.25" not in text  # ablation variants only in the ablation table
+    assert "nalora-rho0.25" not in text and "nalora_mask" not in text  # ablations/controls: ablation table only
     ab = (tmp_path / "tables/ablation_m.md").read_text()
-    assert "nalora-rho0.25" in ab and "| nalora | 54.0 ± 1.0 (n=3) | 64.0 ± 1.0 (n=3) | — | 59.00 |" in ab
+    assert "nalora-rho0.25" in ab and "| nalora | 54.0 ± 1.0 (n=3)† | 64.0 ± 1.0 (n=3)† | — | 59.00 |" in ab
     sel = (tmp_path / "tables/selection.md").read_text()
-    assert "| m | t1 | lora | 0.001 | 0.0001, 0.001 |" in sel
+    assert "| m | t1 | lora | 0.001 | 0.0001, 0.001 | high |" in sel
 
 
 def test_paired_ci(tmp_path):
@@ -124,8 +125,8 @@ def test_paired_ci(tmp_path):
     make_results(tmp_path)
     report(tmp_path)
     text = (tmp_path / "tables/paired_m.md").read_text()
-    # nalora - lora = +3 points on every seed: zero spread, interval [3, 3], excludes 0.
-    assert "| t1 | 3 | 3.00 | [3.00, 3.00] | yes |" in text
+    # old records (no per-example results): seed-level t interval; nalora - lora = +3 points on every seed
+    assert "| nalora | t1 | 3 | +3.00 | [3.00, 3.00] | t | 0.00 | yes |" in text
 
 
 def test_plots_written(tmp_path):
@@ -134,7 +135,9 @@ def test_plots_written(tmp_path):
     make_results(tmp_path)
     out = report(tmp_path, plots=True)
     names = sorted(p.name for p in out["plots"])
-    assert names == ["curves_m_t1.png", "curves_m_t2.png", "mask_dynamics.png", "misalignment.png", "pareto_m.png"]
+    assert names == ["curves_m_t1.png", "curves_m_t2.png", "mask_dynamics.png", "misalignment.png", "paired_m.png",
+                     "pareto_m.png"]
+    assert (tmp_path / "index.html").exists()
     for p in out["plots"]:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     series = history_series(_record("m", "t1", "nalora", 1e-3, 0)["nalora"]["history"])

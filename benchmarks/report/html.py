@@ -138,7 +138,7 @@ def page(results: Path, lb: pd.DataFrame, records: list[dict], tables: dict[str,
     sections = [("findings", "Findings", md_to_html(findings.read_text()) if findings.exists() else ""),
                 ("paired", "Paired differences vs LoRA", "".join(_img(p) for p in by_kind["paired_"])
                  + "".join(md_to_html(t) for n, t in sorted(tables.items()) if n.startswith(("paired_", "activation")))),
-                ("leaderboard", "Leaderboard (click a column to sort; config opens the run's resolved config)",
+                ("lb", "Leaderboard (click a column to sort; config opens the run's resolved config)",
                  leaderboard_html(lb)),
                 ("main", "Main tables", "".join(md_to_html(t) for n, t in sorted(tables.items()) if n.startswith("main_"))),
                 ("ablation", "Controls and ablations",

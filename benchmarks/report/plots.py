@@ -49,8 +49,10 @@ def pareto(an: Analysis, lb: pd.DataFrame, out_dir: Path) -> list[Path]:
     paths = []
     for model in an.models():
         scale = scale_of(an, model)
-        tasks = [t for t in an.task_names(model) if an.informative(model, t)]
         cells = {c.method: c for c in an.cells.values() if c.model == model and not c.is_control}
+        # informative tasks with at least one reported result (a task where every run failed has no average)
+        tasks = [t for t in an.task_names(model) if an.informative(model, t)
+                 and any(an.cells.get((model, t, m)) and an.cells[(model, t, m)].mean is not None for m in cells)]
         pts = {}
         for m, _ in sorted(cells.items()):
             cs = [an.cells.get((model, t, m)) for t in tasks]
