@@ -5,6 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# The report's browser test (tests/test_report_html.py) drives Debian's chromium through playwright; install it
+# once when missing (the test skips, saying why, only when this fails).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+    { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null; } \
+        || echo "test.sh: could not install chromium; the HTML browser test will skip" >&2
+fi
 .venv/bin/ruff check --quiet .
 export NALORA_TEST_FETCH="${NALORA_TEST_FETCH:-1}"
 exec .venv/bin/python -m pytest -q "$@"
