@@ -114,7 +114,7 @@ def test_v2_report_intervals_and_uninformative(tmp_path):
     assert float(cells[6]) > 0  # MDE reported
     assert "| nalora | hard (n=200) (uninformative) |" in paired
     pooled = next(line for line in paired.splitlines() if line.startswith("| nalora | **pooled**"))
-    assert "(1 informative task(s))" in pooled and cells[3] in pooled  # pooled = easy alone
+    assert "(1 task(s) not marked uninformative)" in pooled and cells[3] in pooled  # pooled = easy alone
     main = (tmp_path / "tables/main_m.md").read_text()
     assert "hard (n=200) (uninformative)" in main and "Avg over the 1 informative task(s)" in main
     findings = (tmp_path / "findings.md").read_text()

@@ -52,7 +52,7 @@ def model_findings(an: Analysis, model: str) -> list[str]:
     out.append(f"Selected lr at an edge of the lrs run in {len(edge)} of {len(sel)} cells"
                + (f" ({len(bound)} at the documented bound)" if bound else "")
                + (": " + ", ".join(f"{c.task}/{c.method} ({c.edge})" for c in edge[:12])
-                  + (" ..." if len(edge) > 12 else "") if edge else "") + ".")
+                  + (f" and {len(edge) - 12} more (tables/selection.md)" if len(edge) > 12 else "") if edge else "") + ".")
     bad = {s: sum(c.counts.get(s, 0) for c in cells) for s in BAD_STATUSES}
     if any(bad.values()):
         worst = sorted(cells, key=lambda c: (-sum(c.counts.get(s, 0) for s in BAD_STATUSES), c.task, c.method))[:5]
@@ -82,7 +82,7 @@ def model_findings(an: Analysis, model: str) -> list[str]:
         per = "; ".join(f"{c.task} {_iv(c.interval, scale)} (MDE {T._fmt(c.interval.mde * scale, 2)})" for c in comps)
         text = f"{method} minus {BASELINE} ({u}, per task, 95% interval, smallest detectable difference): {per}."
         if p is not None:
-            text += (f" Pooled over {len(an.pooled_tasks[(model, method)])} informative task(s): {_iv(p, scale)}; "
+            text += (f" Pooled over {len(an.pooled_tasks[(model, method)])} task(s) not marked uninformative: {_iv(p, scale)}; "
                      + _verdict(p, method) + ".")
         out.append(text)
     main = [c for c in cells if not c.is_control and c.mean is not None]
@@ -150,7 +150,7 @@ def readme_section(an: Analysis, records: list[dict], files: dict[str, str], res
            f"[`findings.md`]({rel}/findings.md), `tables/`, `plots/` and `index.html` (open it in a browser).\n",
            findings_text(an, records, level=4)]
     for name in sorted(files):
-        if name.startswith(("main_", "paired_")):
+        if name.startswith(("main_", "paired_")) or name == "tuning.md":
             out.append(f"`tables/{name}`:\n\n" + _demote(files[name]))
     return "\n".join(out)
 

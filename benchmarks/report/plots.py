@@ -249,13 +249,17 @@ def mask_dynamics(records: list[dict], selected: set[str], out_dir: Path) -> lis
     methods = sorted(per_method)
     color = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     for ax, name in zip(axes.flat, names):
-        for method in methods:
+        for i, method in enumerate(methods):
             if name in per_method[method]:
-                ax.plot(*_mean_curve(per_method[method][name]), color=color[method], label=method)
+                steps, mean = _mean_curve(per_method[method][name])
+                every = max(1, len(steps) // 6)
+                # a marker per method at offset steps: identical curves (e.g. a variant equal to nalora) stay visible
+                ax.plot(steps, mean, color=color[method], marker=MARKERS[i % len(MARKERS)], ms=4,
+                        markevery=(i % every, every), label=method)
         ax.set(title=name, xlabel="optimiser step")
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    handles = [plt.Line2D([], [], color=color[m], label=m) for m in methods]
+    handles = [plt.Line2D([], [], color=color[m], marker=MARKERS[i % len(MARKERS)], label=m) for i, m in enumerate(methods)]
     fig.legend(handles=handles, loc="lower right", fontsize=8, ncol=2)
     fig.suptitle("NA-LoRA mask dynamics (mean over selected runs)")
     fig.tight_layout()
@@ -283,7 +287,8 @@ def misalignment(records: list[dict], selected: set[str], out_dir: Path) -> list
         methods = sorted(vals[k])
         ax.bar(methods, [sum(vals[k][m]) / len(vals[k][m]) for m in methods])
         ax.set_title(k)
-        ax.tick_params(axis="x", rotation=45, labelsize=7)
+        ax.tick_params(axis="x", labelsize=7)
+        plt.setp(ax.get_xticklabels(), rotation=40, ha="right", rotation_mode="anchor")  # long names must not overlap
     # the batches' source as recorded: "train-stream" (old records) is not held out, so the title must say it
     fig.suptitle(f"selection misalignment, batches: {', '.join(sorted(sources))} (mean over selected runs)")
     fig.tight_layout()

@@ -165,7 +165,7 @@ def paired_tables(an: Analysis) -> dict[str, str]:
             p = an.pooled.get((model, method))
             if p is not None:
                 ex = p.excludes_zero
-                rows.append([method, f"**pooled** ({len(an.pooled_tasks[(model, method)])} informative task(s))",
+                rows.append([method, f"**pooled** ({len(an.pooled_tasks[(model, method)])} task(s) not marked uninformative)",
                              str(p.seeds), f"{p.mean * scale:+.2f}", iv_text(p, scale), p.method,
                              _fmt(p.mde * scale, 2), DASH if ex is None else ("yes" if ex else "no")])
         if not rows:
