@@ -14,7 +14,7 @@ from functools import reduce
 
 import numpy as np
 
-BOOT_REPS = 4000
+BOOT_REPS = 2000  # ~0.4 s per comparison of 5 seeds x 3000 examples; bounds' Monte Carlo error < 0.1 SE
 BOOT_SEED = 20240917
 # Smallest detectable difference = (z_{1-alpha/2} + z_{power}) x SE = (1.960 + 0.842) x SE: a true difference
 # this large is found (interval excludes 0) with 80% power at two-sided alpha 0.05.
@@ -122,19 +122,19 @@ def bootstrap_paired(a: np.ndarray, b: np.ndarray, key: str, reps: int = BOOT_RE
     replacement; the same example draw is used for every seed and both methods (the test set is shared),
     so the interval covers seed-to-seed and test-sampling variation. Percentile interval, SE = replicate std.
     """
-    d = a.astype(np.float32) - b.astype(np.float32)
+    d = a.astype(np.int8) - b.astype(np.int8)  # -1/0/1: int8 gathers and int32 sums are exact and fast
     s, n = d.shape
     rng = _rng(key)
     chunk = max(1, min(500, 4_000_000 // (s * n)))  # bounded memory: seeds x chunk x examples floats
     out = np.empty(reps, dtype=np.float64)
     for start in range(0, reps, chunk):
         m = min(chunk, reps - start)
-        ex = rng.integers(0, n, size=(m, n))
+        ex = rng.integers(0, n, size=(m, n), dtype=np.int32)
         sd = rng.integers(0, s, size=(m, s))
-        per_seed = d[:, ex].mean(axis=2)  # seeds x m: each seed's mean difference on each example draw
+        per_seed = d[:, ex].sum(axis=2, dtype=np.int32) / n  # seeds x m: each seed's mean difference per example draw
         out[start:start + m] = np.take_along_axis(per_seed.T, sd, axis=1).mean(axis=1)
     lo, hi = np.percentile(out, [2.5, 97.5])
-    return Interval(float(d.mean()), float(lo), float(hi), float(out.std(ddof=1)), "bootstrap", s, n, out)
+    return Interval(float(d.mean(dtype=np.float64)), float(lo), float(hi), float(out.std(ddof=1)), "bootstrap", s, n, out)
 
 
 def t_interval(diffs: list[float], n: int | None = None) -> Interval:
