@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 from functools import cache
+from typing import Any
 
 import torch
+from torch import nn
 
 SELF_GATED = ("silu", "gelu", "gelu_tanh", "quick_gelu")
 OTHER = ("relu", "identity", "sigmoid", "tanh")
@@ -19,6 +21,7 @@ KNOWN = SELF_GATED + OTHER
 
 SUPPRESSED, SELECTING, LINEAR = 0, 1, 2
 
+# Exact names (config strings, lower-cased, "-" -> "_") -> canonical names: the one activation table.
 _ALIASES = {
     "silu": "silu",
     "swish": "silu",
@@ -46,22 +49,68 @@ _ALIASES = {
     "tanh": "tanh",
 }
 
+# Substrings of an activation module's class name (or a function's __name__), lower-cased without "_",
+# tried in order: the first match names it ("gelutanh" before "gelu").
+_CLASS_PATTERNS = (
+    ("quickgelu", "quick_gelu"),
+    ("gelutanh", "gelu_tanh"),
+    ("newgelu", "gelu_tanh"),
+    ("fastgelu", "gelu_tanh"),
+    ("accurategelu", "gelu_tanh"),
+    ("tanhgelu", "gelu_tanh"),
+    ("gelu", "gelu"),
+    ("silu", "silu"),
+    ("swish", "silu"),
+    ("sigmoid", "sigmoid"),
+)
+_CLASS_EXACT = {"relu": "relu", "identity": "identity", "linearactivation": "identity"}
+
+
+def _name_of_callable(x: Any) -> str:
+    """Canonical name of an activation module or function, or its lower-cased class name if unknown."""
+    if isinstance(x, nn.Identity):
+        return "identity"
+    # Class name for modules, __name__ for plain functions (F.silu, F.gelu, torch.sigmoid).
+    raw = type(x).__name__ if isinstance(x, nn.Module) else getattr(x, "__name__", type(x).__name__)
+    key = raw.lower().replace("_", "")
+    found = _CLASS_EXACT.get(key) or next((canon for pat, canon in _CLASS_PATTERNS if pat in key), None)
+    if found == "gelu" and (getattr(x, "approximate", None) == "tanh" or getattr(x, "use_gelu_tanh_python", False)):
+        return "gelu_tanh"
+    return found or raw.lower()
+
+
+def normalize_activation(module_or_name: Any, *, strict: bool = False) -> str:
+    """Canonical activation name of a config string, activation module or function.
+
+    ``"swish" -> "silu"``, ``"gelu_pytorch_tanh" -> "gelu_tanh"``, ``nn.GELU(approximate="tanh") ->
+    "gelu_tanh"``, ``None -> "unknown"``. An unknown activation comes back as its lower-cased name (never
+    silently "silu"); with ``strict=True`` it is a ``ValueError`` instead (the activation math needs a
+    known one).
+    """
+    if module_or_name is None:
+        name = "unknown"
+    elif isinstance(module_or_name, str):
+        key = module_or_name.strip().lower().replace("-", "_")
+        name = _ALIASES.get(key, key)
+    else:
+        name = _name_of_callable(module_or_name)
+    if strict and name not in KNOWN:
+        raise ValueError(f"unknown activation {module_or_name!r}; known: {', '.join(sorted(_ALIASES))}")
+    return name
+
+
+def _canonical(name: str) -> str:
+    return normalize_activation(name, strict=True)
+
+
 _QUICK = 1.702
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _TANH_C = 0.044715
 
 
-def normalize_activation(name: str) -> str:
-    """Canonical activation name (``"swish" -> "silu"``, ``"gelu_pytorch_tanh" -> "gelu_tanh"``, ...)."""
-    key = str(name).strip().lower().replace("-", "_")
-    if key not in _ALIASES:
-        raise ValueError(f"unknown activation {name!r}; known: {', '.join(sorted(_ALIASES))}")
-    return _ALIASES[key]
-
-
 def has_partition(name: str) -> bool:
     """True for self-gated activations, where the three-regime partition is meaningful."""
-    return normalize_activation(name) in SELF_GATED
+    return _canonical(name) in SELF_GATED
 
 
 def _tanh_arg(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +122,7 @@ def _tanh_arg(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def selection(name: str, z: torch.Tensor) -> torch.Tensor:
     """The selection weight ``s(z)`` (ReLU: the step ``z > 0``; identity: 1; sigmoid-GLU: sigmoid)."""
-    act = normalize_activation(name)
+    act = _canonical(name)
     if act == "silu":
         return torch.sigmoid(z)
     if act == "gelu":
@@ -106,7 +155,7 @@ def _log_derivative(act: str, z: torch.Tensor) -> torch.Tensor:
 
 def phi(name: str, z: torch.Tensor) -> torch.Tensor:
     """The activation ``phi(z)``."""
-    act = normalize_activation(name)
+    act = _canonical(name)
     if act == "sigmoid":
         return torch.sigmoid(z)
     if act == "identity":
@@ -118,7 +167,7 @@ def phi(name: str, z: torch.Tensor) -> torch.Tensor:
 
 def dphi(name: str, z: torch.Tensor) -> torch.Tensor:
     """Closed-form derivative ``phi'(z)``: ``s + z s'`` for self-gated activations."""
-    act = normalize_activation(name)
+    act = _canonical(name)
     if act in SELF_GATED:
         s = selection(act, z)
         return s * (1.0 + z * _log_derivative(act, z))
@@ -134,7 +183,7 @@ def dphi(name: str, z: torch.Tensor) -> torch.Tensor:
 
 def homogeneity(name: str, z: torch.Tensor) -> torch.Tensor:
     """Local effective homogeneity ``k(z) = z phi'(z) / phi(z)`` (ReLU and identity: 1)."""
-    act = normalize_activation(name)
+    act = _canonical(name)
     if act in SELF_GATED:
         return 1.0 + z * _log_derivative(act, z)
     if act in ("relu", "identity"):
@@ -167,7 +216,7 @@ def _scalar(fn, act: str):
 @cache
 def regime_thresholds(name: str, tol: float = 0.1) -> tuple[float, float]:
     """``(z_min, z_lin)`` in float64: ``phi'(z_min) = 0``; ``|k(z) - 1| <= tol`` for every ``z >= z_lin``."""
-    act = normalize_activation(name)
+    act = _canonical(name)
     if act not in SELF_GATED:
         raise ValueError(f"activation {act!r} has no effective-homogeneity partition")
     if not tol > 0:
@@ -190,7 +239,7 @@ def regime_thresholds(name: str, tol: float = 0.1) -> tuple[float, float]:
 @cache
 def max_homogeneity(name: str) -> tuple[float, float]:
     """``(k_max, z_at)``: the peak of k over z > 0 (a NALORA.md reference-table column)."""
-    act = normalize_activation(name)
+    act = _canonical(name)
     if act not in SELF_GATED:
         raise ValueError(f"activation {act!r} has no effective-homogeneity partition")
     grid = torch.linspace(0.0, 10.0, 100001, dtype=torch.float64)
@@ -211,5 +260,5 @@ def max_homogeneity(name: str) -> tuple[float, float]:
 
 def regime(name: str, z: torch.Tensor, tol: float = 0.1) -> torch.Tensor:
     """Regime of each entry as int64: 0 suppressed, 1 selecting, 2 linear."""
-    z_min, z_lin = regime_thresholds(normalize_activation(name), tol)
+    z_min, z_lin = regime_thresholds(_canonical(name), tol)
     return (z >= z_min).long() + (z >= z_lin).long()

@@ -168,7 +168,7 @@ class NALoRAController:
 
     def _make_unit(self, base: nn.Module, f: Any) -> _Unit:
         try:
-            act = normalize_activation(f.activation)
+            act = normalize_activation(f.activation, strict=True)
         except ValueError as e:
             raise ValueError(f"gated FFN {f.name}: {e}") from None
         gate = base.get_submodule(f.gate)
