@@ -30,7 +30,7 @@ def _adapted(factory=tm.llama, targets=("gate",), seed=1):
         for name, p in ad.model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-                for g in ad.options["row_guards"]:  # keep the packed guards' held rows at zero
+                for g in ad.row_guards:  # keep the packed guards' held rows at zero
                     if g.param is p:
                         g.restore()
     ad.model.train()

@@ -89,7 +89,7 @@ def test_attn_targets_follow_towers():
 
 def test_non_gated_tower_gets_plain_lora_and_report_says_so():
     adapted = inject(tm.open_clip_eva02(), "lora", targets=("gate", "down"), rank=2)
-    plan = adapted.options["plan"]
+    plan = adapted.plan
     assert plan.towers_without_gated == ["language"]
     plain = [r for r in adapted.report if r["kind"] == "plain_mlp"]
     gated = [r for r in adapted.report if r["kind"] == "gated"]
@@ -99,7 +99,7 @@ def test_non_gated_tower_gets_plain_lora_and_report_says_so():
     }
     assert all("non-gated MLP" in r["note"] and r["tower"] == "language" for r in plain)
     assert len(gated) == 4 and {r["tower"] for r in gated} == {"vision"}
-    assert any("'language' has no gated FFN" in n for n in adapted.options["notes"])
+    assert any("'language' has no gated FFN" in n for n in adapted.notes)
 
 
 @pytest.fixture
@@ -167,7 +167,7 @@ def test_packed_gate_only_is_exact(method, model_name):
     factory, batches, d_in = _packed_case(model_name)
     base = factory()
     adapted = inject(factory(), method, targets=("gate",), rank=2)
-    frozen = adapted.options["frozen_rows"]
+    frozen = adapted.frozen_rows
     assert frozen, "packed targets must record held rows"
     _train(adapted, batches)
     peft_base = adapted.model.get_base_model()
@@ -191,7 +191,7 @@ def test_packed_gate_only_is_exact(method, model_name):
 
 def test_dora_magnitude_rows_held_under_weight_decay():
     adapted = inject(tm.phi3(), "dora", targets=("gate",), rank=2)
-    guards = [g for g in adapted.options["row_guards"] if g.param_name == "lora_magnitude_vector"]
+    guards = [g for g in adapted.row_guards if g.param_name == "lora_magnitude_vector"]
     assert len(guards) == 2  # one per Phi-3 layer
     before = [g.param.detach().clone() for g in guards]
     _train(adapted, [torch.randint(0, tm.VOCAB, (2, 6))], wd=0.5)
@@ -204,7 +204,7 @@ def test_dora_magnitude_rows_held_under_weight_decay():
 
 def test_packed_gate_and_up_has_no_held_rows():
     adapted = inject(tm.phi3(), "lora", targets=("gate", "up"), rank=2)
-    assert adapted.options["frozen_rows"] == {}
+    assert adapted.frozen_rows == {}
     assert {r["role"] for r in adapted.report} == {"gate+up"}
 
 
@@ -219,7 +219,7 @@ def test_eva_fused_qkv_adapter_is_applied():
             if "qkv.lora_B" in n:
                 p.fill_(0.5)
         assert _rel(adapted.model(x), ref) > 1e-3
-    assert any("qkv_bias_separate" in n for n in adapted.options["notes"])
+    assert any("qkv_bias_separate" in n for n in adapted.notes)
 
 
 # ---------------------------------------------------------------- trainable modules

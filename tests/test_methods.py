@@ -9,7 +9,7 @@ import tiny_models as tm
 import torch
 from peft import PeftModel
 
-from nalora import inject, list_methods
+from nalora import get_method, inject, list_methods
 
 STEPS = 30
 # Scaling-vector methods (vera, ia3) move fewer, smaller parameters: they get a larger step.
@@ -115,7 +115,15 @@ def test_same_plan_for_every_adapter_method():
         ({"method": "lora", "rank": -2}, "rank must be a positive int"),
         ({"method": "lora", "rank": 2.5}, "rank must be a positive int"),
         ({"method": "lora", "rank": True}, "rank must be a positive int"),
-        ({"method": "lora", "alpha": 0}, "alpha must be a positive number"),
+        ({"method": "lora", "alpha": 0}, "alpha must be a finite positive number"),
+        ({"method": "lora", "alpha": float("inf")}, "alpha must be a finite positive number, got inf"),
+        ({"method": "lora", "alpha": float("nan")}, "alpha must be a finite positive number, got nan"),
+        ({"method": "lora", "rank": 1000}, r"rank 1000 exceeds layer model\.layers\.0\.mlp\.gate_proj \(in 32, out 48\)"),
+        ({"method": "nalora", "rank": 33}, "rank 33 exceeds layer"),
+        ({"method": "lora", "rank": 33, "targets": ("attn",)}, r"rank 33 exceeds layer model\.layers\.0\.self_attn"),
+        ({"method": "lora_gate_scaled", "method_options": {"gate_step_scale": 0}}, "gate_step_scale must be a finite"),
+        ({"method": "nalora_random_mask", "method_options": {"mask_selection": "static"}},
+         "fixes mask_selection='random'"),
         ({"method": "lora", "dropout": 1.0}, "dropout must be in"),
         ({"method": "lora", "method_options": {"foo": 1}}, "unknown option 'foo' for method 'lora'"),
         ({"method": "pissa", "method_options": {"niter": 0}}, "niter must be a positive int"),
@@ -130,8 +138,9 @@ def test_bad_input(kwargs, message):
         inject(tm.llama(), method, **kwargs)
 
 
-NALORA = [m for m in list_methods() if m.startswith("nalora")]
-assert NALORA == ["nalora", "nalora_mask", "nalora_scale"]
+NALORA = [m for m in list_methods() if get_method(m).needs_gated]
+assert NALORA == ["lora_gate_scaled", "nalora", "nalora_mask", "nalora_random_mask", "nalora_scale",
+                  "nalora_static_mask"]
 
 
 @pytest.mark.parametrize("factory", [tm.bert, tm.clip_vision])
@@ -166,6 +175,70 @@ def test_package_exports():
         "selection_misalignment",
     ):
         assert hasattr(nalora, name), name
-    assert {"lora", "rslora", "loraplus", "dora", "pissa", "vera", "ia3", "full", "head"} <= set(
-        list_methods()
-    )
+    assert {"lora", "rslora", "loraplus", "dora", "pissa", "vera", "ia3", "full", "head", "lora_gate_scaled",
+            "nalora_random_mask", "nalora_static_mask"} <= set(list_methods())
+
+
+def test_ia3_ignores_rank_so_no_rank_check():
+    inject(tm.llama(), "ia3", rank=1000)  # IA3 has no rank: nothing to exceed
+
+
+@pytest.mark.parametrize("method", ["lora", "nalora", "full"])
+def test_inject_twice_says_already_adapted(method):
+    adapted = inject(tm.llama(), "lora", rank=2)
+    with pytest.raises(ValueError, match="already adapted"):
+        inject(adapted.model, method)
+    with pytest.raises(ValueError, match=r"already adapted \(peft layer at model\.layers\.0\.mlp\.gate_proj\)"):
+        inject(adapted.model.get_base_model(), method)
+
+
+# ---------------------------------------------------------------- resolve_options
+
+
+def test_resolve_options_fills_every_default():
+    assert get_method("lora").resolve_options({}) == {}
+    assert get_method("full").resolve_options(None) == {}
+    assert get_method("loraplus").resolve_options({}) == {"loraplus_lr_ratio": 16.0}
+    assert get_method("loraplus").resolve_options({"loraplus_lr_ratio": 4}) == {"loraplus_lr_ratio": 4.0}
+    assert get_method("pissa").resolve_options({}) == {"niter": None}
+    assert get_method("vera").resolve_options({}) == {"d_initial": 0.1}
+    assert get_method("lora_gate_scaled").resolve_options({}) == {"gate_step_scale": 0.77}
+    full = get_method("nalora").resolve_options({"rho_final": 0.25})
+    assert full["rho_final"] == 0.25 and full["beta"] == 0.9 and full["mask_interval"] == 10
+    assert (full["warmup_frac"], full["final_frac"], full["mask_selection"]) == (0.1, 0.7, "importance")
+    assert full["gammas"]["silu"] == [1.0, 0.75, 1.25]
+    assert get_method("nalora_mask").resolve_options({})["step_scaling"] is False
+    assert get_method("nalora_scale").resolve_options({})["mask"] is False
+    assert get_method("nalora_random_mask").resolve_options({})["mask_selection"] == "random"
+    assert get_method("nalora_static_mask").resolve_options({})["mask_selection"] == "static"
+    # an int and a float of one value are one configuration (one run id)
+    assert get_method("nalora").resolve_options({"beta": 0}) == get_method("nalora").resolve_options({"beta": 0.0})
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("lora", {"r": 4}, "unknown option 'r' for method 'lora'; allowed: none"),
+    ("full", {"x": 1}, "unknown option 'x' for method 'full'"),
+    ("loraplus", {"loraplus_lr_ratio": "big"}, "loraplus_lr_ratio must be a finite positive number"),
+    ("vera", {"d_initial": -1}, "d_initial must be a finite positive number"),
+    ("pissa", {"niter": 2.5}, "niter must be a positive int"),
+    ("nalora", {"beta": "x"}, "beta must be a finite number"),
+    ("nalora", {"mask_interval": 2.0}, "mask_interval must be an int"),
+    ("nalora", {"mask": "yes"}, "mask must be a bool"),
+    ("nalora", {"mask_selection": "best"}, "mask_selection must be one of"),
+    ("nalora", {"gamma": 1}, "unknown NA-LoRA option"),
+    ("nalora_mask", {"step_scaling": True}, "fixes step_scaling=False"),
+    ("lora_gate_scaled", {"gate_step_scale": float("nan")}, "gate_step_scale must be a finite positive number"),
+])
+def test_resolve_options_rejects_bad_options_in_one_line(method, options, message):
+    with pytest.raises(ValueError, match=message) as e:
+        get_method(method).resolve_options(options)
+    assert "\n" not in str(e.value)
+
+
+def test_every_method_resolves_its_defaults_and_records_them():
+    for name in list_methods():
+        resolved = get_method(name).resolve_options({})
+        assert isinstance(resolved, dict)
+        assert get_method(name).resolve_options(resolved) == resolved  # idempotent: a record re-resolves
+    adapted = _inject("loraplus")
+    assert adapted.method_config == {"loraplus_lr_ratio": 16.0}
