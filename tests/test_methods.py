@@ -242,3 +242,90 @@ def test_every_method_resolves_its_defaults_and_records_them():
         assert get_method(name).resolve_options(resolved) == resolved  # idempotent: a record re-resolves
     adapted = _inject("loraplus")
     assert adapted.method_config == {"loraplus_lr_ratio": 16.0}
+
+
+# ---------------------------------------------------------------- NA-LoRA is not LoRA; the controls
+
+
+def _gate_bs(adapted) -> list[torch.nn.Parameter]:
+    base = adapted.model.get_base_model()
+    return [base.get_submodule(f"model.layers.{i}.mlp.gate_proj").lora_B["default"].weight for i in range(2)]
+
+
+def _one_step(method: str, options: dict | None = None):
+    """One AdamW step from the seed-0 init on the fixed batch; returns (adapted, optimizer, params before)."""
+    adapted = inject(tm.llama(), method, targets=("gate", "up"), rank=4, alpha=8, method_options=options)
+    opt = adapted.make_optimizer(1e-2, weight_decay=0.01, total_steps=STEPS)
+    before = {n: p.detach().clone() for n, p in adapted.model.named_parameters() if p.requires_grad}
+    adapted.model.train()
+    _loss(adapted.model, _batch()).backward()
+    opt.step()
+    return adapted, opt, before
+
+
+def _deltas(adapted, before) -> dict[str, torch.Tensor]:
+    return {n: p.detach() - before[n] for n, p in adapted.model.named_parameters() if n in before}
+
+
+@pytest.mark.parametrize("method, options", [("nalora_scale", None), ("nalora", None), ("lora_gate_scaled", None),
+                                             ("lora_gate_scaled", {"gate_step_scale": 0.5})])
+def test_gate_step_is_lora_step_times_scale_and_nothing_else_moves_differently(method, options):
+    lora, _, before = _one_step("lora")
+    other, _, before_other = _one_step(method, options)
+    for n in before:
+        assert torch.equal(before[n], before_other[n]), n  # same seed: same init
+    d_lora, d_other = _deltas(lora, before), _deltas(other, before_other)
+    gate_names = [n for n in d_lora if "gate_proj.lora_B" in n]
+    assert len(gate_names) == 2
+    for i, n in enumerate(gate_names):
+        if method == "lora_gate_scaled":
+            scale = torch.full((48,), (options or {}).get("gate_step_scale", 0.77))
+        else:
+            scale = other.controller.units[i].gamma
+            assert (scale - 1).abs().max() > 0.05  # NA-LoRA's steps really differ from LoRA's
+        torch.testing.assert_close(d_other[n], d_lora[n] * scale[:, None], rtol=1e-5, atol=1e-9)
+        assert not torch.allclose(d_other[n], d_lora[n])
+    for n in d_lora:  # every other parameter (A's, up's B) bit-identical to LoRA's step
+        if n not in gate_names:
+            assert torch.equal(d_other[n], d_lora[n]), n
+
+
+def _train_steps(adapted, opt, steps: int) -> None:
+    adapted.model.train()
+    for s in range(steps):
+        x = torch.randint(0, tm.VOCAB, (4, 12), generator=torch.Generator().manual_seed(s))
+        _loss(adapted.model, x).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("method", ["nalora", "nalora_mask", "nalora_random_mask", "nalora_static_mask"])
+def test_nalora_mask_zeroes_rows_and_freezes_their_optimizer_state(method):
+    """After the schedule, 1 - rho_final of every B_gate's rows are zero and neither they nor their Adam
+    moments move; LoRA moves every row."""
+    opts = {"mask_interval": 2, "warmup_frac": 0.0, "final_frac": 0.5, "rho_final": 0.25}
+    results = {}
+    for m in ("lora", method):
+        torch.manual_seed(0)
+        adapted = inject(tm.llama(), m, targets=("gate",), rank=4, alpha=8,
+                         method_options=None if m == "lora" else opts)
+        opt = adapted.make_optimizer(1e-2, weight_decay=0.01, total_steps=8)
+        _train_steps(adapted, opt, 7)  # refreshes after steps 0, 2, 4, 6: rho = 0.25 from step 4 on
+        bs = _gate_bs(adapted)
+        b0 = [b.detach().clone() for b in bs]
+        st0 = [{k: v.clone() for k, v in opt.state[b].items() if v.shape == b.shape} for b in bs]
+        _train_steps(adapted, opt, 1)  # step 7: no refresh
+        results[m] = (bs, b0, st0, opt)
+    for m, (bs, b0, st0, opt) in results.items():
+        for b, before, state in zip(bs, b0, st0):
+            zero = b.detach().abs().sum(1) == 0
+            moved = (b.detach() != before).any(1)
+            if m == "lora":
+                assert not zero.any() and moved.all()
+                continue
+            assert int(zero.sum()) == 48 - 12  # keep_count(0.25, 48) = 12 rows kept
+            assert torch.equal(moved, ~zero)  # kept rows move, masked rows stay at exactly zero
+            for k, v in opt.state[b].items():
+                if v.shape == b.shape:
+                    assert torch.equal(v[zero], state[k][zero]), k  # masked rows' moments frozen
+                    assert not torch.equal(v[~zero], state[k][~zero]), k
