@@ -329,3 +329,50 @@ def test_nalora_mask_zeroes_rows_and_freezes_their_optimizer_state(method):
                 if v.shape == b.shape:
                     assert torch.equal(v[zero], state[k][zero]), k  # masked rows' moments frozen
                     assert not torch.equal(v[~zero], state[k][~zero]), k
+
+
+# ---------------------------------------------------------------- the method guide's plugin
+
+
+def test_method_guide_plugin(tmp_path):
+    """docs/adding_a_method.md's plugin, loaded as `--include-path` loads files, trains and saves plain LoRA."""
+    import re
+    from pathlib import Path
+
+    from nalora.methods import registry
+    from tasks.registry import load_tasks
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "adding_a_method.md").read_text()
+    code = re.search(r"## A complete plugin.*?```python\n(.*?)```", text, re.DOTALL).group(1)
+    (tmp_path / "lora_fa.py").write_text(code)
+    assert "lora_fa" not in list_methods()
+    try:
+        load_tasks(include_paths=[tmp_path], builtin=False, entry_points=False)
+        assert "lora_fa" in list_methods()
+        m = get_method("lora_fa")
+        assert m.resolve_options({}) == {"a_init": "kaiming"}
+        with pytest.raises(ValueError, match="a_init must be"):
+            m.resolve_options({"a_init": "zeros"})
+        torch.manual_seed(0)
+        adapted = inject(tm.llama(), "lora_fa", targets=("gate", "up"), rank=4, alpha=8,
+                         method_options={"a_init": "gaussian"})
+        assert adapted.method_config == {"a_init": "gaussian"}
+        a_before = {n: p.detach().clone() for n, p in adapted.model.named_parameters() if ".lora_A." in n}
+        x = _batch()
+        with torch.no_grad():
+            first = _loss(adapted.model, x).item()
+        opt = adapted.make_optimizer(1e-2)
+        adapted.model.train()
+        for _ in range(10):
+            _loss(adapted.model, x).backward()
+            opt.step()
+            opt.zero_grad()
+        adapted.model.eval()
+        assert _loss(adapted.model, x).item() < first - 0.05
+        params = dict(adapted.model.named_parameters())
+        assert a_before and all(torch.equal(params[n], v) for n, v in a_before.items())
+        adapted.save(tmp_path / "out")
+        reloaded = PeftModel.from_pretrained(tm.llama(), tmp_path / "out").eval()
+        torch.testing.assert_close(_logits(reloaded, x), _logits(adapted.model, x), rtol=1e-4, atol=1e-5)
+    finally:
+        registry._METHODS.pop("lora_fa", None)
