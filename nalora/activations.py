@@ -120,37 +120,46 @@ def _tanh_arg(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return u, du
 
 
+# s(z) per canonical activation (ReLU: the step z > 0; identity: 1; sigmoid-GLU: the gate value itself).
+_SELECTION = {
+    "silu": torch.sigmoid,
+    "gelu": torch.special.ndtr,
+    "gelu_tanh": lambda z: 0.5 * (1.0 + torch.tanh(_tanh_arg(z)[0])),
+    "quick_gelu": lambda z: torch.sigmoid(_QUICK * z),
+    "relu": lambda z: (z > 0).to(z.dtype),
+    "identity": torch.ones_like,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
+
+
 def selection(name: str, z: torch.Tensor) -> torch.Tensor:
     """The selection weight ``s(z)`` (ReLU: the step ``z > 0``; identity: 1; sigmoid-GLU: sigmoid)."""
-    act = _canonical(name)
-    if act == "silu":
-        return torch.sigmoid(z)
-    if act == "gelu":
-        return torch.special.ndtr(z)
-    if act == "gelu_tanh":
-        return 0.5 * (1.0 + torch.tanh(_tanh_arg(z)[0]))
-    if act == "quick_gelu":
-        return torch.sigmoid(_QUICK * z)
-    if act == "relu":
-        return (z > 0).to(z.dtype)
-    if act == "identity":
-        return torch.ones_like(z)
-    if act == "tanh":
-        return torch.tanh(z)
-    return torch.sigmoid(z)  # sigmoid-GLU: the gate value itself is the selection weight
+    return _SELECTION[_canonical(name)](z)
+
+
+def _gelu_log_derivative(z: torch.Tensor) -> torch.Tensor:
+    log_pdf = -0.5 * z * z - 0.5 * math.log(2.0 * math.pi)
+    return torch.exp(log_pdf - torch.special.log_ndtr(z))
+
+
+def _gelu_tanh_log_derivative(z: torch.Tensor) -> torch.Tensor:
+    u, du = _tanh_arg(z)  # s'/s = (1 - tanh u) u'
+    return (1.0 - torch.tanh(u)) * du
+
+
+# s'(z) / s(z) for the self-gated activations, in forms that do not overflow.
+_LOG_DERIVATIVE = {
+    "silu": lambda z: torch.sigmoid(-z),
+    "quick_gelu": lambda z: _QUICK * torch.sigmoid(-_QUICK * z),
+    "gelu": _gelu_log_derivative,
+    "gelu_tanh": _gelu_tanh_log_derivative,
+}
 
 
 def _log_derivative(act: str, z: torch.Tensor) -> torch.Tensor:
     """``s'(z) / s(z)`` for the self-gated activations, in a form that does not overflow."""
-    if act == "silu":
-        return torch.sigmoid(-z)
-    if act == "quick_gelu":
-        return _QUICK * torch.sigmoid(-_QUICK * z)
-    if act == "gelu":
-        log_pdf = -0.5 * z * z - 0.5 * math.log(2.0 * math.pi)
-        return torch.exp(log_pdf - torch.special.log_ndtr(z))
-    u, du = _tanh_arg(z)  # gelu_tanh: s'/s = (1 - tanh u) u'
-    return (1.0 - torch.tanh(u)) * du
+    return _LOG_DERIVATIVE[act](z)
 
 
 def phi(name: str, z: torch.Tensor) -> torch.Tensor:

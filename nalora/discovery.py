@@ -8,7 +8,7 @@ packed ``GluMlp``), transformers ``Dinov2SwiGLUFFN`` and open_clip towers.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -88,20 +88,19 @@ def _is_proj(m: Any) -> bool:
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
 
 
+def _dims(m: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a projection (Linear, 1x1 Conv2d, HF Conv1D) or an nn.MultiheadAttention."""
+    if isinstance(m, nn.MultiheadAttention):
+        return m.embed_dim, m.embed_dim
+    if isinstance(m, nn.Linear):
+        return m.out_features, m.in_features
+    if isinstance(m, nn.Conv2d):
+        return m.out_channels, m.in_channels
+    return int(m.nf), int(m.weight.shape[0])  # HF Conv1D stores its weight as (in, out)
+
+
 def _out_features(m: nn.Module) -> int:
-    if isinstance(m, nn.Linear):
-        return m.out_features
-    if isinstance(m, nn.Conv2d):
-        return m.out_channels
-    return int(m.nf)  # HF Conv1D
-
-
-def _in_features(m: nn.Module) -> int:
-    if isinstance(m, nn.Linear):
-        return m.in_features
-    if isinstance(m, nn.Conv2d):
-        return m.in_channels
-    return int(m.weight.shape[0])  # HF Conv1D stores (in, out)
+    return _dims(m)[0]
 
 
 def _children(m: nn.Module) -> dict[str, nn.Module]:
@@ -187,23 +186,14 @@ def _activation(model: nn.Module, path: str, block: nn.Module, default: str | No
     return normalize_activation(_config_act(model, path))
 
 
-@dataclass(frozen=True)
-class _Gated:
-    """A structural match of a gated FFN: child names of gate/up/down, layout, packed row split."""
-
-    kind: str
-    gate: str
-    up: str
-    down: str
-    d_ff: int
-    gate_rows: slice | None = None
-    up_rows: slice | None = None
-    chunk_dim: int = -1
-    default_act: str | None = None  # for blocks that call a functional activation (no module to read)
-
-    @property
-    def layout(self) -> str:
-        return "separate" if self.gate_rows is None else "packed"
+def _gated(kind: str, gate: str, up: str, down: str, d_ff: int, rows: tuple[slice, slice] | None = None,
+           chunk_dim: int = -1, default_act: str = "") -> GatedFFN:
+    """A structural match: a ``GatedFFN`` with child names (not yet paths) and, for blocks calling a functional
+    activation, ``activation`` = its default (else ""); ``_gated_record`` completes it."""
+    gate_rows, up_rows = rows if rows is not None else (None, None)
+    return GatedFFN(name="", tower="", activation=default_act, layout="separate" if rows is None else "packed",
+                    gate=gate, up=up, down=down, d_ff=d_ff, gate_rows=gate_rows, up_rows=up_rows, kind=kind,
+                    chunk_dim=chunk_dim)
 
 
 # Separate projections ``down(act(gate x) * up x)``, by child names (kind, gate, up, down).
@@ -219,10 +209,10 @@ _PACKED = (
 )
 
 
-def _match_separate(ch: dict[str, nn.Module], block: nn.Module) -> _Gated | None:
+def _match_separate(ch: dict[str, nn.Module], block: nn.Module) -> GatedFFN | None:
     for kind, gate, up, down in _SEPARATE:
         if all(_is_proj(ch.get(k)) for k in (gate, up, down)):
-            return _Gated(kind, gate, up, down, _out_features(ch[gate]))
+            return _gated(kind, gate, up, down, _out_features(ch[gate]))
     return None
 
 
@@ -232,26 +222,24 @@ def _halves(n: int, gate_last: bool = False) -> tuple[slice, slice]:
     return (second, first) if gate_last else (first, second)
 
 
-def _match_packed(ch: dict[str, nn.Module], block: nn.Module) -> _Gated | None:
+def _match_packed(ch: dict[str, nn.Module], block: nn.Module) -> GatedFFN | None:
     for kind, packed, down, act in _PACKED:
         if _is_proj(ch.get(packed)) and _is_proj(ch.get(down)):
             n = _out_features(ch[packed]) // 2
-            g, u = _halves(n)
-            return _Gated(kind, packed, packed, down, n, g, u, default_act=act)
+            return _gated(kind, packed, packed, down, n, _halves(n), default_act=act or "")
     return None
 
 
-def _match_timm_glu(ch: dict[str, nn.Module], block: nn.Module) -> _Gated | None:
+def _match_timm_glu(ch: dict[str, nn.Module], block: nn.Module) -> GatedFFN | None:
     """timm GluMlp: ``x1, x2 = fc1(x).chunk(2, chunk_dim)``; gate_last -> ``x1 * act(x2)`` else ``act(x1) * x2``."""
     if not (_is_proj(ch.get("fc1")) and _is_proj(ch.get("fc2"))
             and hasattr(block, "gate_last") and hasattr(block, "chunk_dim")):
         return None
     n = _out_features(ch["fc1"]) // 2
-    g, u = _halves(n, bool(block.gate_last))
-    return _Gated("timm_glu", "fc1", "fc1", "fc2", n, g, u, chunk_dim=int(block.chunk_dim))
+    return _gated("timm_glu", "fc1", "fc1", "fc2", n, _halves(n, bool(block.gate_last)), chunk_dim=int(block.chunk_dim))
 
 
-def _match_w123(ch: dict[str, nn.Module], block: nn.Module) -> _Gated | None:
+def _match_w123(ch: dict[str, nn.Module], block: nn.Module) -> GatedFFN | None:
     """w1/w2/w3 (Mixtral-style experts, xformers SwiGLU): w1 is the gate in both conventions; which of w2/w3
     is the down projection differs, so it is read from the shapes (no match when they cannot tell)."""
     if not all(isinstance(ch.get(k), nn.Linear) for k in ("w1", "w2", "w3")):
@@ -261,7 +249,7 @@ def _match_w123(ch: dict[str, nn.Module], block: nn.Module) -> _Gated | None:
     downs = [k for k in ("w2", "w3") if (ch[k].in_features, ch[k].out_features) == (n, d)]
     ups = [k for k in ("w2", "w3") if (ch[k].in_features, ch[k].out_features) == (d, n)]
     if len(downs) == 1 and ups == [k for k in ("w2", "w3") if k != downs[0]]:
-        return _Gated("w1_w2_w3", "w1", ups[0], downs[0], n)
+        return _gated("w1_w2_w3", "w1", ups[0], downs[0], n)
     return None
 
 
@@ -269,7 +257,7 @@ def _match_w123(ch: dict[str, nn.Module], block: nn.Module) -> _Gated | None:
 _GATED_MATCHERS = (_match_separate, _match_packed, _match_timm_glu, _match_w123)
 
 
-def _match_gated(block: nn.Module) -> _Gated | None:
+def _match_gated(block: nn.Module) -> GatedFFN | None:
     """Structural match of one module against the known gated-FFN layouts."""
     ch = _children(block)
     return next((m for f in _GATED_MATCHERS if (m := f(ch, block)) is not None), None)
@@ -303,14 +291,13 @@ def _match_plain(model: nn.Module, path: str, block: nn.Module) -> dict[str, Any
     return None
 
 
-def _gated_record(model: nn.Module, path: str, block: nn.Module, m: _Gated, tower: str) -> GatedFFN:
-    return GatedFFN(
-        name=path, tower=tower, activation=_activation(model, path, block, default=m.default_act),
-        layout=m.layout, gate=_join(path, m.gate), up=_join(path, m.up), down=_join(path, m.down), d_ff=m.d_ff,
-        gate_rows=m.gate_rows, up_rows=m.up_rows,
+def _gated_record(model: nn.Module, path: str, block: nn.Module, m: GatedFFN, tower: str) -> GatedFFN:
+    """The match ``m`` (child names) as the record of the block at ``path``."""
+    return replace(
+        m, name=path, tower=tower, activation=_activation(model, path, block, default=m.activation or None),
+        gate=_join(path, m.gate), up=_join(path, m.up), down=_join(path, m.down),
         modules={"gate": block.get_submodule(m.gate), "up": block.get_submodule(m.up),
                  "down": block.get_submodule(m.down), "block": block},
-        kind=m.kind, chunk_dim=m.chunk_dim,
     )
 
 

@@ -14,9 +14,8 @@ from nalora.discovery import (
     TOWERS,
     GatedFFN,
     PlainMLP,
-    _in_features,
+    _dims,
     _is_proj,
-    _out_features,
     discover,
     tower_classifier,
 )
@@ -140,13 +139,6 @@ def _packed_rows(ffn: GatedFFN, roles: tuple[str, ...]) -> tuple[list[slice], li
     train = [parts[r] for r in ("gate", "up") if r in roles]
     frozen = [parts[r] for r in ("gate", "up") if r not in roles]
     return train, frozen
-
-
-def _dims(m: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a projection or of a whole ``nn.MultiheadAttention``."""
-    if isinstance(m, nn.MultiheadAttention):
-        return m.embed_dim, m.embed_dim
-    return _out_features(m), _in_features(m)
 
 
 class _Items:

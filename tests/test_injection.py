@@ -282,3 +282,42 @@ def test_multihead_attention_is_adapted_as_one_module():
 def test_unsupported_multihead_attention_is_a_clear_error(method):
     with pytest.raises(ValueError, match=rf"method '{method}' cannot adapt nn.MultiheadAttention \(text\."):
         inject(tm.open_clip_eva02(), method, targets=("attn",), towers=("language",), rank=2)
+
+
+# ---------------------------------------------------------------- one discovery, typed Adapted
+
+
+def test_resolve_targets_runs_discovery_once(monkeypatch):
+    import nalora.plan as plan_mod
+
+    calls = []
+    real = plan_mod.discover
+    monkeypatch.setattr(plan_mod, "discover", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plan = resolve_targets(tm.qwen2_5_vl(), ("gate", "attn"))
+    assert len(calls) == 1
+    assert {t.kind for t in plan.items} == {"gated", "attn"}
+
+
+def test_adapted_typed_fields_and_read_only_options_view():
+    adapted = inject(tm.phi3(), "nalora", targets=("gate",), rank=2, method_options={"rho_final": 0.25})
+    assert adapted.plan is not None and [f.name for f in adapted.plan.ffns] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert adapted.method_config["rho_final"] == 0.25 and adapted.method_config["beta"] == 0.9
+    assert len(adapted.row_guards) == 2 and set(adapted.frozen_rows) == {f.gate for f in adapted.plan.ffns}
+    assert adapted.hparams["rank"] == 2
+    # the old untyped dict still reads (plugins written before the typed fields) ...
+    assert adapted.options["plan"] is adapted.plan and adapted.options["row_guards"] is adapted.row_guards
+    assert adapted.options["nalora_config"] == adapted.method_config
+    # ... but typed keys are not written through it; other keys land in extras
+    with pytest.raises(TypeError, match="read-only"):
+        adapted.options["plan"] = None
+    adapted.options["my_state"] = 1
+    assert adapted.extras == {"my_state": 1}
+
+
+def test_legacy_adapted_options_constructor():
+    from nalora import Adapted
+    from nalora.methods import get_method
+
+    a = Adapted(model=nn.Linear(2, 2), method=get_method("full"), report=[],
+                options={"trainable": ["x"], "notes": ["n"], "custom": 3})
+    assert a.trainable == ["x"] and a.notes == ["n"] and a.extras == {"custom": 3}
