@@ -5,10 +5,13 @@ How it rides on an ordinary training loop (NALORA.md, mechanisms 1 and 2):
 * Statistics: on the forward of every ``mask_interval``-th optimiser step only, forward hooks on the
   gate (and up) modules accumulate, per gate channel, ``sum |phi'(g) u|`` (or ``|phi'(g)|``) and the
   regime counts over real tokens. Other forwards cost one Python flag check per hook.
+* Which channels a refresh keeps is ``config.mask_selection``: the top ``rho(t) d_ff`` of the importance
+  EMA (NA-LoRA), a uniform random draw (control), or the top of the ranking frozen at t_w (control).
 * The mask is applied *in place*: the B rows (or A_down columns) of masked channels hold zero, their
   trained values are stashed, and they come back from the stash when the channel is kept again. So the
   adapter parameters always equal ``diag(m) B`` and the forward needs no extra multiply.
-* Around ``optimizer.step()`` (step pre/post hooks) the changed rows are snapshot and rewritten:
+* Around ``optimizer.step()`` (step pre/post hooks, ``nalora.rescale.StepRescaler``) the changed rows are
+  snapshot and rewritten:
   masked rows and their optimiser state (Adam moments, momentum) are restored exactly, and the change
   of each kept ``B_gate`` row is multiplied by ``gamma_c``.
 * Everything stays on device; nothing synchronises with the host except ``history()`` (and, under data
