@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 from functools import cache
+from typing import Any
 
 import torch
+from torch import nn
 
 SELF_GATED = ("silu", "gelu", "gelu_tanh", "quick_gelu")
 OTHER = ("relu", "identity", "sigmoid", "tanh")
@@ -19,6 +21,7 @@ KNOWN = SELF_GATED + OTHER
 
 SUPPRESSED, SELECTING, LINEAR = 0, 1, 2
 
+# Exact names (config strings, lower-cased, "-" -> "_") -> canonical names: the one activation table.
 _ALIASES = {
     "silu": "silu",
     "swish": "silu",
@@ -46,22 +49,68 @@ _ALIASES = {
     "tanh": "tanh",
 }
 
+# Substrings of an activation module's class name (or a function's __name__), lower-cased without "_",
+# tried in order: the first match names it ("gelutanh" before "gelu").
+_CLASS_PATTERNS = (
+    ("quickgelu", "quick_gelu"),
+    ("gelutanh", "gelu_tanh"),
+    ("newgelu", "gelu_tanh"),
+    ("fastgelu", "gelu_tanh"),
+    ("accurategelu", "gelu_tanh"),
+    ("tanhgelu", "gelu_tanh"),
+    ("gelu", "gelu"),
+    ("silu", "silu"),
+    ("swish", "silu"),
+    ("sigmoid", "sigmoid"),
+)
+_CLASS_EXACT = {"relu": "relu", "identity": "identity", "linearactivation": "identity"}
+
+
+def _name_of_callable(x: Any) -> str:
+    """Canonical name of an activation module or function, or its lower-cased class name if unknown."""
+    if isinstance(x, nn.Identity):
+        return "identity"
+    # Class name for modules, __name__ for plain functions (F.silu, F.gelu, torch.sigmoid).
+    raw = type(x).__name__ if isinstance(x, nn.Module) else getattr(x, "__name__", type(x).__name__)
+    key = raw.lower().replace("_", "")
+    found = _CLASS_EXACT.get(key) or next((canon for pat, canon in _CLASS_PATTERNS if pat in key), None)
+    if found == "gelu" and (getattr(x, "approximate", None) == "tanh" or getattr(x, "use_gelu_tanh_python", False)):
+        return "gelu_tanh"
+    return found or raw.lower()
+
+
+def normalize_activation(module_or_name: Any, *, strict: bool = False) -> str:
+    """Canonical activation name of a config string, activation module or function.
+
+    ``"swish" -> "silu"``, ``"gelu_pytorch_tanh" -> "gelu_tanh"``, ``nn.GELU(approximate="tanh") ->
+    "gelu_tanh"``, ``None -> "unknown"``. An unknown activation comes back as its lower-cased name (never
+    silently "silu"); with ``strict=True`` it is a ``ValueError`` instead (the activation math needs a
+    known one).
+    """
+    if module_or_name is None:
+        name = "unknown"
+    elif isinstance(module_or_name, str):
+        key = module_or_name.strip().lower().replace("-", "_")
+        name = _ALIASES.get(key, key)
+    else:
+        name = _name_of_callable(module_or_name)
+    if strict and name not in KNOWN:
+        raise ValueError(f"unknown activation {module_or_name!r}; known: {', '.join(sorted(_ALIASES))}")
+    return name
+
+
+def _canonical(name: str) -> str:
+    return normalize_activation(name, strict=True)
+
+
 _QUICK = 1.702
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _TANH_C = 0.044715
 
 
-def normalize_activation(name: str) -> str:
-    """Canonical activation name (``"swish" -> "silu"``, ``"gelu_pytorch_tanh" -> "gelu_tanh"``, ...)."""
-    key = str(name).strip().lower().replace("-", "_")
-    if key not in _ALIASES:
-        raise ValueError(f"unknown activation {name!r}; known: {', '.join(sorted(_ALIASES))}")
-    return _ALIASES[key]
-
-
 def has_partition(name: str) -> bool:
     """True for self-gated activations, where the three-regime partition is meaningful."""
-    return normalize_activation(name) in SELF_GATED
+    return _canonical(name) in SELF_GATED
 
 
 def _tanh_arg(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,42 +120,51 @@ def _tanh_arg(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return u, du
 
 
+# s(z) per canonical activation (ReLU: the step z > 0; identity: 1; sigmoid-GLU: the gate value itself).
+_SELECTION = {
+    "silu": torch.sigmoid,
+    "gelu": torch.special.ndtr,
+    "gelu_tanh": lambda z: 0.5 * (1.0 + torch.tanh(_tanh_arg(z)[0])),
+    "quick_gelu": lambda z: torch.sigmoid(_QUICK * z),
+    "relu": lambda z: (z > 0).to(z.dtype),
+    "identity": torch.ones_like,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
+
+
 def selection(name: str, z: torch.Tensor) -> torch.Tensor:
     """The selection weight ``s(z)`` (ReLU: the step ``z > 0``; identity: 1; sigmoid-GLU: sigmoid)."""
-    act = normalize_activation(name)
-    if act == "silu":
-        return torch.sigmoid(z)
-    if act == "gelu":
-        return torch.special.ndtr(z)
-    if act == "gelu_tanh":
-        return 0.5 * (1.0 + torch.tanh(_tanh_arg(z)[0]))
-    if act == "quick_gelu":
-        return torch.sigmoid(_QUICK * z)
-    if act == "relu":
-        return (z > 0).to(z.dtype)
-    if act == "identity":
-        return torch.ones_like(z)
-    if act == "tanh":
-        return torch.tanh(z)
-    return torch.sigmoid(z)  # sigmoid-GLU: the gate value itself is the selection weight
+    return _SELECTION[_canonical(name)](z)
+
+
+def _gelu_log_derivative(z: torch.Tensor) -> torch.Tensor:
+    log_pdf = -0.5 * z * z - 0.5 * math.log(2.0 * math.pi)
+    return torch.exp(log_pdf - torch.special.log_ndtr(z))
+
+
+def _gelu_tanh_log_derivative(z: torch.Tensor) -> torch.Tensor:
+    u, du = _tanh_arg(z)  # s'/s = (1 - tanh u) u'
+    return (1.0 - torch.tanh(u)) * du
+
+
+# s'(z) / s(z) for the self-gated activations, in forms that do not overflow.
+_LOG_DERIVATIVE = {
+    "silu": lambda z: torch.sigmoid(-z),
+    "quick_gelu": lambda z: _QUICK * torch.sigmoid(-_QUICK * z),
+    "gelu": _gelu_log_derivative,
+    "gelu_tanh": _gelu_tanh_log_derivative,
+}
 
 
 def _log_derivative(act: str, z: torch.Tensor) -> torch.Tensor:
     """``s'(z) / s(z)`` for the self-gated activations, in a form that does not overflow."""
-    if act == "silu":
-        return torch.sigmoid(-z)
-    if act == "quick_gelu":
-        return _QUICK * torch.sigmoid(-_QUICK * z)
-    if act == "gelu":
-        log_pdf = -0.5 * z * z - 0.5 * math.log(2.0 * math.pi)
-        return torch.exp(log_pdf - torch.special.log_ndtr(z))
-    u, du = _tanh_arg(z)  # gelu_tanh: s'/s = (1 - tanh u) u'
-    return (1.0 - torch.tanh(u)) * du
+    return _LOG_DERIVATIVE[act](z)
 
 
 def phi(name: str, z: torch.Tensor) -> torch.Tensor:
     """The activation ``phi(z)``."""
-    act = normalize_activation(name)
+    act = _canonical(name)
     if act == "sigmoid":
         return torch.sigmoid(z)
     if act == "identity":
@@ -118,7 +176,7 @@ def phi(name: str, z: torch.Tensor) -> torch.Tensor:
 
 def dphi(name: str, z: torch.Tensor) -> torch.Tensor:
     """Closed-form derivative ``phi'(z)``: ``s + z s'`` for self-gated activations."""
-    act = normalize_activation(name)
+    act = _canonical(name)
     if act in SELF_GATED:
         s = selection(act, z)
         return s * (1.0 + z * _log_derivative(act, z))
@@ -134,7 +192,7 @@ def dphi(name: str, z: torch.Tensor) -> torch.Tensor:
 
 def homogeneity(name: str, z: torch.Tensor) -> torch.Tensor:
     """Local effective homogeneity ``k(z) = z phi'(z) / phi(z)`` (ReLU and identity: 1)."""
-    act = normalize_activation(name)
+    act = _canonical(name)
     if act in SELF_GATED:
         return 1.0 + z * _log_derivative(act, z)
     if act in ("relu", "identity"):
@@ -167,7 +225,7 @@ def _scalar(fn, act: str):
 @cache
 def regime_thresholds(name: str, tol: float = 0.1) -> tuple[float, float]:
     """``(z_min, z_lin)`` in float64: ``phi'(z_min) = 0``; ``|k(z) - 1| <= tol`` for every ``z >= z_lin``."""
-    act = normalize_activation(name)
+    act = _canonical(name)
     if act not in SELF_GATED:
         raise ValueError(f"activation {act!r} has no effective-homogeneity partition")
     if not tol > 0:
@@ -190,7 +248,7 @@ def regime_thresholds(name: str, tol: float = 0.1) -> tuple[float, float]:
 @cache
 def max_homogeneity(name: str) -> tuple[float, float]:
     """``(k_max, z_at)``: the peak of k over z > 0 (a NALORA.md reference-table column)."""
-    act = normalize_activation(name)
+    act = _canonical(name)
     if act not in SELF_GATED:
         raise ValueError(f"activation {act!r} has no effective-homogeneity partition")
     grid = torch.linspace(0.0, 10.0, 100001, dtype=torch.float64)
@@ -211,5 +269,5 @@ def max_homogeneity(name: str) -> tuple[float, float]:
 
 def regime(name: str, z: torch.Tensor, tol: float = 0.1) -> torch.Tensor:
     """Regime of each entry as int64: 0 suppressed, 1 selecting, 2 linear."""
-    z_min, z_lin = regime_thresholds(normalize_activation(name), tol)
+    z_min, z_lin = regime_thresholds(_canonical(name), tol)
     return (z >= z_min).long() + (z >= z_lin).long()

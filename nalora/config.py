@@ -7,9 +7,11 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from nalora.activations import SELF_GATED
+from nalora.schedule import FINAL_FRAC, RHO_FINAL, WARMUP_FRAC, check_schedule
 
 IMPORTANCE = ("jacobian", "derivative")
 MASK_TARGETS = ("gate", "up", "down")
+MASK_SELECTION = ("importance", "random", "static")
 
 
 def _default_gammas() -> dict[str, tuple[float, float, float]]:
@@ -30,7 +32,10 @@ class NALoRAConfig:
     importance: "jacobian" (mean |phi'(g) u|) or "derivative" (mean |phi'(g)|).
     beta: EMA factor of the importance and regime-occupancy statistics.
     mask_interval: optimiser steps between statistics refreshes.
-    warmup_frac, final_frac, rho_final: the keep-fraction schedule rho(t) (``nalora.schedule``).
+    warmup_frac, final_frac, rho_final: the keep-fraction schedule rho(t) (defaults in ``nalora.schedule``).
+    mask_selection: which channels the mask keeps at a refresh: "importance" (top rho*d_ff of the
+        importance EMA, NALORA.md), "random" (a uniform random draw at each refresh, control) or
+        "static" (top rho*d_ff of the importance ranking frozen at the first refresh at/after t_w, control).
     mask_targets: what the channel mask covers: "gate" rows of B_gate; ablations add "up" rows of
         B_up and "down" input columns of A_down.
     gammas: per activation (gamma_supp, gamma_sel, gamma_lin). Hyperparameters; the defaults
@@ -43,27 +48,25 @@ class NALoRAConfig:
     importance: str = "jacobian"
     beta: float = 0.9
     mask_interval: int = 10
-    warmup_frac: float = 0.1
-    final_frac: float = 0.7
-    rho_final: float = 0.5
+    warmup_frac: float = WARMUP_FRAC
+    final_frac: float = FINAL_FRAC
+    rho_final: float = RHO_FINAL
+    mask_selection: str = "importance"
     mask_targets: list[str] = field(default_factory=lambda: ["gate"])
     gammas: dict[str, tuple[float, float, float]] = field(default_factory=_default_gammas)
     regime_tol: float = 0.1
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.importance not in IMPORTANCE:
             raise ValueError(f"importance must be one of {IMPORTANCE}, got {self.importance!r}")
         if not 0.0 <= self.beta < 1.0:
             raise ValueError(f"beta must be in [0, 1), got {self.beta}")
-        if isinstance(self.mask_interval, bool) or not isinstance(self.mask_interval, int) \
-                or self.mask_interval < 1:
+        if self.mask_interval < 1:
             raise ValueError(f"mask_interval must be an int >= 1, got {self.mask_interval!r}")
-        if not 0.0 <= self.warmup_frac <= self.final_frac <= 1.0:
-            raise ValueError(
-                f"need 0 <= warmup_frac <= final_frac <= 1, got {self.warmup_frac}, {self.final_frac}"
-            )
-        if not 0.0 < self.rho_final <= 1.0:
-            raise ValueError(f"rho_final must be in (0, 1], got {self.rho_final}")
+        check_schedule(self.warmup_frac, self.final_frac, self.rho_final)
+        if self.mask_selection not in MASK_SELECTION:
+            raise ValueError(f"mask_selection must be one of {MASK_SELECTION}, got {self.mask_selection!r}")
         if isinstance(self.mask_targets, str):
             raise ValueError(f"mask_targets must be a list such as ['gate'], got {self.mask_targets!r}")  # noqa: TRY004
         self.mask_targets = list(self.mask_targets)
@@ -81,6 +84,21 @@ class NALoRAConfig:
                 raise ValueError(f"gammas[{act!r}] must be 3 finite positive numbers, got {triple}")
             gammas[act] = triple
         self.gammas = gammas
+
+    def _check_types(self) -> None:
+        """A wrongly typed scalar option is a one-line error naming it (not a TypeError deep inside)."""
+        kinds = {"bool": (bool,), "str": (str,), "float": (int, float), "int": (int,)}
+        for f in fields(self):
+            allowed = kinds.get(str(f.type))
+            value = getattr(self, f.name)
+            if allowed is None:
+                continue
+            ok = isinstance(value, allowed) and (f.type == "bool" or not isinstance(value, bool))
+            if not ok or (f.type == "float" and not math.isfinite(value)):
+                raise ValueError(f"NA-LoRA option {f.name} must be a{'n' if f.type == 'int' else ''} "
+                                 f"{'finite number' if f.type == 'float' else f.type}, got {value!r}")
+            if f.type == "float":
+                setattr(self, f.name, float(value))  # 1 and 1.0 are one configuration (one run id)
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> NALoRAConfig:

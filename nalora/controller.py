@@ -5,10 +5,13 @@ How it rides on an ordinary training loop (NALORA.md, mechanisms 1 and 2):
 * Statistics: on the forward of every ``mask_interval``-th optimiser step only, forward hooks on the
   gate (and up) modules accumulate, per gate channel, ``sum |phi'(g) u|`` (or ``|phi'(g)|``) and the
   regime counts over real tokens. Other forwards cost one Python flag check per hook.
+* Which channels a refresh keeps is ``config.mask_selection``: the top ``rho(t) d_ff`` of the importance
+  EMA (NA-LoRA), a uniform random draw (control), or the top of the ranking frozen at t_w (control).
 * The mask is applied *in place*: the B rows (or A_down columns) of masked channels hold zero, their
   trained values are stashed, and they come back from the stash when the channel is kept again. So the
   adapter parameters always equal ``diag(m) B`` and the forward needs no extra multiply.
-* Around ``optimizer.step()`` (step pre/post hooks) the changed rows are snapshot and rewritten:
+* Around ``optimizer.step()`` (step pre/post hooks, ``nalora.rescale.StepRescaler``) the changed rows are
+  snapshot and rewritten:
   masked rows and their optimiser state (Adam moments, momentum) are restored exactly, and the change
   of each kept ``B_gate`` row is multiplied by ``gamma_c``.
 * Everything stays on device; nothing synchronises with the host except ``history()`` (and, under data
@@ -27,7 +30,8 @@ from torch import nn
 
 from nalora.activations import dphi, has_partition, normalize_activation, regime_thresholds
 from nalora.config import NALoRAConfig
-from nalora.schedule import keep_count, keep_fraction
+from nalora.rescale import Slot, StepRescaler, lora_weight, row_index
+from nalora.schedule import keep_count, keep_fraction, warmup_over
 
 
 @dataclass
@@ -50,62 +54,9 @@ class _Unit:
     importance: torch.Tensor | None = None  # EMA I_c
     occupancy: torch.Tensor | None = None  # EMA p_c, (d_ff, 3)
     gamma: torch.Tensor | None = None  # (d_ff,)
+    ranking: torch.Tensor | None = None  # mask_selection "static": channel order frozen at t_w
     acc: dict[str, Any] = field(default_factory=dict)
     pending: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-@dataclass
-class _Slot:
-    """One masked / scaled adapter parameter; ``entries`` map channels of units to its rows or columns."""
-
-    param: nn.Parameter
-    dim: int
-    entries: list[tuple[_Unit, torch.Tensor, bool, bool]]  # (unit, index, masked, scaled)
-    keep: torch.Tensor  # bool along ``dim``
-    scale: torch.Tensor  # float along ``dim``: gamma on scaled rows, 1 elsewhere
-    stash: torch.Tensor | None = None
-    full: bool = True  # python mirror: every entry keeps every channel
-    scaled: bool = False  # python: some entry is step-scaled
-    prev: torch.Tensor | None = None  # snapshot before optimizer.step() (preallocated)
-    prev_state: dict[str, torch.Tensor] = field(default_factory=dict)  # same for optimiser state
-    step_weight: torch.Tensor | None = None  # param-shaped keep * gamma: the lerp weight of the step
-    keep_weight: torch.Tensor | None = None  # param-shaped keep (0/1): the lerp weight of the state
-
-    def view(self, v: torch.Tensor) -> torch.Tensor:
-        shape = [1] * self.param.ndim
-        shape[self.dim] = -1
-        return v.view(shape)
-
-    @property
-    def active(self) -> bool:
-        """Whether optimizer.step() must be corrected on this parameter (python-side, no sync)."""
-        return self.scaled or not self.full
-
-    def rebuild_weights(self) -> None:
-        """Param-shaped weights for the step hooks, rebuilt only when the mask or gamma changes."""
-        p = self.param
-        keep = self.view(self.keep).to(p.dtype).expand_as(p)
-        self.keep_weight = keep.contiguous()
-        self.step_weight = (keep * self.view(self.scale).to(p.dtype)).contiguous()
-        if self.prev is None:
-            self.prev = torch.empty_like(p.detach())
-
-
-def _lora(module: nn.Module, adapter: str, what: str, where: str) -> nn.Parameter:
-    """The weight of ``module.lora_A/B[adapter]`` or a clear error."""
-    holder = getattr(module, what, None)
-    if holder is None or adapter not in holder:
-        raise ValueError(f"{where} is not a LoRA layer with adapter {adapter!r} (type {type(module).__name__})")
-    return holder[adapter].weight
-
-
-def _index(rows: slice | None, d_ff: int, where: str) -> torch.Tensor:
-    if rows is None:
-        return torch.arange(d_ff)
-    idx = torch.arange(rows.stop)[rows]
-    if idx.numel() != d_ff:
-        raise ValueError(f"{where}: row slice {rows} has {idx.numel()} rows, expected d_ff={d_ff}")
-    return idx
 
 
 def _jacobian(act: str, g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -117,7 +68,7 @@ def _jacobian(act: str, g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return dphi(act, g) * v
 
 
-class NALoRAController:
+class NALoRAController(StepRescaler):
     """NA-LoRA's mask, step scaling and statistics for the gated FFNs ``ffns`` of ``peft_model``.
 
     ``ffns``: ``GatedFFN`` records whose module paths are relative to the base model (as from
@@ -142,20 +93,16 @@ class NALoRAController:
             raise ValueError("NALoRAController needs at least one gated FFN")
         base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
         self.units: list[_Unit] = [self._make_unit(base, f) for f in ffns]
-        self.slots: list[_Slot] = self._make_slots(base, ffns)
+        super().__init__(self._make_slots(base, ffns))
+        # mask_selection "random": its own generator, seeded from the global seed at build (reproducible runs)
+        self._generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
         self._attn_pos = self._attention_mask_position(peft_model)
-        self._handles: list[Any] = []
-        self._optimizer: torch.optim.Optimizer | None = None
         self._attn: torch.Tensor | None = None
         self.step = 0  # optimiser steps taken so far
         self._collect = True  # the next forward(s) belong to a statistics step
         self._stat_handles: list[Any] = []
         self.stat_calls = 0  # statistics computations (tests check none happen off refresh steps)
         self._history: list[dict[str, Any]] = []
-        self._active: list[_Slot] = []  # slots corrected around the current optimizer.step()
-        self._masked: list[_Slot] = []
-        self._snapshot: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self.folded = False
         self._register_forward_hooks()
 
     # ---------------------------------------------------------------- construction
@@ -168,11 +115,11 @@ class NALoRAController:
 
     def _make_unit(self, base: nn.Module, f: Any) -> _Unit:
         try:
-            act = normalize_activation(f.activation)
+            act = normalize_activation(f.activation, strict=True)
         except ValueError as e:
             raise ValueError(f"gated FFN {f.name}: {e}") from None
         gate = base.get_submodule(f.gate)
-        w = _lora(gate, self.adapter_name, "lora_B", f"gate {f.gate}")
+        w = lora_weight(gate, self.adapter_name, "lora_B", f"gate {f.gate}")
         packed = f.layout == "packed"
         up = None
         if self.config.importance == "jacobian" and not packed:
@@ -189,8 +136,8 @@ class NALoRAController:
             keep=torch.ones(int(f.d_ff), dtype=torch.bool, device=w.device), k=int(f.d_ff),
         )
 
-    def _make_slots(self, base: nn.Module, ffns: Sequence[Any]) -> list[_Slot]:
-        slots: dict[int, _Slot] = {}
+    def _make_slots(self, base: nn.Module, ffns: Sequence[Any]) -> list[Slot]:
+        slots: dict[int, Slot] = {}
         targets = self.config.mask_targets if self.config.mask else []
 
         def add(p: nn.Parameter, dim: int, unit: _Unit, idx: torch.Tensor, masked: bool, scaled: bool) -> None:
@@ -198,22 +145,19 @@ class NALoRAController:
                 return
             s = slots.get(id(p))
             if s is None:
-                n = p.shape[dim]
-                s = slots[id(p)] = _Slot(param=p, dim=dim, entries=[],
-                                         keep=torch.ones(n, dtype=torch.bool, device=p.device),
-                                         scale=torch.ones(n, dtype=torch.float32, device=p.device))
+                s = slots[id(p)] = Slot.new(p, dim, unit.name)
             s.entries.append((unit, idx.to(p.device), masked, scaled))
             s.scaled = s.scaled or scaled
 
         for u, f in zip(self.units, ffns):
-            gate_b = _lora(u.gate, self.adapter_name, "lora_B", f"gate {f.gate}")
-            add(gate_b, 0, u, _index(u.gate_rows, u.d_ff, f.gate), "gate" in targets, u.gammas is not None)
+            gate_b = lora_weight(u.gate, self.adapter_name, "lora_B", f"gate {f.gate}")
+            add(gate_b, 0, u, row_index(u.gate_rows, u.d_ff, f.gate), "gate" in targets, u.gammas is not None)
             if "up" in targets:
                 up_mod = u.gate if u.layout == "packed" else base.get_submodule(f.up)
-                up_b = _lora(up_mod, self.adapter_name, "lora_B", f"up {f.up} (mask_targets has 'up')")
-                add(up_b, 0, u, _index(u.up_rows, u.d_ff, f.up), True, False)
+                up_b = lora_weight(up_mod, self.adapter_name, "lora_B", f"up {f.up} (mask_targets has 'up')")
+                add(up_b, 0, u, row_index(u.up_rows, u.d_ff, f.up), True, False)
             if "down" in targets:
-                down_a = _lora(base.get_submodule(f.down), self.adapter_name, "lora_A",
+                down_a = lora_weight(base.get_submodule(f.down), self.adapter_name, "lora_A",
                                f"down {f.down} (mask_targets has 'down')")
                 if down_a.shape[1] != u.d_ff:
                     raise ValueError(f"down {f.down}: lora_A has {down_a.shape[1]} input columns, d_ff={u.d_ff}")
@@ -371,16 +315,26 @@ class NALoRAController:
                     u.gamma = u.occupancy @ u.gammas
             batch_occ.append(None if occ is None else occ.mean(0))
         for s in self.slots:
-            for u, idx, _, scaled in s.entries:
-                if scaled and u.gamma is not None:
-                    s.scale.index_copy_(0, idx, u.gamma)
             if s.scaled:
-                s.rebuild_weights()
+                self._sync_slot(s)
         return batch_occ
+
+    @staticmethod
+    def _sync_slot(s: Slot) -> None:
+        """A slot's keep mask and step scales from its units' (after new statistics, a refresh or a restore)."""
+        keep = torch.ones_like(s.keep)
+        for u, idx, masked, scaled in s.entries:
+            if masked:
+                keep.index_copy_(0, idx, u.keep)
+            if scaled and u.gamma is not None:
+                s.scale.index_copy_(0, idx, u.gamma)
+        s.keep = keep
+        s.full = all(u.k == u.d_ff for u, _, masked, _ in s.entries if masked)
+        s.rebuild_weights()
 
     @torch.no_grad()
     def _refresh_mask(self) -> tuple[float, list[torch.Tensor | None]]:
-        """New top-k keep sets from the importance EMA; stash newly masked rows, restore returning ones."""
+        """New keep sets (``mask_selection``); stash newly masked rows, restore returning ones."""
         if not self.config.mask:
             return 1.0, [None] * len(self.units)
         if self.total_steps is None:
@@ -393,7 +347,7 @@ class NALoRAController:
                 turnover.append(None)
                 continue
             k = keep_count(rho, u.d_ff)
-            new = torch.zeros_like(u.keep).scatter_(0, torch.topk(u.importance, k).indices, True)
+            new = torch.zeros_like(u.keep).scatter_(0, self._select(u, k), True)
             turnover.append((new & ~u.keep).sum() / k)
             u.keep, u.k = new, k
         new_full = {id(u): u.k == u.d_ff for u in self.units}
@@ -403,84 +357,37 @@ class NALoRAController:
         if moved:
             old_weights = [s.keep_weight for s in moved]
             for s in moved:
-                keep = torch.ones_like(s.keep)
-                for u, idx, masked, _ in s.entries:
-                    if masked:
-                        keep.index_copy_(0, idx, u.keep)
-                s.keep = keep
-                s.full = all(new_full[id(u)] for u, _, m, _ in s.entries if m)
-                s.rebuild_weights()
+                self._sync_slot(s)
             stashes, params = [s.stash for s in moved], [s.param.detach() for s in moved]
             torch._foreach_lerp_(stashes, params, old_weights)  # stash := logical B (kept rows from B)
             torch._foreach_copy_(params, torch._foreach_mul(stashes, [s.keep_weight for s in moved]))
         return rho, turnover
 
+    def _select(self, u: _Unit, k: int) -> torch.Tensor:
+        """Indices of the ``k`` channels of ``u`` kept until the next refresh."""
+        how = self.config.mask_selection
+        if how == "random":  # control: a fresh uniform draw at every refresh
+            return torch.randperm(u.d_ff, generator=self._generator)[:k].to(u.keep.device)
+        if how == "static":  # control: the ranking of the first refresh at/after t_w, never refreshed
+            if u.ranking is None and warmup_over(self.step + 1, self.total_steps, self.config.warmup_frac):
+                u.ranking = torch.argsort(u.importance, descending=True, stable=True)
+            if u.ranking is not None:
+                return u.ranking[:k]
+        return torch.topk(u.importance, k).indices
+
     # ---------------------------------------------------------------- optimiser hooks
-    def attach(self, optimizer: torch.optim.Optimizer, total_steps: int | None = None) -> torch.optim.Optimizer:
-        """Hook ``optimizer.step()``; every controlled parameter must be one of its parameters."""
-        if self.folded:
-            raise ValueError("controller was folded; build a new one to keep training with NA-LoRA")
-        if self._optimizer is not None:
-            raise ValueError("controller is already attached to an optimiser")
+    def _before_attach(self, total_steps: int | None) -> None:
         if total_steps is not None:
             self.total_steps = self._check_steps(total_steps)
         if self.config.mask and self.total_steps is None:
             raise ValueError("NA-LoRA mask needs total_steps (optimiser steps of the run)")
-        owned = {id(p) for grp in optimizer.param_groups for p in grp["params"]}
-        for s in self.slots:
-            if id(s.param) not in owned:
-                raise ValueError(f"an adapter parameter of {s.entries[0][0].name} is not in the optimiser")
-        self._optimizer = optimizer
-        # look the methods up at call time so that tests can wrap them
-        self._handles.append(optimizer.register_step_pre_hook(lambda o, a, k: self._pre_step()))
-        self._handles.append(optimizer.register_step_post_hook(lambda o, a, k: self._post_step()))
-        return optimizer
-
-    def _state_triples(self, slots: list[_Slot]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(snapshot buffer, optimiser-state tensor, keep weight) for the param-shaped state of ``slots``."""
-        state = self._optimizer.state if self._optimizer is not None else {}
-        out = []
-        for s in slots:
-            for k, v in state.get(s.param, {}).items():
-                if torch.is_tensor(v) and v.shape == s.param.shape:
-                    if k not in s.prev_state:
-                        s.prev_state[k] = torch.empty_like(v)  # allocated once per state entry
-                    out.append((s.prev_state[k], v, s.keep_weight.to(v.dtype)))
-        return out
-
-    @torch.no_grad()
-    def _pre_step(self) -> None:
-        # multi-tensor copies over all slots: a few kernel launches per step, whatever the depth
-        self._active = [s for s in self.slots if s.active]
-        if not self._active:
-            return
-        torch._foreach_copy_([s.prev for s in self._active], [s.param.detach() for s in self._active])
-        self._masked = [s for s in self._active if not s.full]
-        self._snapshot = self._state_triples(self._masked)
-        if self._snapshot:
-            torch._foreach_copy_([b for b, _, _ in self._snapshot], [v for _, v, _ in self._snapshot])
 
     @torch.no_grad()
     def _post_step(self) -> None:
         collecting = self._collect
+        # gamma of this step comes from the EMA, updated with this step's statistics first (NALORA.md)
         batch_occ = self._update_statistics() if collecting else None
-        if self._active:
-            params = [s.param.detach() for s in self._active]
-            prevs = [s.prev for s in self._active]
-            # lerp(prev, new, w) is prev exactly at w = 0 (masked row), new exactly at w = 1, and
-            # prev + w (new - prev) otherwise: each row's step multiplied by keep * gamma
-            torch._foreach_lerp_(prevs, params, [s.step_weight for s in self._active])
-            torch._foreach_copy_(params, prevs)
-            if self._snapshot:  # masked rows of Adam moments / momentum back to their values before the step
-                bufs, vals, weights = (list(x) for x in zip(*self._snapshot))
-                torch._foreach_lerp_(bufs, vals, weights)
-                torch._foreach_copy_(vals, bufs)
-            state = self._optimizer.state if self._optimizer is not None else {}
-            for s in self._masked:  # state created by this very step has no snapshot: masked rows start at 0
-                for k, v in state.get(s.param, {}).items():
-                    if torch.is_tensor(v) and v.shape == s.param.shape and k not in s.prev_state:
-                        v.mul_(s.keep_weight.to(v.dtype))
-        self._active, self._masked, self._snapshot = [], [], []
+        self._correct_step()
         if collecting:
             rho, turnover = self._refresh_mask()
             self._record(rho, turnover, batch_occ)
@@ -528,8 +435,9 @@ class NALoRAController:
             "step": self.step,
             "collect": self._collect,
             "total_steps": self.total_steps,
-            "units": [{"importance": u.importance, "occupancy": u.occupancy, "keep": u.keep.clone(), "k": u.k}
-                      for u in self.units],
+            "units": [{"importance": u.importance, "occupancy": u.occupancy, "keep": u.keep.clone(), "k": u.k,
+                       "ranking": u.ranking} for u in self.units],
+            "generator": self._generator.get_state(),
             "stash": [None if s.stash is None else s.stash.clone() for s in self.slots],
             "history": list(self._history),
         }
@@ -547,28 +455,21 @@ class NALoRAController:
             u.importance = None if st["importance"] is None else st["importance"].to(dev).clone()
             u.occupancy = None if st["occupancy"] is None else st["occupancy"].to(dev).clone()
             u.keep, u.k = st["keep"].to(dev).clone(), int(st["k"])
+            ranking = st.get("ranking")
+            u.ranking = None if ranking is None else ranking.to(dev).clone()
             u.gamma = None if (u.occupancy is None or u.gammas is None) else u.occupancy @ u.gammas
         for s, stash in zip(self.slots, state["stash"]):
             if stash is not None and s.stash is not None:
                 s.stash.copy_(stash)
-            keep = torch.ones_like(s.keep)
-            for u, idx, masked, scaled in s.entries:
-                if masked:
-                    keep.index_copy_(0, idx, u.keep)
-                if scaled and u.gamma is not None:
-                    s.scale.index_copy_(0, idx, u.gamma)
-            s.keep = keep
-            s.full = all(u.k == u.d_ff for u, _, masked, _ in s.entries if masked)
-            s.rebuild_weights()
+            self._sync_slot(s)
+        if "generator" in state:
+            self._generator.set_state(state["generator"])
         self._history = list(state.get("history", []))
 
     def remove(self) -> None:
         """Remove every hook. The parameters already hold ``diag(m) B`` (the mask is applied in place)."""
         self._set_collect(False)
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._optimizer = None
+        super().remove()
 
     def fold(self) -> None:
         """End of training: ``B <- diag(m) B`` (and the ablation variants), hooks removed, stash dropped.
@@ -581,5 +482,4 @@ class NALoRAController:
                 if s.stash is not None:
                     s.param.mul_(s.view(s.keep).to(s.param.dtype))
                     s.stash = None
-        self.remove()
-        self.folded = True
+        super().fold()

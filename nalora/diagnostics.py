@@ -89,7 +89,7 @@ def selection_misalignment(
         values = reference
         reference = lambda: parameters_swapped(model, values)  # noqa: E731
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    acts = [normalize_activation(f.activation) for f in ffns]
+    acts = [normalize_activation(f.activation, strict=True) for f in ffns]
     thr = [regime_thresholds(a, tol) if has_partition(a) else None for a in acts]
     gates = [base.get_submodule(f.gate) for f in ffns]
     captured: dict[int, torch.Tensor] = {}

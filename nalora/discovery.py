@@ -8,10 +8,12 @@ packed ``GluMlp``), transformers ``Dinov2SwiGLUFFN`` and open_clip towers.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
+
+from nalora.activations import normalize_activation
 
 __all__ = [
     "TOWERS",
@@ -38,31 +40,6 @@ _VISION_COMPONENTS = {
     "img_encoder",
     "vit",
 }
-
-# Exact string names -> normalised names. Anything else is returned lower-cased, unchanged.
-_ACT_NAMES = {
-    "silu": "silu",
-    "swish": "silu",
-    "swiglu": "silu",
-    "gelu": "gelu",
-    "gelu_python": "gelu",
-    "gelu_erf": "gelu",
-    "geglu": "gelu",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "gelu_python_tanh": "gelu_tanh",
-    "gelu_new": "gelu_tanh",
-    "gelu_fast": "gelu_tanh",
-    "gelu_accurate": "gelu_tanh",
-    "gelu_tanh": "gelu_tanh",
-    "quick_gelu": "quick_gelu",
-    "quickgelu": "quick_gelu",
-    "relu": "relu",
-    "sigmoid": "sigmoid",
-    "identity": "identity",
-    "linear": "identity",
-    "tanh": "tanh",
-}
-
 
 @dataclass
 class GatedFFN:
@@ -102,45 +79,6 @@ class PlainMLP:
     kind: str = ""
 
 
-def normalize_activation(module_or_name: Any) -> str:
-    """Normalised activation name of an activation module, function or config string.
-
-    ``"swish" -> "silu"``, ``"gelu_pytorch_tanh" -> "gelu_tanh"``, ``nn.GELU(approximate="tanh") ->
-    "gelu_tanh"``; unknown activations come back as their lower-cased name (never silently "silu").
-    """
-    x = module_or_name
-    if x is None:
-        return "unknown"
-    if isinstance(x, str):
-        key = x.strip().lower()
-        return _ACT_NAMES.get(key, key)
-    if isinstance(x, nn.Identity):
-        return "identity"
-    approx = getattr(x, "approximate", None)
-    # Class name for modules, __name__ for plain functions (F.silu, F.gelu, torch.sigmoid).
-    raw = type(x).__name__ if isinstance(x, nn.Module) else getattr(x, "__name__", type(x).__name__)
-    name = raw.lower().replace("_", "")
-    if "quickgelu" in name:
-        return "quick_gelu"
-    if any(t in name for t in ("gelutanh", "newgelu", "fastgelu", "accurategelu", "tanhgelu")):
-        return "gelu_tanh"
-    if "gelu" in name:
-        if isinstance(approx, str) and approx == "tanh":
-            return "gelu_tanh"
-        if getattr(x, "use_gelu_tanh_python", False):
-            return "gelu_tanh"
-        return "gelu"
-    if "silu" in name or "swish" in name:
-        return "silu"
-    if name in ("relu", "relu_"):
-        return "relu"
-    if "sigmoid" in name:
-        return "sigmoid"
-    if name in ("identity", "linearactivation"):
-        return "identity"
-    return raw.lower()
-
-
 def _is_proj(m: Any) -> bool:
     """A module whose weight rows are output features: Linear, 1x1 Conv2d, HF GPT-2 Conv1D."""
     if isinstance(m, nn.Linear):
@@ -150,12 +88,19 @@ def _is_proj(m: Any) -> bool:
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
 
 
-def _out_features(m: nn.Module) -> int:
+def _dims(m: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a projection (Linear, 1x1 Conv2d, HF Conv1D) or an nn.MultiheadAttention."""
+    if isinstance(m, nn.MultiheadAttention):
+        return m.embed_dim, m.embed_dim
     if isinstance(m, nn.Linear):
-        return m.out_features
+        return m.out_features, m.in_features
     if isinstance(m, nn.Conv2d):
-        return m.out_channels
-    return int(m.nf)  # HF Conv1D
+        return m.out_channels, m.in_channels
+    return int(m.nf), int(m.weight.shape[0])  # HF Conv1D stores its weight as (in, out)
+
+
+def _out_features(m: nn.Module) -> int:
+    return _dims(m)[0]
 
 
 def _children(m: nn.Module) -> dict[str, nn.Module]:
@@ -241,215 +186,151 @@ def _activation(model: nn.Module, path: str, block: nn.Module, default: str | No
     return normalize_activation(_config_act(model, path))
 
 
-def _match_gated(model: nn.Module, path: str, block: nn.Module) -> dict[str, Any] | None:
+def _gated(kind: str, gate: str, up: str, down: str, d_ff: int, rows: tuple[slice, slice] | None = None,
+           chunk_dim: int = -1, default_act: str = "") -> GatedFFN:
+    """A structural match: a ``GatedFFN`` with child names (not yet paths) and, for blocks calling a functional
+    activation, ``activation`` = its default (else ""); ``_gated_record`` completes it."""
+    gate_rows, up_rows = rows if rows is not None else (None, None)
+    return GatedFFN(name="", tower="", activation=default_act, layout="separate" if rows is None else "packed",
+                    gate=gate, up=up, down=down, d_ff=d_ff, gate_rows=gate_rows, up_rows=up_rows, kind=kind,
+                    chunk_dim=chunk_dim)
+
+
+# Separate projections ``down(act(gate x) * up x)``, by child names (kind, gate, up, down).
+_SEPARATE = (
+    ("gate_up_down", "gate_proj", "up_proj", "down_proj"),  # HF Llama, Qwen2/3, Mistral, Gemma3, AIMv2, Pixtral
+    ("timm_swiglu", "fc1_g", "fc1_x", "fc2"),  # timm SwiGLU
+    ("t5_gated", "wi_0", "wi_1", "wo"),  # T5 v1.1 / Flan-T5 gated-gelu
+)
+# One packed matrix, gate rows first: ``gate, up = packed(x).chunk(2, -1)`` (kind, packed, down, default act).
+_PACKED = (
+    ("fused_gate_up", "gate_up_proj", "down_proj", None),  # Phi-3
+    ("dinov2_swiglu", "weights_in", "weights_out", "silu"),  # transformers Dinov2SwiGLUFFN (functional silu)
+)
+
+
+def _match_separate(ch: dict[str, nn.Module], block: nn.Module) -> GatedFFN | None:
+    for kind, gate, up, down in _SEPARATE:
+        if all(_is_proj(ch.get(k)) for k in (gate, up, down)):
+            return _gated(kind, gate, up, down, _out_features(ch[gate]))
+    return None
+
+
+def _halves(n: int, gate_last: bool = False) -> tuple[slice, slice]:
+    """(gate_rows, up_rows) of a packed matrix with ``2 n`` rows."""
+    first, second = slice(0, n), slice(n, 2 * n)
+    return (second, first) if gate_last else (first, second)
+
+
+def _match_packed(ch: dict[str, nn.Module], block: nn.Module) -> GatedFFN | None:
+    for kind, packed, down, act in _PACKED:
+        if _is_proj(ch.get(packed)) and _is_proj(ch.get(down)):
+            n = _out_features(ch[packed]) // 2
+            return _gated(kind, packed, packed, down, n, _halves(n), default_act=act or "")
+    return None
+
+
+def _match_timm_glu(ch: dict[str, nn.Module], block: nn.Module) -> GatedFFN | None:
+    """timm GluMlp: ``x1, x2 = fc1(x).chunk(2, chunk_dim)``; gate_last -> ``x1 * act(x2)`` else ``act(x1) * x2``."""
+    if not (_is_proj(ch.get("fc1")) and _is_proj(ch.get("fc2"))
+            and hasattr(block, "gate_last") and hasattr(block, "chunk_dim")):
+        return None
+    n = _out_features(ch["fc1"]) // 2
+    return _gated("timm_glu", "fc1", "fc1", "fc2", n, _halves(n, bool(block.gate_last)), chunk_dim=int(block.chunk_dim))
+
+
+def _match_w123(ch: dict[str, nn.Module], block: nn.Module) -> GatedFFN | None:
+    """w1/w2/w3 (Mixtral-style experts, xformers SwiGLU): w1 is the gate in both conventions; which of w2/w3
+    is the down projection differs, so it is read from the shapes (no match when they cannot tell)."""
+    if not all(isinstance(ch.get(k), nn.Linear) for k in ("w1", "w2", "w3")):
+        return None
+    w1 = ch["w1"]
+    n, d = w1.out_features, w1.in_features
+    downs = [k for k in ("w2", "w3") if (ch[k].in_features, ch[k].out_features) == (n, d)]
+    ups = [k for k in ("w2", "w3") if (ch[k].in_features, ch[k].out_features) == (d, n)]
+    if len(downs) == 1 and ups == [k for k in ("w2", "w3") if k != downs[0]]:
+        return _gated("w1_w2_w3", "w1", ups[0], downs[0], n)
+    return None
+
+
+# Tried in order; the first match wins (a block with gate_proj/up_proj/down_proj never reaches the others).
+_GATED_MATCHERS = (_match_separate, _match_packed, _match_timm_glu, _match_w123)
+
+
+def _match_gated(block: nn.Module) -> GatedFFN | None:
     """Structural match of one module against the known gated-FFN layouts."""
     ch = _children(block)
+    return next((m for f in _GATED_MATCHERS if (m := f(ch, block)) is not None), None)
 
-    def proj(name: str) -> nn.Module | None:
-        m = ch.get(name)
-        return m if m is not None and _is_proj(m) else None
 
-    # HF separate projections: Llama, Qwen2/3, Mistral, Gemma3, Qwen2.5-VL, AIMv2, Pixtral ...
-    if proj("gate_proj") and proj("up_proj") and proj("down_proj"):
-        return {
-            "kind": "gate_up_down",
-            "layout": "separate",
-            "gate": "gate_proj",
-            "up": "up_proj",
-            "down": "down_proj",
-            "d_ff": _out_features(ch["gate_proj"]),
-            "act": _activation(model, path, block),
-        }
-    # Phi-3 fused: gate, up = gate_up_proj(x).chunk(2, -1)
-    if proj("gate_up_proj") and proj("down_proj"):
-        n = _out_features(ch["gate_up_proj"]) // 2
-        return {
-            "kind": "fused_gate_up",
-            "layout": "packed",
-            "gate": "gate_up_proj",
-            "up": "gate_up_proj",
-            "down": "down_proj",
-            "d_ff": n,
-            "gate_rows": slice(0, n),
-            "up_rows": slice(n, 2 * n),
-            "act": _activation(model, path, block),
-        }
-    # timm SwiGLU: act(fc1_g x) * fc1_x x
-    if proj("fc1_g") and proj("fc1_x") and proj("fc2"):
-        return {
-            "kind": "timm_swiglu",
-            "layout": "separate",
-            "gate": "fc1_g",
-            "up": "fc1_x",
-            "down": "fc2",
-            "d_ff": _out_features(ch["fc1_g"]),
-            "act": _activation(model, path, block),
-        }
-    # timm GluMlp: x1, x2 = fc1(x).chunk(2, chunk_dim); gate_last -> x1 * act(x2) else act(x1) * x2
-    if proj("fc1") and proj("fc2") and hasattr(block, "gate_last") and hasattr(block, "chunk_dim"):
-        n = _out_features(ch["fc1"]) // 2
-        first, second = slice(0, n), slice(n, 2 * n)
-        gate_rows, up_rows = (second, first) if block.gate_last else (first, second)
-        return {
-            "kind": "timm_glu",
-            "layout": "packed",
-            "gate": "fc1",
-            "up": "fc1",
-            "down": "fc2",
-            "d_ff": n,
-            "gate_rows": gate_rows,
-            "up_rows": up_rows,
-            "chunk_dim": int(block.chunk_dim),
-            "act": _activation(model, path, block),
-        }
-    # T5 v1.1 / Flan-T5 gated-gelu: wo(act(wi_0 x) * wi_1 x)
-    if proj("wi_0") and proj("wi_1") and proj("wo"):
-        return {
-            "kind": "t5_gated",
-            "layout": "separate",
-            "gate": "wi_0",
-            "up": "wi_1",
-            "down": "wo",
-            "d_ff": _out_features(ch["wi_0"]),
-            "act": _activation(model, path, block),
-        }
-    # w1/w2/w3 (Mixtral-style experts, xformers SwiGLU): w1 is the gate in both conventions; which of
-    # w2/w3 is the down projection differs, so it is read from the shapes (skipped when they cannot tell).
-    if (
-        proj("w1")
-        and proj("w2")
-        and proj("w3")
-        and all(isinstance(ch[k], nn.Linear) for k in ("w1", "w2", "w3"))
-    ):
-        n = ch["w1"].out_features
-        downs = [
-            k for k in ("w2", "w3") if ch[k].in_features == n and ch[k].out_features == ch["w1"].in_features
-        ]
-        ups = [
-            k for k in ("w2", "w3") if ch[k].out_features == n and ch[k].in_features == ch["w1"].in_features
-        ]
-        if len(downs) == 1 and ups == [k for k in ("w2", "w3") if k != downs[0]]:
-            return {
-                "kind": "w1_w2_w3",
-                "layout": "separate",
-                "gate": "w1",
-                "up": ups[0],
-                "down": downs[0],
-                "d_ff": n,
-                "act": _activation(model, path, block),
-            }
-    # transformers Dinov2SwiGLUFFN: x1, x2 = weights_in(x).chunk(2, -1); silu(x1) * x2 (functional silu)
-    if proj("weights_in") and proj("weights_out"):
-        n = _out_features(ch["weights_in"]) // 2
-        return {
-            "kind": "dinov2_swiglu",
-            "layout": "packed",
-            "gate": "weights_in",
-            "up": "weights_in",
-            "down": "weights_out",
-            "d_ff": n,
-            "gate_rows": slice(0, n),
-            "up_rows": slice(n, 2 * n),
-            "act": _activation(model, path, block, default="silu"),
-        }
-    return None
+# Non-gated ``fc_out(act(fc_in x))`` by child names (fc_in, fc_out, kind).
+_PLAIN = (
+    ("wi", "wo", "t5_dense"),
+    ("fc1", "fc2", "fc1_fc2"),
+    ("c_fc", "c_proj", "c_fc_c_proj"),
+    ("lin1", "lin2", "lin1_lin2"),
+    ("dense_h_to_4h", "dense_4h_to_h", "h_to_4h"),
+)
 
 
 def _match_plain(model: nn.Module, path: str, block: nn.Module) -> dict[str, Any] | None:
     """Structural match against the known non-gated MLP layouts."""
     ch = _children(block)
-    if hasattr(block, "gate_last"):  # timm GluMlp is gated, never plain
+    if hasattr(block, "gate_last") or "wi_0" in ch:  # timm GluMlp / a T5 gated FFN: never plain
         return None
-    if "wi_0" in ch:  # T5 gated FFN whose projections did not match: never report it as plain
-        return None
-    for fin, fout, kind in (
-        ("wi", "wo", "t5_dense"),
-        ("fc1", "fc2", "fc1_fc2"),
-        ("c_fc", "c_proj", "c_fc_c_proj"),
-        ("lin1", "lin2", "lin1_lin2"),
-        ("dense_h_to_4h", "dense_4h_to_h", "h_to_4h"),
-    ):
-        if fin in ch and fout in ch and _is_proj(ch[fin]) and _is_proj(ch[fout]):
-            return {
-                "kind": kind,
-                "fc_in": fin,
-                "fc_out": fout,
-                "d_ff": _out_features(ch[fin]),
-                "act": _activation(model, path, block),
-            }
+    for fin, fout, kind in _PLAIN:
+        if _is_proj(ch.get(fin)) and _is_proj(ch.get(fout)):
+            return {"kind": kind, "fc_in": fin, "fc_out": fout, "d_ff": _out_features(ch[fin]),
+                    "act": _activation(model, path, block)}
     # BERT / HF ViT: layer.intermediate.dense -> act -> layer.output.dense
     inter, out = ch.get("intermediate"), ch.get("output")
-    if inter is not None and out is not None:
-        di, do = getattr(inter, "dense", None), getattr(out, "dense", None)
-        if di is not None and do is not None and _is_proj(di) and _is_proj(do):
-            return {
-                "kind": "intermediate_output",
-                "fc_in": "intermediate.dense",
-                "fc_out": "output.dense",
-                "d_ff": _out_features(di),
-                "act": _activation(model, _join(path, "intermediate"), inter),
-            }
+    di, do = getattr(inter, "dense", None), getattr(out, "dense", None)
+    if _is_proj(di) and _is_proj(do):
+        return {"kind": "intermediate_output", "fc_in": "intermediate.dense", "fc_out": "output.dense",
+                "d_ff": _out_features(di), "act": _activation(model, _join(path, "intermediate"), inter)}
     return None
+
+
+def _gated_record(model: nn.Module, path: str, block: nn.Module, m: GatedFFN, tower: str) -> GatedFFN:
+    """The match ``m`` (child names) as the record of the block at ``path``."""
+    return replace(
+        m, name=path, tower=tower, activation=_activation(model, path, block, default=m.activation or None),
+        gate=_join(path, m.gate), up=_join(path, m.up), down=_join(path, m.down),
+        modules={"gate": block.get_submodule(m.gate), "up": block.get_submodule(m.up),
+                 "down": block.get_submodule(m.down), "block": block},
+    )
+
+
+def _plain_record(path: str, block: nn.Module, m: dict[str, Any], tower: str) -> PlainMLP:
+    return PlainMLP(
+        name=path, tower=tower, activation=m["act"], fc_in=_join(path, m["fc_in"]), fc_out=_join(path, m["fc_out"]),
+        d_ff=m["d_ff"],
+        modules={"fc_in": block.get_submodule(m["fc_in"]), "fc_out": block.get_submodule(m["fc_out"]), "block": block},
+        kind=m["kind"],
+    )
+
+
+def discover(model: nn.Module, tower_of: Callable[[str], str] | None = None) -> tuple[list[GatedFFN], list[PlainMLP]]:
+    """One pass over ``model``: its gated FFNs and its non-gated MLPs, each in module order."""
+    tower_of = tower_of or tower_classifier(model)
+    ffns: list[GatedFFN] = []
+    mlps: list[PlainMLP] = []
+    for path, block in model.named_modules():
+        gated = _match_gated(block)
+        if gated is not None:
+            ffns.append(_gated_record(model, path, block, gated, tower_of(path)))
+            continue
+        plain = _match_plain(model, path, block)
+        if plain is not None:
+            mlps.append(_plain_record(path, block, plain, tower_of(path)))
+    return ffns, mlps
 
 
 def find_gated_ffns(model: nn.Module, tower_of: Callable[[str], str] | None = None) -> list[GatedFFN]:
     """Every self-gated FFN of ``model`` in module order. ``tower_of`` overrides tower classification."""
-    tower_of = tower_of or tower_classifier(model)
-    out = []
-    for path, block in model.named_modules():
-        m = _match_gated(model, path, block)
-        if m is None:
-            continue
-        gate, up, down = (_join(path, m[k]) for k in ("gate", "up", "down"))
-        out.append(
-            GatedFFN(
-                name=path,
-                tower=tower_of(path),
-                activation=m["act"],
-                layout=m["layout"],
-                gate=gate,
-                up=up,
-                down=down,
-                d_ff=m["d_ff"],
-                gate_rows=m.get("gate_rows"),
-                up_rows=m.get("up_rows"),
-                modules={
-                    "gate": block.get_submodule(m["gate"]),
-                    "up": block.get_submodule(m["up"]),
-                    "down": block.get_submodule(m["down"]),
-                    "block": block,
-                },
-                kind=m["kind"],
-                chunk_dim=m.get("chunk_dim", -1),
-            )
-        )
-    return out
+    return discover(model, tower_of)[0]
 
 
 def find_mlps(model: nn.Module, tower_of: Callable[[str], str] | None = None) -> list[PlainMLP]:
     """Every non-gated MLP of ``model``: what NA-LoRA cannot touch (plain LoRA can)."""
-    tower_of = tower_of or tower_classifier(model)
-    out = []
-    for path, block in model.named_modules():
-        if _match_gated(model, path, block) is not None:
-            continue
-        m = _match_plain(model, path, block)
-        if m is None:
-            continue
-        out.append(
-            PlainMLP(
-                name=path,
-                tower=tower_of(path),
-                activation=m["act"],
-                fc_in=_join(path, m["fc_in"]),
-                fc_out=_join(path, m["fc_out"]),
-                d_ff=m["d_ff"],
-                modules={
-                    "fc_in": block.get_submodule(m["fc_in"]),
-                    "fc_out": block.get_submodule(m["fc_out"]),
-                    "block": block,
-                },
-                kind=m["kind"],
-            )
-        )
-    return out
+    return discover(model, tower_of)[1]

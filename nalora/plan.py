@@ -14,10 +14,9 @@ from nalora.discovery import (
     TOWERS,
     GatedFFN,
     PlainMLP,
+    _dims,
     _is_proj,
-    _out_features,
-    find_gated_ffns,
-    find_mlps,
+    discover,
     tower_classifier,
 )
 
@@ -43,6 +42,7 @@ class Target:
     layout: str  # "separate" | "packed" | "plain" | "attn" | "mha"
     owner: GatedFFN | PlainMLP | None = field(default=None, repr=False)
     out_features: int = 0
+    in_features: int = 0
     train_rows: list[slice] | None = None
     frozen_rows: list[slice] | None = None
     mapped_to: str = ""  # plain MLPs: "fc_in" | "fc_out"
@@ -74,15 +74,12 @@ class TargetPlan:
         return sorted({f.tower for f in self.ffns})
 
 
-def _attention_roots(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def _attention_roots(model: nn.Module, blocks: Sequence[str]) -> list[tuple[str, nn.Module]]:
     """Outermost attention modules (class or attribute name says attention) that hold no FFN block.
 
-    A module that also holds the FFN (e.g. Pixtral's ``PixtralAttentionLayer``) is a whole layer, not
-    the attention: the search goes on inside it.
+    A module that also holds one of the FFN ``blocks`` (e.g. Pixtral's ``PixtralAttentionLayer``) is a
+    whole layer, not the attention: the search goes on inside it.
     """
-    blocks = [f.name for f in find_gated_ffns(model, lambda p: "")] + [
-        m.name for m in find_mlps(model, lambda p: "")
-    ]
     roots: list[tuple[str, nn.Module]] = []
     for name, m in model.named_modules():
         if not name:
@@ -104,14 +101,18 @@ def _attention_roots(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return roots
 
 
-def find_attention_projections(model: nn.Module) -> list[tuple[str, str]]:
+def find_attention_projections(model: nn.Module, blocks: Sequence[str] | None = None) -> list[tuple[str, str]]:
     """``(module path, layout)`` of every attention projection: q/k/v/o, fused qkv, proj, out_proj.
 
     ``nn.MultiheadAttention`` computes with its raw ``in_proj_weight`` (its ``out_proj`` Linear is never
     called), so the whole module is the target (peft adapts it as one unit): layout ``"mha"``.
+    ``blocks``: module paths of the FFN blocks (from ``discover``); found here when not given.
     """
+    if blocks is None:
+        ffns, mlps = discover(model, lambda p: "")
+        blocks = [b.name for b in (*ffns, *mlps)]
     out = []
-    for root, m in _attention_roots(model):
+    for root, m in _attention_roots(model, blocks):
         if isinstance(m, nn.MultiheadAttention):
             out.append((root, "mha"))
             continue
@@ -140,6 +141,51 @@ def _packed_rows(ffn: GatedFFN, roles: tuple[str, ...]) -> tuple[list[slice], li
     return train, frozen
 
 
+class _Items:
+    """Targets keyed by module path; a module serving several roles (gate and up of one FFN) is one item."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, Target] = {}
+
+    def add(self, module: str, roles: tuple[str, ...], mod: nn.Module, **kw) -> None:
+        if module in self.items:
+            self.items[module].roles += roles
+            return
+        out, inp = _dims(mod)
+        self.items[module] = Target(module=module, roles=roles, out_features=out, in_features=inp, **kw)
+
+
+def _add_ffn(items: _Items, f: GatedFFN, roles: Sequence[str]) -> None:
+    """A gated FFN's targets: one packed item (its untargeted part held), or separate gate/up/down items."""
+    common = {"tower": f.tower, "kind": "gated", "owner": f}
+    if f.layout == "packed":
+        packed = tuple(r for r in ("gate", "up") if r in roles)
+        if packed:
+            train, frozen = _packed_rows(f, packed)
+            items.add(f.gate, packed, f.modules["gate"], layout="packed", train_rows=train,
+                      frozen_rows=frozen or None, **common)
+    else:
+        for r in ("gate", "up"):
+            if r in roles:
+                items.add(getattr(f, r), (r,), f.modules[r], layout="separate", **common)
+    if "down" in roles:
+        items.add(f.down, ("down",), f.modules["down"], layout="separate", **common)
+
+
+def _add_mlp(items: _Items, m: PlainMLP, roles: Sequence[str]) -> None:
+    """A non-gated MLP: gate/up map to its input projection, down to its output projection."""
+    for r in roles:
+        slot = "fc_out" if r == "down" else "fc_in"
+        items.add(getattr(m, slot), (r,), m.modules[slot], tower=m.tower, kind="plain_mlp", layout="plain",
+                  owner=m, mapped_to=slot)
+
+
+def _add_attn(items: _Items, model: nn.Module, attn: list[tuple[str, str, str]], towers: Sequence[str]) -> None:
+    for path, layout, tower in attn:
+        if tower in towers and path not in items.items:
+            items.add(path, ("attn",), model.get_submodule(path), tower=tower, kind="attn", layout=layout)
+
+
 def resolve_targets(
     model: nn.Module,
     targets: Sequence[str] = ("gate",),
@@ -149,106 +195,41 @@ def resolve_targets(
     """Resolve ``targets`` (subset of gate/up/down/attn) in ``towers`` (language/vision) to modules.
 
     Raises ``ValueError`` for an empty or unknown target or tower, a target that matches nothing in the
-    chosen towers, or towers that contain nothing at all.
+    chosen towers, or towers that contain nothing at all. Discovery runs once.
     """
     targets = _check_names("targets", targets, TARGETS)
     towers = _check_names("towers", towers, TOWERS)
     tower_of = tower_of or tower_classifier(model)
-    all_ffns = find_gated_ffns(model, tower_of)
-    all_mlps = find_mlps(model, tower_of)
-    attn = [(p, lay, tower_of(p)) for p, lay in find_attention_projections(model)]
-    present = {x.tower for x in all_ffns} | {x.tower for x in all_mlps} | {t for *_, t in attn}
+    all_ffns, all_mlps = discover(model, tower_of)
+    blocks = [b.name for b in (*all_ffns, *all_mlps)]
+    attn = [(p, lay, tower_of(p)) for p, lay in find_attention_projections(model, blocks)]
+    present = {x.tower for x in (*all_ffns, *all_mlps)} | {t for *_, t in attn}
     if not any(t in present for t in towers):
         raise ValueError(
             f"towers {', '.join(towers)} match nothing in {type(model).__name__} "
             f"(its towers: {', '.join(sorted(present)) or 'none found'})"
         )
-    notes = [f"tower {t!r} not present in the model" for t in towers if t not in present]
-
     ffns = [f for f in all_ffns if f.tower in towers]
     mlps = [m for m in all_mlps if m.tower in towers]
-    items: dict[str, Target] = {}
-
-    def add(module: str, role: str, **kw) -> None:
-        if module in items:
-            items[module].roles += (role,)
-        else:
-            items[module] = Target(module=module, roles=(role,), **kw)
-
     ffn_roles = [r for r in targets if r != "attn"]
+    items = _Items()
     for f in ffns:
-        if f.layout == "packed":
-            roles = tuple(r for r in ("gate", "up") if r in ffn_roles)
-            if roles:
-                train, frozen = _packed_rows(f, roles)
-                items[f.gate] = Target(
-                    module=f.gate,
-                    roles=roles,
-                    tower=f.tower,
-                    kind="gated",
-                    layout="packed",
-                    owner=f,
-                    out_features=_out_features(f.modules["gate"]),
-                    train_rows=train,
-                    frozen_rows=frozen or None,
-                )
-        else:
-            for r in ("gate", "up"):
-                if r in ffn_roles:
-                    add(
-                        getattr(f, r),
-                        r,
-                        tower=f.tower,
-                        kind="gated",
-                        layout="separate",
-                        owner=f,
-                        out_features=_out_features(f.modules[r]),
-                    )
-        if "down" in ffn_roles:
-            add(
-                f.down,
-                "down",
-                tower=f.tower,
-                kind="gated",
-                layout="separate",
-                owner=f,
-                out_features=_out_features(f.modules["down"]),
-            )
+        _add_ffn(items, f, ffn_roles)
     for m in mlps:
-        for r in ffn_roles:
-            slot = "fc_out" if r == "down" else "fc_in"
-            add(
-                getattr(m, slot),
-                r,
-                tower=m.tower,
-                kind="plain_mlp",
-                layout="plain",
-                owner=m,
-                out_features=_out_features(m.modules[slot]),
-                mapped_to=slot,
-            )
-    for path, layout, tower in attn if "attn" in targets else []:
-        if tower in towers and path not in items:
-            mod = model.get_submodule(path)
-            n = mod.embed_dim if isinstance(mod, nn.MultiheadAttention) else _out_features(mod)
-            items[path] = Target(
-                module=path, roles=("attn",), tower=tower, kind="attn", layout=layout, out_features=n
-            )
-
-    plan_items = list(items.values())
+        _add_mlp(items, m, ffn_roles)
+    if "attn" in targets:
+        _add_attn(items, model, attn, towers)
+    plan_items = list(items.items.values())
     for t in targets:
         if not any(t in it.roles for it in plan_items):
-            raise ValueError(
-                f"target {t!r} matches nothing in towers {', '.join(towers)} of {type(model).__name__}"
-            )
+            raise ValueError(f"target {t!r} matches nothing in towers {', '.join(towers)} of {type(model).__name__}")
     gated_towers = {f.tower for f in ffns}
-    without = [t for t in towers if t in present and t not in gated_towers]
     return TargetPlan(
         targets=targets,
         towers=towers,
         items=plan_items,
         ffns=ffns,
         mlps=mlps,
-        towers_without_gated=without,
-        notes=notes,
+        towers_without_gated=[t for t in towers if t in present and t not in gated_towers],
+        notes=[f"tower {t!r} not present in the model" for t in towers if t not in present],
     )

@@ -107,7 +107,24 @@ def test_partition_and_names():
     assert normalize_activation("gelu_pytorch_tanh") == "gelu_tanh"
     assert normalize_activation("gelu_new") == "gelu_tanh"
     assert normalize_activation("QuickGELU".lower()) == "quick_gelu"
+    assert normalize_activation("Gelu-Tanh") == "gelu_tanh"
+    assert normalize_activation("mish") == "mish"  # discovery: unknown names pass through, never "silu"
     with pytest.raises(ValueError, match="unknown activation 'mish'"):
-        normalize_activation("mish")
+        normalize_activation("mish", strict=True)  # the activation math needs a known one
+    with pytest.raises(ValueError, match="unknown activation 'mish'"):
+        dphi("mish", torch.zeros(1))
     with pytest.raises(ValueError, match="no effective-homogeneity partition"):
         regime_thresholds("relu")
+
+
+def test_one_activation_table():
+    """Discovery, the controller and the package use one normalize_activation (they disagreed once)."""
+    import nalora
+    import nalora.controller
+    import nalora.diagnostics
+    import nalora.discovery
+
+    assert nalora.normalize_activation is normalize_activation
+    assert nalora.discovery.normalize_activation is normalize_activation
+    assert nalora.controller.normalize_activation is normalize_activation
+    assert nalora.diagnostics.normalize_activation is normalize_activation

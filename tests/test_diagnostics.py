@@ -34,7 +34,7 @@ def _train(ad, steps=3, lr=5e-2):
 @pytest.mark.parametrize("factory", [tm.llama, tm.phi3], ids=["separate", "packed"])
 def test_zero_for_untrained_adapter_positive_after_training(factory):
     ad = inject(factory(), "lora", targets=("gate",), towers=("language",), rank=4)
-    ffns = ad.options["plan"].ffns
+    ffns = ad.plan.ffns
     res = selection_misalignment(ad.model, ffns, _batches())
     assert res["misalignment"] == 0.0 and res["regime_change"] == 0.0
     d_ff = ffns[0].d_ff
@@ -50,7 +50,7 @@ def test_zero_for_untrained_adapter_positive_after_training(factory):
 def test_matches_a_direct_computation():
     ad = inject(tm.llama(), "lora", targets=("gate",), towers=("language",), rank=4)
     _train(ad)
-    ffns = ad.options["plan"].ffns
+    ffns = ad.plan.ffns
     batch = _batches(1)[0]
     base = ad.model.get_base_model()
     gate = base.get_submodule(ffns[1].gate)
@@ -73,11 +73,11 @@ def test_matches_a_direct_computation():
 def test_other_gate_methods_and_errors():
     ad = inject(tm.llama(), "dora", targets=("gate",), towers=("language",), rank=4)
     _train(ad)
-    assert selection_misalignment(ad.model, ad.options["plan"].ffns, _batches())["misalignment"] > 0
+    assert selection_misalignment(ad.model, ad.plan.ffns, _batches())["misalignment"] > 0
     with pytest.raises(ValueError, match="disable_adapter"):
-        selection_misalignment(tm.llama(), ad.options["plan"].ffns, _batches())
+        selection_misalignment(tm.llama(), ad.plan.ffns, _batches())
     with pytest.raises(ValueError, match="no batches"):
-        selection_misalignment(ad.model, ad.options["plan"].ffns, [])
+        selection_misalignment(ad.model, ad.plan.ffns, [])
 
 
 def test_reference_state_for_pissa_and_full_fine_tuning():
@@ -86,7 +86,7 @@ def test_reference_state_for_pissa_and_full_fine_tuning():
     # PiSSA starts with a non-zero adapter on a residual base: "adapter off" is not the pretrained model,
     # the snapshot taken before training is (the initial PiSSA model equals the original up to rounding).
     ad = inject(tm.llama(), "pissa", targets=("gate",), towers=("language",), rank=4)
-    ffns = ad.options["plan"].ffns
+    ffns = ad.plan.ffns
     ref = snapshot_trainable(ad.model)
     assert selection_misalignment(ad.model, ffns, _batches())["misalignment"] > 1e-3  # the misleading "off"
     assert selection_misalignment(ad.model, ffns, _batches(), reference=ref)["misalignment"] < 1e-6

@@ -89,7 +89,7 @@ def test_attn_targets_follow_towers():
 
 def test_non_gated_tower_gets_plain_lora_and_report_says_so():
     adapted = inject(tm.open_clip_eva02(), "lora", targets=("gate", "down"), rank=2)
-    plan = adapted.options["plan"]
+    plan = adapted.plan
     assert plan.towers_without_gated == ["language"]
     plain = [r for r in adapted.report if r["kind"] == "plain_mlp"]
     gated = [r for r in adapted.report if r["kind"] == "gated"]
@@ -99,7 +99,7 @@ def test_non_gated_tower_gets_plain_lora_and_report_says_so():
     }
     assert all("non-gated MLP" in r["note"] and r["tower"] == "language" for r in plain)
     assert len(gated) == 4 and {r["tower"] for r in gated} == {"vision"}
-    assert any("'language' has no gated FFN" in n for n in adapted.options["notes"])
+    assert any("'language' has no gated FFN" in n for n in adapted.notes)
 
 
 @pytest.fixture
@@ -167,7 +167,7 @@ def test_packed_gate_only_is_exact(method, model_name):
     factory, batches, d_in = _packed_case(model_name)
     base = factory()
     adapted = inject(factory(), method, targets=("gate",), rank=2)
-    frozen = adapted.options["frozen_rows"]
+    frozen = adapted.frozen_rows
     assert frozen, "packed targets must record held rows"
     _train(adapted, batches)
     peft_base = adapted.model.get_base_model()
@@ -191,7 +191,7 @@ def test_packed_gate_only_is_exact(method, model_name):
 
 def test_dora_magnitude_rows_held_under_weight_decay():
     adapted = inject(tm.phi3(), "dora", targets=("gate",), rank=2)
-    guards = [g for g in adapted.options["row_guards"] if g.param_name == "lora_magnitude_vector"]
+    guards = [g for g in adapted.row_guards if g.param_name == "lora_magnitude_vector"]
     assert len(guards) == 2  # one per Phi-3 layer
     before = [g.param.detach().clone() for g in guards]
     _train(adapted, [torch.randint(0, tm.VOCAB, (2, 6))], wd=0.5)
@@ -204,7 +204,7 @@ def test_dora_magnitude_rows_held_under_weight_decay():
 
 def test_packed_gate_and_up_has_no_held_rows():
     adapted = inject(tm.phi3(), "lora", targets=("gate", "up"), rank=2)
-    assert adapted.options["frozen_rows"] == {}
+    assert adapted.frozen_rows == {}
     assert {r["role"] for r in adapted.report} == {"gate+up"}
 
 
@@ -219,7 +219,7 @@ def test_eva_fused_qkv_adapter_is_applied():
             if "qkv.lora_B" in n:
                 p.fill_(0.5)
         assert _rel(adapted.model(x), ref) > 1e-3
-    assert any("qkv_bias_separate" in n for n in adapted.options["notes"])
+    assert any("qkv_bias_separate" in n for n in adapted.notes)
 
 
 # ---------------------------------------------------------------- trainable modules
@@ -282,3 +282,42 @@ def test_multihead_attention_is_adapted_as_one_module():
 def test_unsupported_multihead_attention_is_a_clear_error(method):
     with pytest.raises(ValueError, match=rf"method '{method}' cannot adapt nn.MultiheadAttention \(text\."):
         inject(tm.open_clip_eva02(), method, targets=("attn",), towers=("language",), rank=2)
+
+
+# ---------------------------------------------------------------- one discovery, typed Adapted
+
+
+def test_resolve_targets_runs_discovery_once(monkeypatch):
+    import nalora.plan as plan_mod
+
+    calls = []
+    real = plan_mod.discover
+    monkeypatch.setattr(plan_mod, "discover", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plan = resolve_targets(tm.qwen2_5_vl(), ("gate", "attn"))
+    assert len(calls) == 1
+    assert {t.kind for t in plan.items} == {"gated", "attn"}
+
+
+def test_adapted_typed_fields_and_read_only_options_view():
+    adapted = inject(tm.phi3(), "nalora", targets=("gate",), rank=2, method_options={"rho_final": 0.25})
+    assert adapted.plan is not None and [f.name for f in adapted.plan.ffns] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert adapted.method_config["rho_final"] == 0.25 and adapted.method_config["beta"] == 0.9
+    assert len(adapted.row_guards) == 2 and set(adapted.frozen_rows) == {f.gate for f in adapted.plan.ffns}
+    assert adapted.hparams["rank"] == 2
+    # the old untyped dict still reads (plugins written before the typed fields) ...
+    assert adapted.options["plan"] is adapted.plan and adapted.options["row_guards"] is adapted.row_guards
+    assert adapted.options["nalora_config"] == adapted.method_config
+    # ... but typed keys are not written through it; other keys land in extras
+    with pytest.raises(TypeError, match="read-only"):
+        adapted.options["plan"] = None
+    adapted.options["my_state"] = 1
+    assert adapted.extras == {"my_state": 1}
+
+
+def test_legacy_adapted_options_constructor():
+    from nalora import Adapted
+    from nalora.methods import get_method
+
+    a = Adapted(model=nn.Linear(2, 2), method=get_method("full"), report=[],
+                options={"trainable": ["x"], "notes": ["n"], "custom": 3})
+    assert a.trainable == ["x"] and a.notes == ["n"] and a.extras == {"custom": 3}

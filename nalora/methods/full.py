@@ -20,15 +20,14 @@ class Full(Method):
     uses_adapters = False
 
     def build(self, model, plan, *, rank, alpha, dropout, trainable, options):
-        if options:
-            raise ValueError(f"method 'full' takes no options, got {sorted(options)}")
+        self.resolve_options(options)
         _check_paths(model, trainable)
         for p in model.parameters():
             p.requires_grad_(True)
         report = [
             {"name": "*", "tower": "all", "role": "all", "layout": "-", "kind": "full", "applied": "full"}
         ]
-        return Adapted(model=model, method=self, report=report, options={"trainable": list(trainable)})
+        return Adapted(model=model, method=self, report=report, trainable=list(trainable))
 
     def save(self, adapted, path):
         """The whole model (frozen parts included), so a run's artifact reloads on its own."""
@@ -56,8 +55,7 @@ class Head(Method):
     uses_adapters = False
 
     def build(self, model, plan, *, rank, alpha, dropout, trainable, options):
-        if options:
-            raise ValueError(f"method 'head' takes no options, got {sorted(options)}")
+        self.resolve_options(options)
         if not trainable:
             raise ValueError("method 'head' needs at least one trainable module (trainable=[...] is empty)")
         _check_paths(model, trainable)
@@ -68,7 +66,7 @@ class Head(Method):
             {"name": t, "tower": "-", "role": "trainable", "layout": "-", "kind": "head", "applied": "head"}
             for t in trainable
         ]
-        return Adapted(model=model, method=self, report=report, options={"trainable": list(trainable)})
+        return Adapted(model=model, method=self, report=report, trainable=list(trainable))
 
     def save(self, adapted, path):
         """The whole model (frozen parts included), so a run's artifact reloads on its own."""

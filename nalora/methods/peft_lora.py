@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from nalora.adapted import Adapted
-from nalora.methods.registry import Method, register_method
+from nalora.methods.registry import Method, positive_number, register_method
 from nalora.plan import Target, TargetPlan
 
 ADAPTER = "default"
@@ -119,7 +119,7 @@ def attach_row_guards(adapted: Adapted, optimizer: torch.optim.Optimizer) -> tor
 
     Every method's ``make_optimizer`` calls this; a custom optimiser should too.
     """
-    guards: list[RowGuard] = adapted.options.get("row_guards", [])
+    guards = adapted.row_guards
     if guards:
 
         def restore(*_: Any) -> None:
@@ -225,15 +225,8 @@ def build_lora(
     guards = install_row_guards(peft_model, plan)
     applied = applied or (lambda t: method.name)
     report = report_rows(plan, applied)
-    frozen = {t.module: list(t.frozen_rows) for t in plan.items if t.frozen_rows}
-    options = {
-        "plan": plan,
-        "frozen_rows": frozen,
-        "row_guards": guards,
-        "trainable": trainable,
-        "notes": list(plan.notes),
-    }
-    return Adapted(model=peft_model, method=method, report=report, options=options)
+    return Adapted(model=peft_model, method=method, report=report, plan=plan, row_guards=guards,
+                   trainable=trainable, notes=list(plan.notes))
 
 
 def _fix_bypassed_projections(model: nn.Module, plan: TargetPlan) -> None:
@@ -255,30 +248,21 @@ def _fix_bypassed_projections(model: nn.Module, plan: TargetPlan) -> None:
             )
 
 
-def _check_options(name: str, options: dict[str, Any], allowed: frozenset[str]) -> None:
-    bad = sorted(set(options) - allowed)
-    if bad:
-        raise ValueError(
-            f"unknown option {bad[0]!r} for method {name!r}; allowed: {', '.join(sorted(allowed)) or 'none'}"
-        )
-
-
 class _PeftMethod(Method):
     """A peft tuner on the plan: its config class (default ``LoraConfig``), extra config kwargs, optionally a
     custom optimiser. A new peft method is usually ``config_name`` plus ``lora_kwargs``."""
 
-    options: ClassVar[frozenset[str]] = frozenset()
     config_name: ClassVar[str | None] = None  # a peft config class name; None: LoraConfig
 
     def lora_kwargs(self, options: dict[str, Any], plan: TargetPlan, rank: int, dropout: float) -> dict[str, Any]:
-        """Extra config kwargs (``LoraConfig`` already gets r / alpha / dropout from ``build_lora``)."""
+        """Extra config kwargs from the resolved ``options`` (``LoraConfig`` already gets r / alpha / dropout)."""
         return {}
 
     def build(self, model, plan, *, rank, alpha, dropout, trainable, options):
-        _check_options(self.name, options, self.options)
+        options = self.resolve_options(options)
         import peft
 
-        return build_lora(
+        adapted = build_lora(
             model,
             plan,
             rank=rank,
@@ -289,6 +273,8 @@ class _PeftMethod(Method):
             method=self,
             config_cls=getattr(peft, self.config_name) if self.config_name else None,
         )
+        adapted.method_config = options
+        return adapted
 
     def make_optimizer(self, adapted, lr, weight_decay=0.0, *, total_steps=None, **kwargs):
         opt = super().make_optimizer(adapted, lr, weight_decay, total_steps=total_steps, **kwargs)
@@ -324,15 +310,16 @@ class PiSSA(_PeftMethod):
 
     supports_mha = False  # peft has no such layer for nn.MultiheadAttention
 
-    options = frozenset({"niter"})
+    defaults: ClassVar[dict[str, Any]] = {"niter": None}  # None: exact SVD
+
+    def check_option(self, key, value):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ValueError(f"pissa option niter must be a positive int, got {value!r}")
+        return value
 
     def lora_kwargs(self, options, plan, rank, dropout):
-        niter = options.get("niter")
-        if niter is None:
-            return {"init_lora_weights": "pissa"}
-        if not isinstance(niter, int) or isinstance(niter, bool) or niter <= 0:
-            raise ValueError(f"pissa option niter must be a positive int, got {niter!r}")
-        return {"init_lora_weights": f"pissa_niter_{niter}"}
+        niter = options["niter"]
+        return {"init_lora_weights": "pissa" if niter is None else f"pissa_niter_{niter}"}
 
     def build(self, model, plan, *, rank, alpha, dropout, trainable, options):
         import tempfile
@@ -348,13 +335,13 @@ class PiSSA(_PeftMethod):
         cfg.init_lora_weights = True  # so the initial adapter loads without re-running the SVD
         adapted.model.save_pretrained(init_dir.name)
         cfg.init_lora_weights = mode
-        adapted.options["pissa_init"] = init_dir  # deleted with the Adapted
+        adapted.extras["pissa_init"] = init_dir  # deleted with the Adapted
         return adapted
 
     def save(self, adapted, path):
         """Save as a plain LoRA of rank 2r on the *original* weights (``Delta W = B A - B0 A0``)."""
         adapted.model.save_pretrained(
-            str(path), path_initial_model_for_weight_conversion=adapted.options["pissa_init"].name
+            str(path), path_initial_model_for_weight_conversion=adapted.extras["pissa_init"].name
         )
 
 
@@ -362,17 +349,10 @@ class PiSSA(_PeftMethod):
 class LoRAPlus(_PeftMethod):
     """LoRA+: B learns ``loraplus_lr_ratio`` times faster than A (peft's optimiser builder)."""
 
-    options = frozenset({"loraplus_lr_ratio"})
+    defaults: ClassVar[dict[str, Any]] = {"loraplus_lr_ratio": 16.0}
 
-    def build(self, model, plan, *, rank, alpha, dropout, trainable, options):
-        adapted = super().build(
-            model, plan, rank=rank, alpha=alpha, dropout=dropout, trainable=trainable, options=options
-        )
-        ratio = options.get("loraplus_lr_ratio", 16.0)
-        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or ratio <= 0:
-            raise ValueError(f"loraplus_lr_ratio must be a positive number, got {ratio!r}")
-        adapted.options["loraplus_lr_ratio"] = float(ratio)
-        return adapted
+    def check_option(self, key, value):
+        return positive_number(self.name, key, value)
 
     def make_optimizer(self, adapted, lr, weight_decay=0.0, *, total_steps=None, **kwargs):
         from peft.optimizers import create_loraplus_optimizer
@@ -381,7 +361,7 @@ class LoRAPlus(_PeftMethod):
             adapted.model,
             torch.optim.AdamW,
             lr=lr,
-            loraplus_lr_ratio=adapted.options["loraplus_lr_ratio"],
+            loraplus_lr_ratio=adapted.method_config["loraplus_lr_ratio"],
             weight_decay=weight_decay,
             **kwargs,
         )
@@ -394,11 +374,14 @@ class VeRA(_PeftMethod):
 
     supports_mha = False  # peft has no such layer for nn.MultiheadAttention
 
-    options = frozenset({"d_initial"})
+    defaults: ClassVar[dict[str, Any]] = {"d_initial": 0.1}
     config_name = "VeraConfig"
 
+    def check_option(self, key, value):
+        return positive_number(self.name, key, value)
+
     def lora_kwargs(self, options, plan, rank, dropout):
-        return {"r": rank, "vera_dropout": dropout, "d_initial": options.get("d_initial", 0.1)}
+        return {"r": rank, "vera_dropout": dropout, "d_initial": options["d_initial"]}
 
 
 @register_method("ia3")
@@ -406,6 +389,7 @@ class IA3(_PeftMethod):
     """(IA)^3: learned scaling vectors; outputs of gate/up/attn, inputs of down. ``rank``/``alpha`` unused."""
 
     supports_mha = False  # peft has no such layer for nn.MultiheadAttention
+    uses_rank = False
 
     config_name = "IA3Config"
 

@@ -6,7 +6,8 @@ in a module imported by ``nalora.methods``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+import math
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 if TYPE_CHECKING:
     import torch
@@ -28,6 +29,25 @@ class Method:
     name: str = ""
     needs_gated: bool = False  # True: refuse plans whose targeted towers have no gated FFN
     uses_adapters: bool = True  # False for "full" and "head": no target plan needed
+    uses_rank: bool = True  # False where ``rank`` is ignored (IA3): no rank-vs-layer-size check
+    defaults: ClassVar[dict[str, Any]] = {}  # every option the method takes, with its default
+
+    def check_option(self, key: str, value: Any) -> Any:
+        """Validate one option value (a one-line ``ValueError`` naming it); return it normalised."""
+        return value
+
+    def resolve_options(self, options: dict[str, Any] | None) -> dict[str, Any]:
+        """Every option of the method with defaults filled in, validated without a model.
+
+        What a run record stores and hashes: change a default, get a new run id. An unknown option or a bad
+        value is a one-line ``ValueError`` naming it.
+        """
+        options = dict(options or {})
+        bad = sorted(set(options) - set(self.defaults))
+        if bad:
+            raise ValueError(f"unknown option {bad[0]!r} for method {self.name!r}; "
+                             f"allowed: {', '.join(sorted(self.defaults)) or 'none'}")
+        return {k: self.check_option(k, v) for k, v in {**self.defaults, **options}.items()}
 
     def build(
         self,
@@ -60,6 +80,13 @@ class Method:
     def save(self, adapted: "Adapted", path: Any) -> None:
         """Write the artifact (``Adapted.save`` calls it after ``finalize``); default: plain peft adapter."""
         adapted.model.save_pretrained(str(path))
+
+
+def positive_number(method: str, key: str, value: Any) -> float:
+    """``value`` as a float if it is a finite number > 0, else a one-line ``ValueError`` naming the option."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{method} option {key} must be a finite positive number, got {value!r}")
+    return float(value)
 
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
