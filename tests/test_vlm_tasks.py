@@ -51,7 +51,7 @@ def test_registered_with_family_vlm():
 
 
 @pytest.mark.parametrize("name", QA_TASKS)
-@pytest.mark.parametrize("spec", ["tiny-dinov2+tiny-llama", "tiny-eva02+tiny-llama"])
+@pytest.mark.parametrize("spec", ["tiny-dinov2+tiny-byte-llama", "tiny-eva02+tiny-byte-llama"])
 def test_qa_task_end_to_end(name, spec, splits):
     task = get_task(name, splits=_splits_copy(splits), align=False, max_train=20)
     assert len(task.load_splits()["train"]) == 20
@@ -82,7 +82,7 @@ def test_qa_task_end_to_end(name, spec, splits):
 def test_qa_scoring_picks_the_likeliest_answer(splits):
     """With the LM forced to prefer the bytes of " bag", acc equals that class's share of the split."""
     task = get_task("fashion-mnist", splits=_splits_copy(splits), align=False)
-    setup = task.setup("tiny-dinov2+tiny-llama")
+    setup = task.setup("tiny-dinov2+tiny-byte-llama")
     bag = ord("b") + 3
 
     class Forced(torch.nn.Module):
@@ -184,8 +184,8 @@ def test_real_dinov2_probe_fashion_mnist():
 
 
 @pytest.mark.parametrize("task_name,spec,method", [
-    ("emoji", "tiny-dinov2+tiny-llama", "lora"),
-    ("fashion-mnist", "tiny-eva02+tiny-llama", "nalora"),
+    ("emoji", "tiny-dinov2+tiny-byte-llama", "lora"),
+    ("fashion-mnist", "tiny-eva02+tiny-byte-llama", "nalora"),
     ("emoji-probe", "tiny-eva02", "nalora"),
     ("fashion-mnist-probe", "tiny-dinov2", "lora"),
 ])
@@ -214,7 +214,7 @@ def test_zero_shot_row_says_which_answer_the_model_gives(splits):
     from benchmarks.vlm.zeroshot import _row, markdown
 
     task = get_task("fashion-mnist", splits=_splits_copy(splits), align=False, max_train=20)
-    setup = task.setup("tiny-dinov2+tiny-llama")
+    setup = task.setup("tiny-dinov2+tiny-byte-llama")
     row = _row(task, setup, limit=12)
     row["model"] = "tiny"
     assert row["zero_shot"]["n"] == 12 and row["top_answer"] in task.classes()
