@@ -71,7 +71,8 @@ def split_sizes(task: Any) -> str:
         splits = task.load_splits()
         return "/".join(str(len(splits[s])) for s in ("train", "validation", "test"))
     except Exception as err:  # noqa: BLE001 - one task's data problem must not hide the others
-        return f"unavailable ({type(err).__name__})"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return f"unavailable ({type(err).__name__}: {first})" if first else f"unavailable ({type(err).__name__})"
 
 
 def _list_tasks(args: argparse.Namespace, out=None) -> int:

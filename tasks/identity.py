@@ -56,11 +56,11 @@ def data_dir_files(data_dir: str | Path) -> list[Path]:
     return sorted(f for f in folder.iterdir() if f.suffix in DATA_SUFFIXES)
 
 
-def asset_identity(name: str) -> dict[str, Any]:
+def asset_identity(name: str) -> dict[str, Any] | None:
     """A cached asset's data as the cache manifest records it: the sha256 of each data (``.arrow``) file.
 
     ``state.json`` / ``dataset_info.json`` are left out: they carry ``datasets``' own per-save fingerprints,
-    which differ between two conversions of identical data. Not fetched yet: the asset's pinned sources.
+    which differ between two conversions of identical data. Not fetched yet: the asset's pinned sources. ``None`` if ``name`` is no asset.
     """
     try:
         from benchmarks.assets import SPECS, Cache
@@ -76,7 +76,7 @@ def asset_identity(name: str) -> dict[str, Any]:
         return {"asset": name, "sha256": data}
     spec = SPECS.get(name)
     if spec is None:
-        return {"dataset": name}
+        return None
     return {"asset": name, "fetched": False, "converter": spec.converter,
             "sources": {role: str(src) for role, src in sorted(spec.sources.items())}}
 
@@ -107,6 +107,11 @@ def data_identity(task: Any) -> dict[str, Any]:
     if getattr(task, "requires_network", False):
         return {"hub": dataset, "config": getattr(task, "dataset_name", None),
                 "revision": getattr(task, "revision", None)}
-    if dataset:
-        return asset_identity(dataset)
-    return {}
+    ident = asset_identity(dataset) if dataset else None
+    if ident is not None:
+        return ident
+    # No known source (a plugin's own load_splits / load_source): the loaded splits' content fingerprints.
+    try:
+        return {"splits": splits_identity(task.load_splits())}
+    except Exception as err:  # noqa: BLE001 - data unavailable: name it, the run will fail on it anyway
+        return {"dataset": dataset, "unavailable": type(err).__name__}

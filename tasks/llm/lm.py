@@ -32,27 +32,37 @@ SPLITS = ("train", "validation", "test")
 _DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def load_local_splits(data_dir: str | Path) -> datasets.DatasetDict:  # noqa: F821
-    """Raw splits from ``data_dir/<split>.{jsonl,json,parquet,csv}`` (a fixture or a user's copy)."""
+def load_split_file(path: str | Path) -> datasets.Dataset:  # noqa: F821
+    """One split from a local ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file."""
     import datasets
 
+    path = Path(path)
+    if path.suffix not in _DATA_SUFFIXES:
+        raise ValueError(f"data file {path}: unsupported type {path.suffix!r}; use one of {sorted(_DATA_SUFFIXES)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    if path.suffix == ".jsonl":  # small files: no builder, no cache files, no progress bars
+        with open(path) as f:
+            return datasets.Dataset.from_list([json.loads(line) for line in f if line.strip()])
+    return datasets.load_dataset(_DATA_SUFFIXES[path.suffix], data_files=str(path), split="train")
+
+
+def load_data_files(files: dict[str, str | Path]) -> datasets.DatasetDict:  # noqa: F821
+    """Raw splits from ``{split name: local file}``."""
+    import datasets
+
+    return datasets.DatasetDict({split: load_split_file(path) for split, path in files.items()})
+
+
+def load_local_splits(data_dir: str | Path) -> datasets.DatasetDict:  # noqa: F821
+    """Raw splits from ``data_dir/<split>.{jsonl,json,parquet,csv}`` (a fixture or a user's copy)."""
     folder = Path(data_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"task data folder {folder} does not exist")
-    files: dict[str, tuple[str, str]] = {}
-    for f in sorted(folder.iterdir()):
-        if f.suffix in _DATA_SUFFIXES:
-            files[f.stem] = (_DATA_SUFFIXES[f.suffix], str(f))
+    files = {f.stem: f for f in sorted(folder.iterdir()) if f.suffix in _DATA_SUFFIXES}
     if not files:
         raise FileNotFoundError(f"no <split>.jsonl/.json/.parquet/.csv files in {folder}")
-    out = {}
-    for split, (kind, path) in files.items():
-        if path.endswith(".jsonl"):  # small fixtures: no builder, no cache files, no progress bars
-            with open(path) as f:
-                out[split] = datasets.Dataset.from_list([json.loads(line) for line in f if line.strip()])
-        else:
-            out[split] = datasets.load_dataset(kind, data_files=path, split="train")
-    return datasets.DatasetDict(out)
+    return load_data_files(files)
 
 
 class LMTask(Task):
@@ -67,6 +77,8 @@ class LMTask(Task):
     """If > 0: hold training examples out (fixed seed) as the validation split: a count if >= 1, else a fraction."""
     max_length: int = 512
     """Longest token sequence; longer prompts lose tokens from the left."""
+    data_files: dict[str, str] | None = None
+    """Local data: ``{source split: file}`` (JSONL / JSON / CSV / Parquet), used instead of ``dataset``."""
 
     def __init__(self, data_dir: str | Path | None = None) -> None:
         """``data_dir`` replaces the data source with local ``<split>.jsonl`` files (tests, offline copies)."""
@@ -80,6 +92,8 @@ class LMTask(Task):
     def _raw(self) -> datasets.DatasetDict:  # noqa: F821
         if self.data_dir is not None:
             return load_local_splits(self.data_dir)
+        if self.data_files:
+            return load_data_files(self.data_files)
         if self.requires_network:
             import datasets
 
@@ -203,9 +217,18 @@ class LMTask(Task):
     def default_protocol(self) -> str:
         return ""
 
+    def assets(self, model_name: str) -> list[str]:
+        """Local data (``data_dir`` / ``data_files``) needs no dataset asset, only the model's."""
+        names = super().assets(model_name)
+        if self.data_dir is not None or self.data_files:
+            names = [n for n in names if n != self.dataset]
+        return names
+
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d.update(requires_network=self.requires_network, dataset_name=self.dataset_name)
+        if self.data_files:
+            d["data_files"] = {split: Path(f).name for split, f in self.data_files.items()}
         return d
 
 

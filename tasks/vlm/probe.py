@@ -18,7 +18,7 @@ from benchmarks.vlm.composed import VLMOutput
 from benchmarks.vlm.encoders import hidden_size, pooled_feature
 from tasks.base import PerExample, Task, TaskSetup
 from tasks.registry import register_task
-from tasks.vlm.data import SOURCES, cap_train, class_names, epochs, eval_order, load_capped, to_device
+from tasks.vlm.data import SOURCES, cap_train, class_names, epochs, eval_order, to_device
 
 
 class ImageClassifier(nn.Module):
@@ -49,9 +49,18 @@ class VisionProbeTask(Task):
         self.max_train, self.image_size = max_train, image_size
         self._splits = None if splits is None else cap_train(splits, max_train)
 
+    def load_source(self) -> Any:
+        """The raw data: a ``datasets.DatasetDict`` with ``train`` / ``validation`` / ``test`` splits, an
+        ``image`` column and a ``label`` ``ClassLabel`` whose names are the classes. Default: the asset
+        ``dataset``; a plugin with local images overrides this (see docs/adding_a_task.md)."""
+        from benchmarks.assets import load_dataset
+
+        return load_dataset(self.dataset)
+
     def load_splits(self) -> Any:
+        """``load_source()`` with ``train`` capped to ``max_train`` examples (a fixed random subset)."""
         if self._splits is None:
-            self._splits = load_capped(self.dataset, self.max_train)
+            self._splits = cap_train(self.load_source(), self.max_train)
         return self._splits
 
     def classes(self) -> list[str]:
