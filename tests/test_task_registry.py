@@ -374,3 +374,57 @@ def test_list_tasks_says_why_a_task_is_unavailable(tmp_path, clean_registry):
     )
     load_tasks(include_paths=[tmp_path], builtin=False, entry_points=False)
     assert cli.split_sizes(get_task("gone-task")) == "unavailable (ValueError: my data server is down)"
+
+
+def _guide_block(lang: str, after: str) -> str:
+    text = (ROOT / "docs/adding_a_task.md").read_text()
+    return re.search(rf"```{lang}\n(.*?)```", text[text.index(after):], re.DOTALL).group(1)
+
+
+def test_guide_language_plugin_with_local_files_through_the_runner(tmp_path, clean_registry):
+    from benchmarks.cli import main as cli
+
+    plugins = tmp_path / "my_tasks"
+    plugins.mkdir()
+    (plugins / "parity.yaml").write_text(_guide_block("yaml", "## A language task on local files"))
+    for split, ns in (("train", range(0, 16)), ("val", range(16, 20)), ("test", range(20, 26))):
+        (plugins / f"parity_{split}.jsonl").write_text("".join(json.dumps({"n": n, "label": int(n % 2 == 0)}) + "\n" for n in ns))
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        "models: {llm: [tiny-llama]}\ntasks: [parity]\nmethods: [lora]\nseeds: [0]\nlr_grid: [1.0e-3]\n"
+        "training: {steps: 2, batch_size: 4, eval_every: 0, eval_limit: 4, test_limit: 4, log_every: 1, diag_batches: 1}\n"
+    )
+    out = tmp_path / "results"
+    assert cli(["run", "--suite", str(suite), "--include-path", str(plugins), "--out", str(out), "--no-progress"]) == 0
+    recs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    assert len(recs) == 1 and recs[0]["status"] == "ok", recs[0].get("error")
+    assert get_task("parity").describe()["chance"] == {"acc": 0.5}
+
+
+def test_guide_vision_plugin_with_local_images(tmp_path, clean_registry):
+    import numpy as np
+    from PIL import Image
+
+    plugins = tmp_path / "my_tasks"
+    plugins.mkdir()
+    (plugins / "shapes.py").write_text(_guide_block("python", "## A vision task on local images"))
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("validation", 2), ("test", 3)):
+        for cls, value in (("circle", 40), ("square", 200)):
+            folder = plugins / "shapes_data" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                arr = (rng.random((28, 28)) * 30 + value).astype("uint8")
+                Image.fromarray(arr).convert("RGB").save(folder / f"{i}.png")
+    assert load_tasks(include_paths=[plugins], builtin=False, entry_points=False) == []
+    task = get_task("shapes", align=False)
+    assert task.classes() == ["circle", "square"] and task.chance() == {"acc": 0.5, "acc_norm": 0.5}
+    setup = task.setup("tiny-dinov2+tiny-byte-llama")
+    loss = task.loss(setup, setup.model, next(task.train_batches(setup, batch_size=4, seed=0)))
+    assert torch.isfinite(loss)
+    metrics, per = task.evaluate_examples(setup, setup.model, "test")
+    assert metrics["n"] == 6 and len(per["correct"]) == 6
+    assert len(task.heldout_batches(setup, n=1, batch_size=4)) == 1
+    first = task.fingerprint()
+    Image.fromarray(np.zeros((28, 28), "uint8")).convert("RGB").save(plugins / "shapes_data/test/circle/0.png")
+    assert get_task("shapes", align=False).fingerprint() != first  # edited images: a new task identity
