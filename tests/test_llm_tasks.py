@@ -276,6 +276,7 @@ def test_zeroshot_table_row_and_markdown(tiny):
     assert row["metrics"] == task.evaluate(task.setup_from(*tiny), tiny[0], "test", limit=6)
     text = render_table([row, {"task": "broken", "error": "ValueError: x"}], "tiny-llama", 6)
     assert "| socialiqa | 8 / 8 / 8 | 6 | acc |" in text and "| broken |" in text and "random-weight" in text
+    assert "Test splits under 1,000 examples" in text and "socialiqa (8)" in text
 
 
 # -- per-example evaluation, chance, held-out batches (the runner's interface) ---------------------
