@@ -7,12 +7,18 @@ results). Concrete helpers for the common cases live in ``tasks.common``.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
 from torch import nn
+
+PerExample = dict[str, list]
+"""``{"id": [str, ...], "pred": [int | str, ...], "correct": [bool, ...]}``: one entry per evaluated example."""
 
 
 @dataclass
@@ -41,6 +47,16 @@ class Task(ABC):
     protocol: str = ""  # the scoring protocol, written into every result
     default_model: str = "smollm2-135m"
     requires_network: bool = False  # hub-only tasks
+    fingerprint_ignore: tuple[str, ...] = ("data_dir", "splits", "cache_root")
+    """Constructor options left out of ``fingerprint()``: data options are covered by ``data_identity()``
+    (their content, not their path), and cache locations do not change results."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Task":
+        obj = super().__new__(cls)
+        # The constructor's arguments, for fingerprint(): recorded here so that no subclass (built-in or
+        # plugin) has to remember its options itself.
+        obj._init_args = (args, dict(kwargs))
+        return obj
 
     @abstractmethod
     def load_splits(self) -> "datasets.DatasetDict":  # noqa: F821
@@ -64,6 +80,15 @@ class Task(ABC):
     ) -> dict[str, float]:
         """Metrics of ``model`` on ``split`` (``validation`` or ``test``), at most ``limit`` examples."""
 
+    def evaluate_examples(
+        self, setup: TaskSetup, model: nn.Module, split: str, limit: int | None = None, batch_size: int = 16
+    ) -> tuple[dict[str, float], PerExample | None]:
+        """``(metrics, per_example)`` on ``split``: the metrics of ``evaluate`` plus, per evaluated example,
+        its id, the prediction (choice / label index, or the answer string of free-text tasks) and whether
+        it is correct. This default gives no per-example results (``None``), so tasks written against the
+        older contract keep working; the built-in tasks override it."""
+        return self.evaluate(setup, model, split, limit=limit, batch_size=batch_size), None
+
     def units(self, batch: dict) -> int:
         """Throughput units in ``batch``: real tokens for text, images for vision."""
         if "attention_mask" in batch:
@@ -86,8 +111,8 @@ class Task(ABC):
         return {}
 
     def describe(self) -> dict[str, Any]:
-        """Static description written into results and ``nalora-bench list tasks``."""
-        return {
+        """Static description written into results and ``nalora-bench list tasks`` (with ``chance``)."""
+        out = {
             "name": self.name,
             "family": self.family,
             "dataset": self.dataset,
@@ -98,3 +123,69 @@ class Task(ABC):
             "report_metric": self.report_metric,
             "protocol": self.protocol,
         }
+        # fingerprint() describes the task without its chance level: chance is derived from the data (which
+        # the fingerprint covers separately) and may need a data load or the network.
+        if not getattr(self, "_describing_definition", False):
+            out["chance"] = self.chance()
+        return out
+
+    # -- identity -----------------------------------------------------------------------------------
+
+    def options(self) -> dict[str, Any]:
+        """The constructor options of this instance, defaults filled in (``{}`` if they cannot be bound)."""
+        args, kwargs = getattr(self, "_init_args", ((), {}))
+        try:
+            bound = inspect.signature(type(self).__init__).bind(self, *args, **kwargs)
+        except (TypeError, ValueError):
+            return {"args": list(args), **kwargs}
+        bound.apply_defaults()
+        params = inspect.signature(type(self).__init__).parameters
+        out: dict[str, Any] = {}
+        for name, value in list(bound.arguments.items())[1:]:  # drop self
+            kind = params[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                out.update(value)
+            elif kind is inspect.Parameter.VAR_POSITIONAL:
+                out[name] = list(value)
+            else:
+                out[name] = value
+        return out
+
+    def definition_files(self) -> list[str]:
+        """Files whose text defines this task: the YAML file of a YAML task, else the source file of its class."""
+        task_file = getattr(type(self), "_task_file", None)
+        if task_file:
+            return [str(task_file)]
+        try:
+            return [inspect.getfile(type(self))]
+        except (TypeError, OSError):
+            return []
+
+    def data_identity(self) -> dict[str, Any]:
+        """What identifies this task's data, without loading it: the hashes of local data files (``data_dir``),
+        the asset cache manifest's sha256 of a cached dataset, a hub id with its revision, or in-memory
+        splits' content fingerprints. Override for data that comes from elsewhere."""
+        from tasks.identity import data_identity
+
+        return data_identity(self)
+
+    def fingerprint(self) -> str:
+        """sha256 of the task's definition (``describe()`` without chance, its source / YAML text, constructor
+        options) and its data identity: editing the prompt, labels, code or data gives a new value."""
+        from tasks.identity import file_sha256, jsonable
+
+        self._describing_definition = True
+        try:
+            described = self.describe()
+        finally:
+            self._describing_definition = False
+        options = {k: v for k, v in self.options().items() if k not in self.fingerprint_ignore}
+        payload = {
+            "class": type(self).__qualname__,
+            "describe": described,
+            "definition": [file_sha256(f) for f in self.definition_files()],
+            "options": options,
+            "data": self.data_identity(),
+        }
+        text = json.dumps(jsonable(payload), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 WHAT = ("tasks", "methods", "models", "datasets")
+MIN_TEST = 1000  # protocol v2: prefer test splits of at least this many examples (the table names smaller ones)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +72,8 @@ def split_sizes(task: Any) -> str:
         splits = task.load_splits()
         return "/".join(str(len(splits[s])) for s in ("train", "validation", "test"))
     except Exception as err:  # noqa: BLE001 - one task's data problem must not hide the others
-        return f"unavailable ({type(err).__name__})"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return f"unavailable ({type(err).__name__}: {first})" if first else f"unavailable ({type(err).__name__})"
 
 
 def _list_tasks(args: argparse.Namespace, out=None) -> int:
@@ -200,6 +202,13 @@ def render_table(rows: list[dict[str, Any]], model: str, limit: int | None) -> s
             f"{'-' if chance is None else f'{chance:.3f}'} | {'-' if maj is None else f'{maj:.3f}'} | "
             f"{'-' if top is None else f'{top:.3f}'} | {others} |"
         )
+    small = [f"{r['task']} ({r['sizes']['test']})" for r in rows if "sizes" in r and r["sizes"]["test"] < MIN_TEST]
+    if small:
+        lines += ["", (f"Test splits under {MIN_TEST:,} examples (one standard error of a 50% accuracy is above "
+                       f"{50 / MIN_TEST ** 0.5:.1f} points): " + ", ".join(small)
+                       + ". The offline assets hash 10% of a source into its test split (the source has "
+                       "no larger labelled test set), so a larger test split would shrink training; read "
+                       "differences on these tasks with their intervals.")]
     return "\n".join(lines) + "\n"
 
 

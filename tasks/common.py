@@ -6,9 +6,8 @@ The scoring follows lm-evaluation-harness (``HFLM._encode_pair`` / ``loglikeliho
 * context and continuation are tokenised together and split after the context's tokens (trailing spaces
   of the context move to the continuation);
 * the score of a choice is the summed log-probability of its continuation tokens;
-* ``acc`` is the argmax of the summed log-likelihoods, ``acc_norm`` the argmax of the log-likelihood
-  divided by the length of the choice text (lm-eval: ``len(choice)`` characters, the choice without the
-  leading delimiter; for the ASCII data used here that is its UTF-8 byte length).
+* ``acc`` / ``acc_norm`` come from ``tasks.scoring`` (shared with the vision tasks; re-exported here as
+  ``choice_metrics`` for existing callers).
 """
 
 from __future__ import annotations
@@ -19,6 +18,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+
+from tasks.scoring import choice_metrics  # noqa: F401 - public re-export (one scoring module)
 
 IGNORE_INDEX = -100
 
@@ -203,26 +204,6 @@ def loglikelihoods(
             lp = logprobs[r, keep - len(cont) :].gather(-1, target[:, None]).squeeze(-1)
             out[i] = float(lp.sum())
     return out
-
-
-def choice_metrics(
-    lls: Sequence[Sequence[float]], choices: Sequence[Sequence[str]], labels: Sequence[int], norm: bool = True
-) -> dict[str, float]:
-    """``acc`` (and ``acc_norm``) from per-example choice log-likelihoods, as lm-eval computes them."""
-    if not lls:
-        raise ValueError("no examples to score")
-    hits = hits_norm = 0
-    for ll, ch, gold in zip(lls, choices, labels):
-        if not 0 <= gold < len(ch):
-            raise ValueError(f"label {gold} out of range for {len(ch)} choices")
-        hits += int(max(range(len(ll)), key=lambda j: (ll[j], -j)) == gold)
-        if norm:
-            normed = [ll[j] / max(len(ch[j]), 1) for j in range(len(ll))]
-            hits_norm += int(max(range(len(ll)), key=lambda j: (normed[j], -j)) == gold)
-    metrics = {"acc": hits / len(lls)}
-    if norm:
-        metrics["acc_norm"] = hits_norm / len(lls)
-    return metrics
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ Tasks are found three ways (``load_tasks``):
    is registered under its ``name``).
 
 A file that fails to load is recorded as a ``TaskLoadError`` (path + one-line problem) and does not
-hide the other tasks.
+hide the other tasks. A name clash is different: a plugin that registers a built-in task's name, or two
+files that register one name, would make the task that runs depend on load order, so ``load_tasks``
+raises ``TaskNameClash`` naming both definitions.
 """
 
 from __future__ import annotations
@@ -36,12 +38,18 @@ BUILTIN_PACKAGES = ("tasks.llm", "tasks.vlm")
 T = TypeVar("T", bound=type)
 
 
+class TaskNameClash(ValueError):
+    """Two different definitions registered under one task name (the message names both)."""
+
+
 @dataclass(frozen=True)
 class TaskLoadError:
     """A task file or plugin that could not be loaded."""
 
     path: str
     problem: str
+    clash: bool = False
+    """The file's task name is already taken by another definition: fatal at ``load_tasks``."""
 
     def __str__(self) -> str:
         return f"{self.path}: {self.problem}"
@@ -78,9 +86,10 @@ def register_task(name: str, *, source: str | None = None) -> Callable[[T], T]:
             raise ValueError(f"@register_task({name!r}) must decorate a tasks.base.Task subclass, got {cls!r}")
         old = _TASKS.get(name)
         if old is not None and _origin(old) != _origin(cls):
-            raise ValueError(
+            new_source = source or (_current_source[-1] if _current_source else "python")
+            raise TaskNameClash(
                 f"task {name!r} is already registered by {_origin(old)} ({_SOURCES.get(name, '?')}); "
-                f"{_origin(cls)} cannot reuse the name"
+                f"{_origin(cls)} ({new_source}) cannot reuse the name: rename one of them"
             )
         cls.name = name
         _TASKS[name] = cls
@@ -129,7 +138,7 @@ def load_errors() -> list[TaskLoadError]:
     return list(_ERRORS)
 
 
-def _record(path: str, err: BaseException) -> None:
+def _record(path: str, err: BaseException, clash: bool = False) -> None:
     # One line: the exception type and message; the last frame in the file itself if we can find it.
     where = ""
     for frame in reversed(traceback.extract_tb(err.__traceback__)):
@@ -138,7 +147,7 @@ def _record(path: str, err: BaseException) -> None:
             break
     msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
     problem = f"{type(err).__name__}{where}: {msg}" if msg else f"{type(err).__name__}{where}"
-    error = TaskLoadError(path, problem)
+    error = TaskLoadError(path, problem, clash)
     if error not in _ERRORS:
         _ERRORS.append(error)
 
@@ -175,7 +184,7 @@ def _guarded(key: str, path: str, source: str, fn: Callable[[], None]) -> None:
         _LOADED.add(key)
     except Exception as err:  # noqa: BLE001 - one broken file must not hide the others
         _LOADED.add(key)
-        _record(path, err)
+        _record(path, err, clash=isinstance(err, TaskNameClash))
     finally:
         _current_source.pop()
 
@@ -222,8 +231,8 @@ def _load_entry_points() -> None:
 
         def load(ep=ep, source=source) -> None:
             obj = ep.load()
-            if isinstance(obj, type) and issubclass(obj, Task) and obj.name not in _TASKS:
-                register_task(obj.name or ep.name, source=source)(obj)
+            if isinstance(obj, type) and issubclass(obj, Task):
+                register_task(obj.name or ep.name, source=source)(obj)  # a taken name raises TaskNameClash
 
         _guarded(f"ep:{ep.name}={ep.value}", f"entry point {ep.name} = {ep.value} ({dist})", source, load)
 
@@ -235,6 +244,7 @@ def load_tasks(
 
     Idempotent: files already loaded are skipped. Returns every load error recorded so far (a missing
     include folder raises ``FileNotFoundError`` instead, since that is a typo on the command line).
+    Raises ``TaskNameClash`` while two definitions claim one task name (on every call, not just the first).
     """
     if builtin:
         _load_builtin()
@@ -242,4 +252,8 @@ def load_tasks(
         _load_include_path(directory)
     if entry_points:
         _load_entry_points()
+    clashes = [e for e in _ERRORS if e.clash]
+    if clashes:
+        more = f" (and {len(clashes) - 1} more name clash(es))" if len(clashes) > 1 else ""
+        raise TaskNameClash(f"{clashes[0].path}: {clashes[0].problem.split(': ', 1)[-1]}{more}")
     return load_errors()

@@ -1,9 +1,11 @@
 """Multiple-choice and classification tasks declared in YAML, without Python (like lm-eval task files).
 
-Keys (``task``, ``dataset``, ``prompt``, ``choices``, ``label`` are required)::
+Keys (``task``, ``prompt``, ``choices``, ``label`` and one of ``dataset`` / ``data_files`` are required)::
 
     task: sarcasm                      # registered name
     dataset: sarcasm                   # asset-cache dataset, or a hub id with requires_network: true
+    data_files: {train: train.jsonl, validation: val.csv, test: test.parquet}
+                                       # or local files (JSONL/JSON/CSV/Parquet, paths relative to this file)
     dataset_name: null                 # hub configuration
     requires_network: false
     source: "..."                      # provenance shown by `list tasks`
@@ -23,15 +25,16 @@ Keys (``task``, ``dataset``, ``prompt``, ``choices``, ``label`` are required)::
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Any
 
 from tasks.llm.lm import ChoiceTask
 
-_REQUIRED = ("task", "dataset", "prompt", "choices", "label")
+_REQUIRED = ("task", "prompt", "choices", "label")
 _OPTIONAL = {
-    "family", "dataset_name", "requires_network", "source", "split_map", "validation_from_train",
+    "dataset", "data_files", "family", "dataset_name", "requires_network", "source", "split_map", "validation_from_train",
     "target_delimiter", "answer_format", "metrics", "selection_metric", "report_metric", "max_length",
     "num_choices", "default_model", "description",
 }
@@ -77,11 +80,47 @@ class YamlChoiceTask(ChoiceTask):
             if str(value).strip() not in keys:
                 raise ValueError(f"task {self.name!r}: label {value!r} not among {keys}")
             return keys.index(str(value).strip())
-        return int(value) + int(spec.get("offset", 0))
+        offset = int(spec.get("offset", 0))
+        index = int(value) + offset
+        n = len(self.doc_to_choices(example))
+        if not 0 <= index < n:
+            shift = f" + offset {offset}" if offset else ""
+            raise ValueError(
+                f"task {self.name!r}: label field {spec['field']!r} = {value!r}{shift} gives choice {index}, "
+                f"outside the {n} choices (0..{n - 1})"
+            )
+        return index
+
+    def load_splits(self):  # noqa: ANN201 - datasets.DatasetDict
+        """The splits, every label checked once: a bad label is a one-line error before any training."""
+        first = self._splits is None
+        splits = super().load_splits()
+        if first:
+            for split in splits.values():
+                for example in split:
+                    self.doc_to_label(example)
+        return splits
 
 
 def _fail(path: Path, msg: str) -> None:
     raise ValueError(f"{path}: {msg}")
+
+
+def _data_files(path: Path, value: Any) -> dict[str, str] | None:
+    """``data_files`` as ``{split: absolute path}``: a mapping of splits, paths relative to the YAML file."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not value or not all(isinstance(v, str) for v in value.values()):
+        _fail(path, "data_files must map split names to files, e.g. {train: train.jsonl, test: test.jsonl}")
+    out = {}
+    for split, file in value.items():
+        f = (path.parent / file).expanduser() if not Path(file).expanduser().is_absolute() else Path(file).expanduser()
+        if Path(file).suffix not in (".jsonl", ".json", ".csv", ".parquet"):
+            _fail(path, f"data_files.{split}: {file!r} is not a .jsonl, .json, .csv or .parquet file")
+        if not f.is_file():
+            _fail(path, f"data_files.{split}: {f} does not exist")
+        out[str(split)] = str(f.resolve())
+    return out
 
 
 def task_class_from_yaml(path: str | Path) -> type[YamlChoiceTask]:
@@ -95,12 +134,21 @@ def task_class_from_yaml(path: str | Path) -> type[YamlChoiceTask]:
         _fail(path, f"invalid YAML ({str(err).splitlines()[0]})")
     if not isinstance(spec, dict):
         _fail(path, "a task file must be a mapping of keys")
+    # Unknown keys first: a typo ('promt') is the cause of the "missing 'prompt'" that would follow.
+    known = sorted(set(_REQUIRED) | _OPTIONAL)
+    unknown = sorted(set(map(str, spec)) - set(known))
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        _fail(path, f"unknown key(s) {', '.join(hints)}; allowed: {known}")
     missing = [k for k in _REQUIRED if k not in spec]
+    if "dataset" not in spec and "data_files" not in spec:
+        missing.append("dataset (or data_files)")
     if missing:
         _fail(path, f"missing required key(s) {missing}")
-    unknown = sorted(set(spec) - set(_REQUIRED) - _OPTIONAL)
-    if unknown:
-        _fail(path, f"unknown key(s) {unknown}; allowed: {sorted(set(_REQUIRED) | _OPTIONAL)}")
+    data_files = _data_files(path, spec.get("data_files"))
     if spec.get("family", "llm") != "llm":
         _fail(path, f"YAML tasks are language tasks (family: llm), got {spec['family']!r}")
     name = spec["task"]
@@ -120,6 +168,8 @@ def task_class_from_yaml(path: str | Path) -> type[YamlChoiceTask]:
     if not (isinstance(label, str) or (isinstance(label, dict) and "field" in label
                                          and set(label) <= {"field", "lookup", "offset"})):
         _fail(path, "label must be a field name or {field: ..., lookup: ... | offset: ...}")
+    if isinstance(label, dict) and not isinstance(label.get("offset", 0), int):
+        _fail(path, f"label.offset must be an integer, got {label['offset']!r}")
     metrics = spec.get("metrics", ["acc", "acc_norm"])
     if not isinstance(metrics, list) or not metrics or set(metrics) - _KNOWN_METRICS:
         _fail(path, f"metrics must be a non-empty subset of {sorted(_KNOWN_METRICS)}, got {metrics!r}")
@@ -136,7 +186,8 @@ def task_class_from_yaml(path: str | Path) -> type[YamlChoiceTask]:
         "spec": spec,
         "_task_file": str(path.resolve()),
         "name": name,
-        "dataset": str(spec["dataset"]),
+        "dataset": str(spec.get("dataset", "local files")),
+        "data_files": data_files,
         "dataset_name": spec.get("dataset_name"),
         "requires_network": bool(spec.get("requires_network", False)),
         "source": spec.get("source", f"YAML {path.name}"),

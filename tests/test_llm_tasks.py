@@ -276,3 +276,102 @@ def test_zeroshot_table_row_and_markdown(tiny):
     assert row["metrics"] == task.evaluate(task.setup_from(*tiny), tiny[0], "test", limit=6)
     text = render_table([row, {"task": "broken", "error": "ValueError: x"}], "tiny-llama", 6)
     assert "| socialiqa | 8 / 8 / 8 | 6 | acc |" in text and "| broken |" in text and "random-weight" in text
+    assert "Test splits under 1,000 examples" in text and "socialiqa (8)" in text
+
+
+# -- per-example evaluation, chance, held-out batches (the runner's interface) ---------------------
+
+
+@pytest.mark.parametrize("name", _llm_tasks())
+def test_evaluate_examples_agrees_with_evaluate(name, tiny):
+    task = get_task(name, data_dir=FIXTURES / name)
+    setup = task.setup_from(*tiny)
+    metrics, per = task.evaluate_examples(setup, setup.model, "test", limit=3, batch_size=3)
+    assert metrics == task.evaluate(setup, setup.model, "test", limit=3, batch_size=3)
+    assert set(per) == {"id", "pred", "correct"} and len(per["id"]) == len(per["pred"]) == len(per["correct"]) == 3
+    assert len(set(per["id"])) == 3 and all(isinstance(i, str) for i in per["id"])
+    assert sum(per["correct"]) / 3 == pytest.approx(metrics[task.report_metric])
+    # The ids name the evaluated rows: the same examples come back from examples().
+    rows = task.examples("test", limit=3)
+    assert [task.load_splits()["test"][int(i)] for i in per["id"]] == list(rows)
+    assert "chance" in task.describe() and task.describe()["chance"] == task.chance()
+
+
+def test_evaluate_examples_predictions_follow_the_scores(monkeypatch, tiny):
+    """pred is the argmax choice: scores favouring choice 0 everywhere give pred 0 and correct = (gold == 0)."""
+    task = get_task("arc_easy", data_dir=FIXTURES / "arc_easy")
+    setup = task.setup_from(*tiny)
+    firsts = {task.requests(ex)[0] for ex in task.examples("test")}
+    monkeypatch.setattr("tasks.llm.lm.loglikelihoods",
+                        lambda model, tok, reqs, **kw: [0.0 if r in firsts else -5.0 for r in reqs])
+    metrics, per = task.evaluate_examples(setup, setup.model, "test")
+    golds = [task.doc_to_label(ex) for ex in task.examples("test")]
+    assert per["pred"] == [0] * len(golds) and per["correct"] == [g == 0 for g in golds]
+    assert metrics["acc"] == pytest.approx(sum(g == 0 for g in golds) / len(golds))
+
+
+def test_generation_per_example_answers(monkeypatch, tiny):
+    task = get_task("gsm8k", data_dir=FIXTURES / "gsm8k")
+    setup = task.setup_from(*tiny)
+    golds = [ex["answer"] for ex in task.examples("test", limit=4)]
+    outs = [f"#### {g}" if i % 2 == 0 else "no idea" for i, g in enumerate(golds)]
+    monkeypatch.setattr("tasks.llm.lm.greedy_generate", lambda model, tok, prompts, **kw: outs)
+    metrics, per = task.evaluate_examples(setup, setup.model, "test", limit=4)
+    assert per["pred"] == [final_number(g) if i % 2 == 0 else "" for i, g in enumerate(golds)]
+    assert per["correct"] == [True, False, True, False] and metrics == {"exact_match": 0.5}
+
+
+def test_limited_subset_is_the_seed0_shuffle():
+    """The evaluated subset is unchanged from earlier versions (Dataset.shuffle(seed=0) then the first n)."""
+    task = get_task("sarcasm", data_dir=FIXTURES / "sarcasm")
+    data = task.load_splits()["test"]
+    assert list(task.examples("test", limit=5)) == list(data.shuffle(seed=0, keep_in_memory=True).select(range(5)))
+
+
+def test_old_style_plugins_still_evaluate(tiny):
+    """A plugin overriding evaluate() (older contract) keeps its own metrics and gives no per-example results."""
+    from tasks.base import Task
+    from tasks.llm.lm import ChoiceTask
+
+    class Custom(ChoiceTask):
+        def evaluate(self, setup, model, split, limit=None, batch_size=16):
+            return {"acc": 0.123}
+
+    task = Custom(data_dir=FIXTURES / "sarcasm")
+    assert task.evaluate_examples(None, None, "test") == ({"acc": 0.123}, None)
+
+    class Bare(Task):
+        load_splits = setup = train_batches = loss = None
+
+        def evaluate(self, setup, model, split, limit=None, batch_size=16):
+            return {"acc": 0.5, "split": split}
+
+    assert Bare().evaluate_examples(None, None, "validation", limit=2) == ({"acc": 0.5, "split": "validation"}, None)
+    assert Bare().describe()["chance"] == {}
+
+
+def test_chance_with_varying_choice_counts():
+    task = get_task("arc_easy", data_dir=FIXTURES / "arc_easy")
+    want = sum(1 / len(task.doc_to_choices(ex)) for ex in task.load_splits()["test"]) / len(task.load_splits()["test"])
+    assert len({len(task.doc_to_choices(ex)) for ex in task.load_splits()["test"]}) > 1  # the fixture varies
+    assert task.chance() == {"acc": pytest.approx(want), "acc_norm": pytest.approx(want)}
+    assert get_task("sarcasm").chance() == {"acc": 0.5}  # fixed labels: no data needed
+
+
+@pytest.mark.parametrize("name", ["sarcasm", "arc_easy", "gsm8k"])
+def test_heldout_batches_come_from_validation(name, tiny):
+    task = get_task(name, data_dir=FIXTURES / name)
+    setup = task.setup_from(*tiny)
+    tok = setup.extras["tokenizer"]
+    train_batch = next(task.train_batches(setup, 2, seed=0))
+    batches = task.heldout_batches(setup, n=2, batch_size=2)
+    assert batches == [] or set(batches[0]) == set(train_batch)
+    again = task.heldout_batches(setup, n=2, batch_size=2)
+    assert len(batches) == min(2, -(-len(task.load_splits()["validation"]) // 2))
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, again))  # deterministic
+    val_texts = {tok.decode(task.collate(setup, [ex])["input_ids"][0]) for ex in task.load_splits()["validation"]}
+    train_texts = {tok.decode(task.collate(setup, [ex])["input_ids"][0]) for ex in task.load_splits()["train"]}
+    for batch in batches:
+        for row, mask in zip(batch["input_ids"], batch["attention_mask"]):
+            text = tok.decode(row[mask.bool()])
+            assert text in val_texts and (text not in train_texts or name == "gsm8k")  # gsm8k's fixture repeats

@@ -216,3 +216,215 @@ def test_readme_plugin_through_the_runner(tmp_path, clean_registry):
     assert all(r["status"] == "ok" and r["config"]["task"] == "sum-check" for r in recs), [r["error"] for r in recs]
     assert cli(["report", "--results", str(out)]) == 0
     assert "sum-check" in (out / "leaderboard.csv").read_text()
+
+
+# -- task fingerprint (run ids must change when a task's definition or data changes) ---------------
+
+_YAML = ("task: fp-task\ndata_files: {{train: d.jsonl, validation: d.jsonl, test: d.jsonl}}\n"
+         "prompt: \"{prompt}\"\nchoices: {choices}\nlabel: label\nmetrics: [acc]\n")
+
+
+def _yaml_task(tmp_path, prompt="{q}?\\nAnswer:", choices="['no', 'yes']"):
+    from tasks.yaml_task import task_class_from_yaml
+
+    (tmp_path / "fp.yaml").write_text(_YAML.format(prompt=prompt, choices=choices))
+    return task_class_from_yaml(tmp_path / "fp.yaml")()
+
+
+def test_fingerprint_is_stable_and_follows_prompt_labels_and_data(tmp_path, monkeypatch):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"q": "Is 2 even", "label": 1}\n{"q": "Is 3 even", "label": 0}\n')
+    task = _yaml_task(tmp_path)
+    base = task.fingerprint()
+    assert len(base) == 64 and base == task.fingerprint() == _yaml_task(tmp_path).fingerprint()
+    assert _yaml_task(tmp_path, prompt="{q}?\\nReply:").fingerprint() != base  # prompt edited
+    assert _yaml_task(tmp_path, choices="['No', 'Yes']").fingerprint() != base  # labels edited
+    data.write_text('{"q": "Is 2 even", "label": 1}\n{"q": "Is 5 even", "label": 0}\n')
+    assert _yaml_task(tmp_path).fingerprint() != base  # data edited
+    data.write_text('{"q": "Is 2 even", "label": 1}\n{"q": "Is 3 even", "label": 0}\n')
+    assert _yaml_task(tmp_path).fingerprint() == base  # same definition, same data: same id
+
+    # Cheap: computing it never loads the data of a task with local files or a cached asset.
+    from tasks.llm.lm import LMTask
+
+    def refuse(self):
+        raise AssertionError("fingerprint loaded the data")
+
+    monkeypatch.setattr(LMTask, "load_splits", refuse)
+    assert _yaml_task(tmp_path).fingerprint() == base
+    get_task("sarcasm").fingerprint()
+
+
+def test_fingerprint_of_data_dir_is_content_not_path(tmp_path):
+    import shutil
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(ROOT / "tests/fixtures/tasks/quartz", a)
+    shutil.copytree(ROOT / "tests/fixtures/tasks/quartz", b)
+    assert get_task("quartz", data_dir=a).fingerprint() == get_task("quartz", data_dir=b).fingerprint()
+    with open(b / "test.jsonl", "a") as f:
+        f.write('{"question": "Extra?", "choices": ["x", "y"], "label": 0}\n')
+    assert get_task("quartz", data_dir=a).fingerprint() != get_task("quartz", data_dir=b).fingerprint()
+    assert get_task("quartz").fingerprint() != get_task("sarcasm").fingerprint()
+
+
+def test_fingerprint_of_a_cached_asset_follows_its_manifest(tmp_path, monkeypatch):
+    """An asset task is identified by the sha256 the cache manifest records for its data files."""
+    monkeypatch.setenv("NALORA_BENCH_CACHE", str(tmp_path))
+    (tmp_path / "entries" / "sarcasm").mkdir(parents=True)
+
+    def manifest(data_sha: str, state_sha: str) -> None:
+        files = {"data/test/data-00000-of-00001.arrow": {"sha256": data_sha, "size": 1},
+                 "data/test/state.json": {"sha256": state_sha, "size": 1}}
+        (tmp_path / "manifest.json").write_text(json.dumps({"sarcasm": {"files": files, "main_file": "x"}}))
+
+    manifest("a" * 64, "s" * 64)
+    first = get_task("sarcasm").fingerprint()
+    manifest("a" * 64, "t" * 64)  # datasets' own state fingerprint: not the data
+    assert get_task("sarcasm").fingerprint() == first
+    manifest("b" * 64, "t" * 64)
+    assert get_task("sarcasm").fingerprint() != first
+
+
+def test_fingerprint_covers_constructor_options():
+    assert get_task("fashion-mnist-probe", max_train=10).fingerprint() != get_task("fashion-mnist-probe").fingerprint()
+    assert get_task("fashion-mnist-probe", max_train=10).fingerprint() == registry.task_class("fashion-mnist-probe")(10).fingerprint()
+
+
+# -- name clashes and YAML mistakes: one-line errors before any work -------------------------------
+
+
+def test_plugin_reusing_a_builtin_name_is_an_error_naming_both(tmp_path, clean_registry):
+    load_tasks()
+    (tmp_path / "mine.py").write_text(
+        "from tasks.registry import register_task\nfrom tasks.llm.lm import ChoiceTask\n\n"
+        "@register_task('sarcasm')\nclass Mine(ChoiceTask):\n    dataset = 'x'\n"
+    )
+    with pytest.raises(registry.TaskNameClash, match=r"sarcasm\.yaml.*mine\.py") as err:
+        load_tasks(include_paths=[tmp_path])
+    assert "\n" not in str(err.value)
+    with pytest.raises(registry.TaskNameClash):  # every later load too: `run` cannot go on with the built-in
+        load_tasks(include_paths=[tmp_path])
+    assert registry.task_class("sarcasm").__name__ != "Mine"
+
+
+def test_two_plugin_files_with_one_name_is_an_error_naming_both_files(tmp_path, clean_registry):
+    for stem in ("first", "second"):
+        (tmp_path / f"{stem}.py").write_text(
+            "from tasks.registry import register_task\nfrom tasks.llm.lm import ChoiceTask\n\n"
+            f"@register_task('dup-task')\nclass T_{stem}(ChoiceTask):\n    dataset = 'x'\n"
+        )
+    with pytest.raises(registry.TaskNameClash, match=r"first\.py.*second\.py|second\.py.*first\.py"):
+        load_tasks(include_paths=[tmp_path], builtin=False, entry_points=False)
+
+
+def test_yaml_label_offset_past_the_choices_is_one_line(tmp_path, clean_registry):
+    (tmp_path / "d.jsonl").write_text('{"q": "a", "label": "1"}\n{"q": "b", "label": "3"}\n')
+    (tmp_path / "off.yaml").write_text(
+        "task: off-task\ndata_files: {train: d.jsonl, validation: d.jsonl, test: d.jsonl}\nprompt: '{q}'\n"
+        "choices: [x, y]\nlabel: {field: label, offset: -1}\n"
+    )
+    assert load_tasks(include_paths=[tmp_path], builtin=False, entry_points=False) == []
+    with pytest.raises(ValueError, match=r"task 'off-task': label field 'label' = '3' \+ offset -1 gives choice 2, "
+                                         r"outside the 2 choices") as err:
+        get_task("off-task").load_splits()
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_yaml_key_suggests_the_closest(tmp_path, clean_registry):
+    (tmp_path / "typo.yaml").write_text("task: t\ndataset: x\npromt: p\nchoices: [a, b]\nlabel: label\n")
+    (tmp_path / "typo2.yaml").write_text("task: t2\ndataset: x\nprompt: p\nchoices: [a, b]\nlabel: label\nmetrix: [acc]\n")
+    errors = {Path(e.path).name: e.problem for e in load_tasks(include_paths=[tmp_path], builtin=False, entry_points=False)}
+    assert "unknown key(s) 'promt' (did you mean 'prompt'?)" in errors["typo.yaml"]
+    assert "'metrix' (did you mean 'metrics'?)" in errors["typo2.yaml"]
+
+
+# -- local data: YAML data_files, `list tasks` reasons ---------------------------------------------
+
+
+def test_yaml_data_files_csv_and_parquet(tmp_path, clean_registry):
+    import datasets
+
+    rows = [{"q": f"Is {i} even", "label": int(i % 2 == 0)} for i in range(6)]
+    datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "train.csv"), index=False)
+    datasets.Dataset.from_list(rows[:3]).to_parquet(str(tmp_path / "val.parquet"))
+    (tmp_path / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows[3:]) + "\n")
+    (tmp_path / "local.yaml").write_text(
+        "task: local-even\ndata_files: {train: train.csv, validation: val.parquet, test: test.jsonl}\n"
+        "prompt: \"{q}?\\nAnswer:\"\nchoices: ['no', 'yes']\nlabel: label\nmetrics: [acc]\n"
+    )
+    assert load_tasks(include_paths=[tmp_path], builtin=False, entry_points=False) == []
+    task = get_task("local-even")
+    assert [len(task.load_splits()[s]) for s in ("train", "validation", "test")] == [6, 3, 3]
+    assert task.assets("tiny-llama") == ["tiny-llama"]  # local data: nothing to fetch
+    assert task.describe()["data_files"] == {"train": "train.csv", "validation": "val.parquet", "test": "test.jsonl"}
+    (tmp_path / "missing.yaml").write_text(
+        "task: m\ndata_files: {train: nope.jsonl}\nprompt: p\nchoices: [a, b]\nlabel: label\n")
+    errors = load_tasks(include_paths=[tmp_path], builtin=False, entry_points=False)
+    assert any("data_files.train" in e.problem and "nope.jsonl" in e.problem for e in errors)
+
+
+def test_list_tasks_says_why_a_task_is_unavailable(tmp_path, clean_registry):
+    from tasks import cli
+
+    (tmp_path / "gone.py").write_text(
+        "from tasks.registry import register_task\nfrom tasks.llm.lm import ChoiceTask\n\n"
+        "@register_task('gone-task')\nclass Gone(ChoiceTask):\n    dataset = 'x'\n"
+        "    def load_splits(self):\n        raise ValueError('my data server is down')\n"
+    )
+    load_tasks(include_paths=[tmp_path], builtin=False, entry_points=False)
+    assert cli.split_sizes(get_task("gone-task")) == "unavailable (ValueError: my data server is down)"
+
+
+def _guide_block(lang: str, after: str) -> str:
+    text = (ROOT / "docs/adding_a_task.md").read_text()
+    return re.search(rf"```{lang}\n(.*?)```", text[text.index(after):], re.DOTALL).group(1)
+
+
+def test_guide_language_plugin_with_local_files_through_the_runner(tmp_path, clean_registry):
+    from benchmarks.cli import main as cli
+
+    plugins = tmp_path / "my_tasks"
+    plugins.mkdir()
+    (plugins / "parity.yaml").write_text(_guide_block("yaml", "## A language task on local files"))
+    for split, ns in (("train", range(0, 16)), ("val", range(16, 20)), ("test", range(20, 26))):
+        (plugins / f"parity_{split}.jsonl").write_text("".join(json.dumps({"n": n, "label": int(n % 2 == 0)}) + "\n" for n in ns))
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        "models: {llm: [tiny-llama]}\ntasks: [parity]\nmethods: [lora]\nseeds: [0]\nlr_grid: [1.0e-3]\n"
+        "training: {steps: 2, batch_size: 4, eval_every: 0, eval_limit: 4, test_limit: 4, log_every: 1, diag_batches: 1}\n"
+    )
+    out = tmp_path / "results"
+    assert cli(["run", "--suite", str(suite), "--include-path", str(plugins), "--out", str(out), "--no-progress"]) == 0
+    recs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    assert len(recs) == 1 and recs[0]["status"] == "ok", recs[0].get("error")
+    assert get_task("parity").describe()["chance"] == {"acc": 0.5}
+
+
+def test_guide_vision_plugin_with_local_images(tmp_path, clean_registry):
+    import numpy as np
+    from PIL import Image
+
+    plugins = tmp_path / "my_tasks"
+    plugins.mkdir()
+    (plugins / "shapes.py").write_text(_guide_block("python", "## A vision task on local images"))
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("validation", 2), ("test", 3)):
+        for cls, value in (("circle", 40), ("square", 200)):
+            folder = plugins / "shapes_data" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                arr = (rng.random((28, 28)) * 30 + value).astype("uint8")
+                Image.fromarray(arr).convert("RGB").save(folder / f"{i}.png")
+    assert load_tasks(include_paths=[plugins], builtin=False, entry_points=False) == []
+    task = get_task("shapes", align=False)
+    assert task.classes() == ["circle", "square"] and task.chance() == {"acc": 0.5, "acc_norm": 0.5}
+    setup = task.setup("tiny-dinov2+tiny-byte-llama")
+    loss = task.loss(setup, setup.model, next(task.train_batches(setup, batch_size=4, seed=0)))
+    assert torch.isfinite(loss)
+    metrics, per = task.evaluate_examples(setup, setup.model, "test")
+    assert metrics["n"] == 6 and len(per["correct"]) == 6
+    assert len(task.heldout_batches(setup, n=1, batch_size=4)) == 1
+    first = task.fingerprint()
+    Image.fromarray(np.zeros((28, 28), "uint8")).convert("RGB").save(plugins / "shapes_data/test/circle/0.png")
+    assert get_task("shapes", align=False).fingerprint() != first  # edited images: a new task identity

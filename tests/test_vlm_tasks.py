@@ -51,7 +51,7 @@ def test_registered_with_family_vlm():
 
 
 @pytest.mark.parametrize("name", QA_TASKS)
-@pytest.mark.parametrize("spec", ["tiny-dinov2+tiny-llama", "tiny-eva02+tiny-llama"])
+@pytest.mark.parametrize("spec", ["tiny-dinov2+tiny-byte-llama", "tiny-eva02+tiny-byte-llama"])
 def test_qa_task_end_to_end(name, spec, splits):
     task = get_task(name, splits=_splits_copy(splits), align=False, max_train=20)
     assert len(task.load_splits()["train"]) == 20
@@ -82,7 +82,7 @@ def test_qa_task_end_to_end(name, spec, splits):
 def test_qa_scoring_picks_the_likeliest_answer(splits):
     """With the LM forced to prefer the bytes of " bag", acc equals that class's share of the split."""
     task = get_task("fashion-mnist", splits=_splits_copy(splits), align=False)
-    setup = task.setup("tiny-dinov2+tiny-llama")
+    setup = task.setup("tiny-dinov2+tiny-byte-llama")
     bag = ord("b") + 3
 
     class Forced(torch.nn.Module):
@@ -184,8 +184,8 @@ def test_real_dinov2_probe_fashion_mnist():
 
 
 @pytest.mark.parametrize("task_name,spec,method", [
-    ("emoji", "tiny-dinov2+tiny-llama", "lora"),
-    ("fashion-mnist", "tiny-eva02+tiny-llama", "nalora"),
+    ("emoji", "tiny-dinov2+tiny-byte-llama", "lora"),
+    ("fashion-mnist", "tiny-eva02+tiny-byte-llama", "nalora"),
     ("emoji-probe", "tiny-eva02", "nalora"),
     ("fashion-mnist-probe", "tiny-dinov2", "lora"),
 ])
@@ -214,7 +214,7 @@ def test_zero_shot_row_says_which_answer_the_model_gives(splits):
     from benchmarks.vlm.zeroshot import _row, markdown
 
     task = get_task("fashion-mnist", splits=_splits_copy(splits), align=False, max_train=20)
-    setup = task.setup("tiny-dinov2+tiny-llama")
+    setup = task.setup("tiny-dinov2+tiny-byte-llama")
     row = _row(task, setup, limit=12)
     row["model"] = "tiny"
     assert row["zero_shot"]["n"] == 12 and row["top_answer"] in task.classes()
@@ -222,3 +222,87 @@ def test_zero_shot_row_says_which_answer_the_model_gives(splits):
     if row["top_answer_share"] == 1.0:  # a constant answer scores exactly its class's share of the sample
         assert row["zero_shot"]["acc"] == pytest.approx(row["top_answer_class_share_of_sample"])
     assert f"{row['top_answer']} ({row['top_answer_share']:.2f})" in markdown([row])
+
+
+# -- per-example evaluation, held-out batches, one scoring path with the language tasks -----------
+
+
+@pytest.mark.parametrize("name,spec", [("emoji", "tiny-dinov2+tiny-byte-llama"), ("emoji-probe", "tiny-eva02")])
+def test_evaluate_examples_agrees_with_evaluate(name, spec, splits):
+    task = get_task(name, splits=_splits_copy(splits), **({} if "probe" in name else {"align": False}))
+    setup = task.setup(spec)
+    metrics, per = task.evaluate_examples(setup, setup.model, "test", limit=7, batch_size=3)
+    assert metrics == task.evaluate(setup, setup.model, "test", limit=7, batch_size=3)
+    assert len(per["id"]) == len(per["pred"]) == len(per["correct"]) == 7 == metrics["n"]
+    assert per["id"] == [str(i) for i in eval_order(len(task.load_splits()["test"]), 7)]
+    assert sum(per["correct"]) / 7 == pytest.approx(metrics["acc"])
+    labels = task.load_splits()["test"]["label"]
+    assert per["correct"] == [p == labels[int(i)] for p, i in zip(per["pred"], per["id"])]
+    assert task.describe()["chance"] == {"acc": pytest.approx(1 / 3), **({} if "probe" in name else {"acc_norm": pytest.approx(1 / 3)})}
+
+
+@pytest.mark.parametrize("name,spec", [("fashion-mnist", "tiny-dinov2+tiny-byte-llama"), ("fashion-mnist-probe", "tiny-dinov2")])
+def test_heldout_batches_come_from_validation(name, spec, splits):
+    task = get_task(name, splits=_splits_copy(splits), **({} if "probe" in name else {"align": False}))
+    setup = task.setup(spec)
+    train_batch = next(task.train_batches(setup, batch_size=4, seed=0))
+    batches = task.heldout_batches(setup, n=2, batch_size=4)
+    assert len(batches) == 2 and all(set(b) == set(train_batch) for b in batches)
+    val = task.load_splits()["validation"]
+    transform = setup.extras["transform"] if "probe" in name else setup.extras["io"].transform
+    want = transform.stack(val.select(eval_order(len(val), 8)[:4])["image"])
+    assert torch.equal(batches[0]["pixel_values"], want)  # validation images, fixed order
+    assert torch.equal(task.heldout_batches(setup, n=2, batch_size=4)[1]["pixel_values"], batches[1]["pixel_values"])
+
+
+def test_vision_and_language_choice_tasks_score_alike(monkeypatch, splits):
+    """Same log-likelihoods, same choices, same gold: the VLM QA task and a language choice task give the same
+    acc and acc_norm, and acc_norm is lm-eval's (divide by len(choice) characters, without the leading space)."""
+    import datasets
+
+    from tasks.llm.lm import ChoiceTask
+
+    classes = ["t-shirt/top", "trouser", "bag"]
+    # Per character trouser wins (-2.2/7 > -1/3); per byte of " " + name bag would (-1/4 > -2.2/8).
+    row = [-9.0, -2.2, -1.0]
+    # Unbalanced gold labels (4 x t-shirt, 4 x trouser, 1 x bag): acc and the two acc_norm variants all differ.
+    full = list(splits["test"]["label"])
+    test = splits["test"].select([i for i, y in enumerate(full) if y != 2] + [full.index(2)])
+    n = len(test)
+    both = _splits_copy(splits)
+    both["test"] = test
+
+    vqa = get_task("fashion-mnist", splits=both, align=False)
+    setup = vqa.setup("tiny-dinov2+tiny-byte-llama")
+    monkeypatch.setattr(type(vqa), "_scores",
+                        staticmethod(lambda model, io, images, choices, device: torch.tensor([row] * len(images))))
+    vision = vqa.evaluate(setup, setup.model, "test")
+
+    class Text(ChoiceTask):
+        name = "text-twin"
+
+        def load_splits(self):
+            return datasets.DatasetDict({s: datasets.Dataset.from_dict({"label": list(test["label"])})
+                                         for s in ("train", "validation", "test")})
+
+        def doc_to_text(self, ex):
+            return "What is shown?"
+
+        def doc_to_choices(self, ex):
+            return classes
+
+        def doc_to_label(self, ex):
+            return int(ex["label"])
+
+    text = Text()
+    scores = {" " + c: v for c, v in zip(classes, row)}
+    monkeypatch.setattr("tasks.llm.lm.loglikelihoods", lambda model, tok, reqs, **kw: [scores[c] for _, c in reqs])
+    from tasks.base import TaskSetup
+
+    language = text.evaluate(TaskSetup(model=torch.nn.Linear(1, 1), extras={"tokenizer": None}), torch.nn.Linear(1, 1), "test")
+
+    labels = list(test["label"])
+    assert labels.count(1) != labels.count(2)  # so per-byte-with-space scoring would give another acc_norm
+    want = {"acc": labels.count(2) / n, "acc_norm": labels.count(1) / n}
+    assert language == pytest.approx(want)
+    assert {k: vision[k] for k in ("acc", "acc_norm")} == pytest.approx(want)

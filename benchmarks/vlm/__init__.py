@@ -5,7 +5,7 @@ from benchmarks.vlm.build import DEFAULT_IMAGE_SIZE, DEFAULT_VLM, load_encoder, 
 from benchmarks.vlm.composed import ComposedVLM, Connector, VLMOutput
 from benchmarks.vlm.encoders import ImageTransform, patch_tokens, pooled_feature
 from benchmarks.vlm.factory import VLMBuild, build_vlm
-from benchmarks.vlm.io import ComposedIO, choice_metrics, sequence_logprobs
+from benchmarks.vlm.io import ComposedIO, sequence_logprobs
 
 __all__ = [
     "DEFAULT_IMAGE_SIZE",
@@ -19,7 +19,6 @@ __all__ = [
     "VLMOutput",
     "align_connector",
     "build_vlm",
-    "choice_metrics",
     "load_encoder",
     "load_lm",
     "load_or_align",

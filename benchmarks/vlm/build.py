@@ -2,7 +2,7 @@
 
 Encoder names: an asset-cache image encoder (``dinov2-s``), ``timm:<model>`` (random weights: no
 gated pretrained vision tower installs offline), or ``tiny-dinov2`` / ``tiny-eva02``.
-LM names: an asset-cache causal LM (``smollm2-135m``, ``gemma3-270m``) or ``tiny-llama``.
+LM names: an asset-cache causal LM (``smollm2-135m``, ``gemma3-270m``) or ``tiny-byte-llama`` (tests).
 """
 
 from __future__ import annotations
@@ -75,6 +75,8 @@ def load_lm(name: str) -> LanguageModel:
     """The causal LM ``name`` and its tokenizer."""
     if name in TINY_LMS:
         return LanguageModel(name, TINY_LMS[name](), ByteTokenizer(), {"source": "random init"})
+    if name.startswith("tiny-"):  # e.g. the language tasks' tiny-llama, which has another tokenizer
+        raise ValueError(f"{name!r} is not a composed-VLM test LM; use one of {sorted(TINY_LMS)}")
     from benchmarks.assets import load_model
 
     bundle = load_model(name)

@@ -1,4 +1,7 @@
-"""Turning (image, prompt, answer) triples into model batches, and log-likelihood choice scoring.
+"""Turning (image, prompt, answer) triples into model batches, and the log-likelihood of answer tokens.
+
+Choice metrics (``acc`` / ``acc_norm``) are not computed here: every choice task, language or vision,
+scores through ``tasks.scoring``.
 
 Two implementations of one small interface, so the vision QA tasks run unchanged on the composed
 VLM and on native hub VLMs (``benchmarks.vlm.hub``):
@@ -96,15 +99,3 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     keep = target != -100
     picked = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     return (picked * keep).sum(dim=1)
-
-
-def choice_metrics(scores: torch.Tensor, gold: torch.Tensor, choice_bytes: Sequence[int]) -> dict[str, torch.Tensor]:
-    """lm-eval style: ``acc`` = argmax of summed log-prob, ``acc_norm`` = argmax of log-prob per byte.
-
-    ``scores`` is ``(N, K)``; returns per-example 0/1 tensors.
-    """
-    norm = scores / torch.tensor(choice_bytes, dtype=scores.dtype, device=scores.device)
-    return {
-        "acc": (scores.argmax(dim=1) == gold).float(),
-        "acc_norm": (norm.argmax(dim=1) == gold).float(),
-    }

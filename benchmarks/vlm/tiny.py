@@ -22,8 +22,11 @@ class ByteTokenizer:
         return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
 
 
-def tiny_llama(seed: int = 0) -> nn.Module:
-    """A 2-layer Llama (SwiGLU MLP) over the byte vocabulary."""
+def tiny_byte_llama(seed: int = 0) -> nn.Module:
+    """A 2-layer Llama (SwiGLU MLP) over ``ByteTokenizer``'s vocabulary: the composed VLM's test LM.
+
+    Named apart from the language tasks' ``tiny-llama`` (``tasks.common.tiny_llama``: another config and
+    a ``transformers`` byte-level tokenizer), which is a different model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -53,4 +56,4 @@ def tiny_eva02(seed: int = 0) -> nn.Module:
 
 
 TINY_ENCODERS = {"tiny-dinov2": tiny_dinov2, "tiny-eva02": tiny_eva02}
-TINY_LMS = {"tiny-llama": tiny_llama}
+TINY_LMS = {"tiny-byte-llama": tiny_byte_llama}

@@ -16,9 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tasks.base import Task, TaskSetup
+from tasks.base import PerExample, Task, TaskSetup
 from tasks.common import (
-    choice_metrics,
     final_number,
     greedy_generate,
     lm_loss,
@@ -27,32 +26,43 @@ from tasks.common import (
     sft_collate,
     wants_bos,
 )
+from tasks.scoring import chance_of_choices, choice_metrics, score_choices
 
 SPLITS = ("train", "validation", "test")
 _DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def load_local_splits(data_dir: str | Path) -> datasets.DatasetDict:  # noqa: F821
-    """Raw splits from ``data_dir/<split>.{jsonl,json,parquet,csv}`` (a fixture or a user's copy)."""
+def load_split_file(path: str | Path) -> datasets.Dataset:  # noqa: F821
+    """One split from a local ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file."""
     import datasets
 
+    path = Path(path)
+    if path.suffix not in _DATA_SUFFIXES:
+        raise ValueError(f"data file {path}: unsupported type {path.suffix!r}; use one of {sorted(_DATA_SUFFIXES)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    if path.suffix == ".jsonl":  # small files: no builder, no cache files, no progress bars
+        with open(path) as f:
+            return datasets.Dataset.from_list([json.loads(line) for line in f if line.strip()])
+    return datasets.load_dataset(_DATA_SUFFIXES[path.suffix], data_files=str(path), split="train")
+
+
+def load_data_files(files: dict[str, str | Path]) -> datasets.DatasetDict:  # noqa: F821
+    """Raw splits from ``{split name: local file}``."""
+    import datasets
+
+    return datasets.DatasetDict({split: load_split_file(path) for split, path in files.items()})
+
+
+def load_local_splits(data_dir: str | Path) -> datasets.DatasetDict:  # noqa: F821
+    """Raw splits from ``data_dir/<split>.{jsonl,json,parquet,csv}`` (a fixture or a user's copy)."""
     folder = Path(data_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"task data folder {folder} does not exist")
-    files: dict[str, tuple[str, str]] = {}
-    for f in sorted(folder.iterdir()):
-        if f.suffix in _DATA_SUFFIXES:
-            files[f.stem] = (_DATA_SUFFIXES[f.suffix], str(f))
+    files = {f.stem: f for f in sorted(folder.iterdir()) if f.suffix in _DATA_SUFFIXES}
     if not files:
         raise FileNotFoundError(f"no <split>.jsonl/.json/.parquet/.csv files in {folder}")
-    out = {}
-    for split, (kind, path) in files.items():
-        if path.endswith(".jsonl"):  # small fixtures: no builder, no cache files, no progress bars
-            with open(path) as f:
-                out[split] = datasets.Dataset.from_list([json.loads(line) for line in f if line.strip()])
-        else:
-            out[split] = datasets.load_dataset(kind, data_files=path, split="train")
-    return datasets.DatasetDict(out)
+    return load_data_files(files)
 
 
 class LMTask(Task):
@@ -67,6 +77,8 @@ class LMTask(Task):
     """If > 0: hold training examples out (fixed seed) as the validation split: a count if >= 1, else a fraction."""
     max_length: int = 512
     """Longest token sequence; longer prompts lose tokens from the left."""
+    data_files: dict[str, str] | None = None
+    """Local data: ``{source split: file}`` (JSONL / JSON / CSV / Parquet), used instead of ``dataset``."""
 
     def __init__(self, data_dir: str | Path | None = None) -> None:
         """``data_dir`` replaces the data source with local ``<split>.jsonl`` files (tests, offline copies)."""
@@ -80,6 +92,8 @@ class LMTask(Task):
     def _raw(self) -> datasets.DatasetDict:  # noqa: F821
         if self.data_dir is not None:
             return load_local_splits(self.data_dir)
+        if self.data_files:
+            return load_data_files(self.data_files)
         if self.requires_network:
             import datasets
 
@@ -115,7 +129,8 @@ class LMTask(Task):
             n = int(n) if n >= 1 else float(n)
             if len(out["train"]) < 2 or (isinstance(n, int) and len(out["train"]) <= n):
                 raise ValueError(f"task {self.name!r}: cannot hold out {n} of {len(out['train'])} training examples")
-            parts = out["train"].train_test_split(test_size=n, shuffle=True, seed=0)
+            # keep_in_memory: the same split, without writing indices files into the asset cache.
+            parts = out["train"].train_test_split(test_size=n, shuffle=True, seed=0, keep_in_memory=True)
             out["train"], out["validation"] = parts["train"], parts["test"]
         missing = [s for s in SPLITS if s not in out]
         if missing:
@@ -123,14 +138,34 @@ class LMTask(Task):
         self._splits = datasets.DatasetDict({s: out[s] for s in SPLITS})
         return self._splits
 
-    def examples(self, split: str, limit: int | None = None) -> datasets.Dataset:  # noqa: F821
-        """``split`` or a fixed subset of ``limit`` examples (seeded shuffle: sources may be class-ordered)."""
+    def example_indices(self, split: str, limit: int | None = None) -> list[int]:
+        """Row numbers in ``split`` of the examples ``examples(split, limit)`` returns, in that order.
+
+        With a ``limit``: the first ``limit`` of a seed-0 permutation (``Dataset.shuffle(seed=0)``'s order;
+        sources may be class-ordered), otherwise the whole split in order.
+        """
+        import numpy as np
+
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-        data = self.load_splits()[split]
-        if limit is not None and limit < len(data):
-            data = data.shuffle(seed=0).select(range(limit))
-        return data
+        n = len(self.load_splits()[split])
+        if limit is not None and limit < n:
+            return np.random.default_rng(0).permutation(n)[:limit].tolist()
+        return list(range(n))
+
+    def examples(self, split: str, limit: int | None = None) -> datasets.Dataset:  # noqa: F821
+        """``split`` or a fixed subset of ``limit`` examples (seeded shuffle: sources may be class-ordered)."""
+        data = self.load_splits()[split] if split in SPLITS else None
+        indices = self.example_indices(split, limit)
+        # select() keeps the indices in memory (shuffle() would write a cache file into the asset cache).
+        return data if len(indices) == len(data) else data.select(indices)
+
+    def heldout_batches(self, setup: TaskSetup, n: int, batch_size: int) -> list[dict]:
+        """Up to ``n`` batches (training format) from the validation split: a fixed seed-0 subset of
+        ``n * batch_size`` examples, never the training stream (the misalignment diagnostic's data)."""
+        data = self.load_splits()["validation"]
+        idx = self.example_indices("validation", n * batch_size)
+        return [self.collate(setup, [data[i] for i in idx[s : s + batch_size]]) for s in range(0, len(idx), batch_size)]
 
     # -- model --------------------------------------------------------------------------------------
 
@@ -182,10 +217,24 @@ class LMTask(Task):
     def default_protocol(self) -> str:
         return ""
 
+    def assets(self, model_name: str) -> list[str]:
+        """Local data (``data_dir`` / ``data_files``) needs no dataset asset, only the model's."""
+        names = super().assets(model_name)
+        if self.data_dir is not None or self.data_files:
+            names = [n for n in names if n != self.dataset]
+        return names
+
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d.update(requires_network=self.requires_network, dataset_name=self.dataset_name)
+        if self.data_files:
+            d["data_files"] = {split: Path(f).name for split, f in self.data_files.items()}
         return d
+
+
+def _overrides(task: Task, base: type, *names: str) -> bool:
+    """Whether ``task``'s class replaces any of ``base``'s methods ``names`` (an older plugin's own scoring)."""
+    return any(getattr(type(task), n) is not getattr(base, n) for n in names)
 
 
 class _EvalMode:
@@ -265,21 +314,45 @@ class ChoiceTask(LMTask):
         metrics = choice_metrics(lls, choices, labels, norm="acc_norm" in self.metrics)
         return {k: v for k, v in metrics.items() if k in self.metrics}
 
+    def _evaluate_choices(
+        self, setup: TaskSetup, model: nn.Module, split: str, limit: int | None, batch_size: int
+    ) -> tuple[dict[str, float], PerExample]:
+        lls, choices, labels = self.score(setup, model, split, limit, batch_size)
+        scores = score_choices(lls, choices, labels)
+        metrics = self.metrics_from(lls, choices, labels)
+        # Per-example predictions follow the reported metric (acc unless a task reports acc_norm).
+        key = self.report_metric if self.report_metric in ("acc", "acc_norm") else "acc"
+        ids = [str(i) for i in self.example_indices(split, limit)]
+        return metrics, {"id": ids, "pred": scores.predictions(key), "correct": scores.correct(key)}
+
     def evaluate(
         self, setup: TaskSetup, model: nn.Module, split: str, limit: int | None = None, batch_size: int = 16
     ) -> dict[str, float]:
-        return self.metrics_from(*self.score(setup, model, split, limit, batch_size))
+        return self._evaluate_choices(setup, model, split, limit, batch_size)[0]
+
+    def evaluate_examples(
+        self, setup: TaskSetup, model: nn.Module, split: str, limit: int | None = None, batch_size: int = 16
+    ) -> tuple[dict[str, float], PerExample | None]:
+        if _overrides(self, ChoiceTask, "evaluate", "metrics_from"):
+            # A subclass with its own metrics: its evaluate() is the truth, per-example results unknown.
+            return super().evaluate_examples(setup, model, split, limit, batch_size)
+        return self._evaluate_choices(setup, model, split, limit, batch_size)
 
     def chance(self) -> dict[str, float]:
+        """Uniform guessing: ``1 / num_choices``, or the mean over test examples of ``1 / len(choices)``."""
         if self.num_choices:
             p = 1.0 / self.num_choices
         else:
+            cached = self.__dict__.get("_chance")
+            if cached is not None:
+                return dict(cached)
             try:
                 test = self.load_splits()["test"]
+                p = chance_of_choices([len(self.doc_to_choices(ex)) for ex in test])
             except Exception:  # noqa: BLE001 - data not available: chance unknown
                 return {}
-            p = sum(1.0 / len(self.doc_to_choices(ex)) for ex in test) / max(len(test), 1)
-        return {m: p for m in self.metrics}
+        self._chance = {m: p for m in self.metrics}
+        return dict(self._chance)
 
 
 class GenerationTask(LMTask):
@@ -317,6 +390,19 @@ class GenerationTask(LMTask):
     def evaluate(
         self, setup: TaskSetup, model: nn.Module, split: str, limit: int | None = None, batch_size: int = 16
     ) -> dict[str, float]:
+        return self._evaluate_generation(setup, model, split, limit, batch_size)[0]
+
+    def evaluate_examples(
+        self, setup: TaskSetup, model: nn.Module, split: str, limit: int | None = None, batch_size: int = 16
+    ) -> tuple[dict[str, float], PerExample | None]:
+        if _overrides(self, GenerationTask, "evaluate"):
+            return super().evaluate_examples(setup, model, split, limit, batch_size)
+        return self._evaluate_generation(setup, model, split, limit, batch_size)
+
+    def _evaluate_generation(
+        self, setup: TaskSetup, model: nn.Module, split: str, limit: int | None, batch_size: int
+    ) -> tuple[dict[str, float], PerExample]:
+        """Exact match; per example the pred is the final number of the generation ("" if none)."""
         data = self.examples(split, limit)
         if len(data) == 0:
             raise ValueError("no examples to score")
@@ -327,11 +413,13 @@ class GenerationTask(LMTask):
                 batch_size=batch_size, stop=self.stop, max_length=self.max_length + self.max_new_tokens,
                 add_bos=setup.extras.get("add_bos", False),
             )
-        hits = 0
+        preds, correct = [], []
         for ex, out in zip(data, outs):
-            gold = final_number(self.doc_to_answer(ex))
-            hits += int(gold is not None and final_number(out) == gold)
-        return {"exact_match": hits / len(data)}
+            gold, pred = final_number(self.doc_to_answer(ex)), final_number(out)
+            preds.append(pred or "")
+            correct.append(gold is not None and pred == gold)
+        ids = [str(i) for i in self.example_indices(split, limit)]
+        return {"exact_match": sum(correct) / len(data)}, {"id": ids, "pred": preds, "correct": correct}
 
     def chance(self) -> dict[str, float]:
         return {"exact_match": 0.0}

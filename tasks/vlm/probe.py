@@ -16,9 +16,9 @@ from torch import nn
 from benchmarks.vlm.build import device_of, freeze, load_encoder
 from benchmarks.vlm.composed import VLMOutput
 from benchmarks.vlm.encoders import hidden_size, pooled_feature
-from tasks.base import Task, TaskSetup
+from tasks.base import PerExample, Task, TaskSetup
 from tasks.registry import register_task
-from tasks.vlm.data import SOURCES, cap_train, class_names, epochs, eval_order, load_capped, to_device
+from tasks.vlm.data import SOURCES, cap_train, class_names, epochs, eval_order, to_device
 
 
 class ImageClassifier(nn.Module):
@@ -49,9 +49,18 @@ class VisionProbeTask(Task):
         self.max_train, self.image_size = max_train, image_size
         self._splits = None if splits is None else cap_train(splits, max_train)
 
+    def load_source(self) -> Any:
+        """The raw data: a ``datasets.DatasetDict`` with ``train`` / ``validation`` / ``test`` splits, an
+        ``image`` column and a ``label`` ``ClassLabel`` whose names are the classes. Default: the asset
+        ``dataset``; a plugin with local images overrides this (see docs/adding_a_task.md)."""
+        from benchmarks.assets import load_dataset
+
+        return load_dataset(self.dataset)
+
     def load_splits(self) -> Any:
+        """``load_source()`` with ``train`` capped to ``max_train`` examples (a fixed random subset)."""
         if self._splits is None:
-            self._splits = load_capped(self.dataset, self.max_train)
+            self._splits = cap_train(self.load_source(), self.max_train)
         return self._splits
 
     def classes(self) -> list[str]:
@@ -76,20 +85,46 @@ class VisionProbeTask(Task):
     def loss(self, setup: TaskSetup, model: nn.Module, batch: dict) -> torch.Tensor:
         return model(**to_device(batch, device_of(model))).loss
 
-    @torch.no_grad()
+    def heldout_batches(self, setup: TaskSetup, n: int, batch_size: int) -> list[dict]:
+        """Up to ``n`` training-format batches from the validation split (fixed order, never the train stream)."""
+        data, transform = self.load_splits()["validation"], setup.extras["transform"]
+        order = eval_order(len(data), n * batch_size)
+        out = []
+        for i in range(0, len(order), batch_size):
+            rows = data.select(order[i : i + batch_size])
+            out.append({"pixel_values": transform.stack(rows["image"]), "labels": torch.tensor(list(rows["label"]))})
+        return out
+
     def evaluate(self, setup: TaskSetup, model: nn.Module, split: str, limit: int | None = None,
                  batch_size: int = 16) -> dict[str, float]:
+        return self._evaluate_probe(setup, model, split, limit, batch_size)[0]
+
+    def evaluate_examples(self, setup: TaskSetup, model: nn.Module, split: str, limit: int | None = None,
+                          batch_size: int = 16) -> tuple[dict[str, float], PerExample | None]:
+        if type(self).evaluate is not VisionProbeTask.evaluate:  # a subclass's own metrics
+            return super().evaluate_examples(setup, model, split, limit, batch_size)
+        return self._evaluate_probe(setup, model, split, limit, batch_size)
+
+    @torch.no_grad()
+    def _evaluate_probe(self, setup: TaskSetup, model: nn.Module, split: str, limit: int | None,
+                        batch_size: int) -> tuple[dict[str, float], PerExample]:
         data, transform = self.load_splits()[split], setup.extras["transform"]
         order = eval_order(len(data), limit)
         was_training, device = model.training, device_of(model)
         model.eval()
-        hits = []
-        for i in range(0, len(order), batch_size):
-            rows = data.select(order[i : i + batch_size])
-            logits = model(pixel_values=transform.stack(rows["image"]).to(device)).logits
-            hits.append((logits.argmax(-1).cpu() == torch.tensor(rows["label"])).float())
-        model.train(was_training)
-        return {"acc": float(torch.cat(hits).mean()) if hits else float("nan"), "n": float(len(order))}
+        preds: list[int] = []
+        gold: list[int] = []
+        try:
+            for i in range(0, len(order), batch_size):
+                rows = data.select(order[i : i + batch_size])
+                logits = model(pixel_values=transform.stack(rows["image"]).to(device)).logits
+                preds.extend(int(p) for p in logits.argmax(-1).cpu())
+                gold.extend(int(y) for y in rows["label"])
+        finally:
+            model.train(was_training)
+        correct = [p == g for p, g in zip(preds, gold)]
+        acc = sum(correct) / len(correct) if correct else float("nan")
+        return {"acc": acc, "n": float(len(order))}, {"id": [str(i) for i in order], "pred": preds, "correct": correct}
 
     def chance(self) -> dict[str, float]:
         return {"acc": 1.0 / len(self.classes())}

@@ -1,9 +1,10 @@
 """Vision QA tasks: "What is shown in the image?" answered in text, scored by log-likelihood.
 
 The model is a VLM (the composed ``ENCODER+LM`` with an aligned connector, or ``hub:<id>``).
-Training: answer-only cross-entropy on `` <class name>``. Evaluation (lm-eval protocol): every
-class name is a choice; ``acc`` = argmax of the summed log-probability of the choice tokens,
-``acc_norm`` = argmax of log-probability per byte of the choice.
+Training: answer-only cross-entropy on `` <class name>``. Evaluation (lm-eval protocol, scored by
+``tasks.scoring`` like every language choice task): every class name is a choice, continued after the
+delimiter ``" "``; ``acc`` = argmax of the summed log-probability of the choice tokens, ``acc_norm`` =
+argmax of that log-probability divided by ``len(class name)`` characters (without the delimiter).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from torch import nn
 
 from benchmarks.vlm.align import AlignConfig
 from benchmarks.vlm.build import DEFAULT_VLM, device_of
-from benchmarks.vlm.io import ComposedIO, choice_metrics, sequence_logprobs
-from tasks.base import Task, TaskSetup
+from benchmarks.vlm.io import ComposedIO, sequence_logprobs
+from tasks.base import PerExample, Task, TaskSetup
 from tasks.registry import register_task
-from tasks.vlm.data import SOURCES, cap_train, class_names, epochs, eval_order, load_capped, to_device
+from tasks.scoring import score_choices
+from tasks.vlm.data import SOURCES, cap_train, class_names, epochs, eval_order, to_device
 
 PROMPT = "Question: What is shown in the image? Answer:"
+TARGET_DELIMITER = " "
 MAX_SEQS_PER_FORWARD = 160  # choice sequences per forward pass when scoring (memory of the logits)
 
 
@@ -35,7 +38,8 @@ class VisionQATask(Task):
     report_metric = "acc"
     default_model = DEFAULT_VLM
     protocol = ("image + 'Question: What is shown in the image? Answer:'; choices = ' <class name>' "
-                "(lower case); acc = argmax summed log-prob, acc_norm = argmax log-prob per byte")
+                "(lower case); acc = argmax summed log-prob, acc_norm = argmax log-prob / len(class name) "
+                "characters without the leading space (lm-eval)")
 
     def __init__(self, max_train: int | None = 2000, image_size: int | None = None, grid: int = 2,
                  align: bool = True, align_config: AlignConfig | None = None, cache_root: str | None = None,
@@ -46,9 +50,18 @@ class VisionQATask(Task):
         self.cache_root = cache_root
         self._splits = None if splits is None else cap_train(splits, self.max_train)
 
+    def load_source(self) -> Any:
+        """The raw data: a ``datasets.DatasetDict`` with ``train`` / ``validation`` / ``test`` splits, an
+        ``image`` column and a ``label`` ``ClassLabel`` whose names are the classes. Default: the asset
+        ``dataset``; a plugin with local images overrides this (see docs/adding_a_task.md)."""
+        from benchmarks.assets import load_dataset
+
+        return load_dataset(self.dataset)
+
     def load_splits(self) -> Any:
+        """``load_source()`` with ``train`` capped to ``max_train`` examples (a fixed random subset)."""
         if self._splits is None:
-            self._splits = load_capped(self.dataset, self.max_train)
+            self._splits = cap_train(self.load_source(), self.max_train)
         return self._splits
 
     def classes(self) -> list[str]:
@@ -78,26 +91,51 @@ class VisionQATask(Task):
     def loss(self, setup: TaskSetup, model: nn.Module, batch: dict) -> torch.Tensor:
         return model(**to_device(batch, device_of(model))).loss
 
-    @torch.no_grad()
+    def heldout_batches(self, setup: TaskSetup, n: int, batch_size: int) -> list[dict]:
+        """Up to ``n`` training-format batches from the validation split (fixed order, never the train stream)."""
+        data, io, classes = self.load_splits()["validation"], setup.extras["io"], setup.extras["classes"]
+        order = eval_order(len(data), n * batch_size)
+        out = []
+        for i in range(0, len(order), batch_size):
+            rows = data.select(order[i : i + batch_size])
+            out.append(io.batch(rows["image"], [PROMPT] * len(rows), [TARGET_DELIMITER + classes[y] for y in rows["label"]]))
+        return out
+
     def evaluate(self, setup: TaskSetup, model: nn.Module, split: str, limit: int | None = None,
                  batch_size: int = 16) -> dict[str, float]:
-        data, io = self.load_splits()[split], setup.extras["io"]
-        choices = [" " + c for c in setup.extras["classes"]]
-        nbytes = [len(c.encode("utf-8")) for c in choices]
+        return self._evaluate_qa(setup, model, split, limit, batch_size)[0]
+
+    def evaluate_examples(self, setup: TaskSetup, model: nn.Module, split: str, limit: int | None = None,
+                          batch_size: int = 16) -> tuple[dict[str, float], PerExample | None]:
+        if type(self).evaluate is not VisionQATask.evaluate:  # a subclass's own metrics
+            return super().evaluate_examples(setup, model, split, limit, batch_size)
+        return self._evaluate_qa(setup, model, split, limit, batch_size)
+
+    @torch.no_grad()
+    def _evaluate_qa(self, setup: TaskSetup, model: nn.Module, split: str, limit: int | None,
+                     batch_size: int) -> tuple[dict[str, float], PerExample]:
+        data, io, classes = self.load_splits()[split], setup.extras["io"], setup.extras["classes"]
         order = eval_order(len(data), limit)
-        per_forward = max(1, min(batch_size, MAX_SEQS_PER_FORWARD // len(choices)))
+        per_forward = max(1, min(batch_size, MAX_SEQS_PER_FORWARD // len(classes)))
         was_training, device = model.training, device_of(model)
         model.eval()
-        hits: dict[str, list[torch.Tensor]] = {"acc": [], "acc_norm": []}
-        for i in range(0, len(order), per_forward):
-            rows = data.select(order[i : i + per_forward])
-            scores = self._scores(model, io, rows["image"], choices, device)
-            for k, v in choice_metrics(scores, torch.tensor(rows["label"], device=scores.device), nbytes).items():
-                hits[k].append(v.cpu())
-        model.train(was_training)
-        result = {k: float(torch.cat(v).mean()) if v else float("nan") for k, v in hits.items()}
+        lls: list[list[float]] = []
+        labels: list[int] = []
+        try:
+            for i in range(0, len(order), per_forward):
+                rows = data.select(order[i : i + per_forward])
+                scores = self._scores(model, io, rows["image"], [TARGET_DELIMITER + c for c in classes], device)
+                lls.extend(scores.float().cpu().tolist())
+                labels.extend(int(y) for y in rows["label"])
+        finally:
+            model.train(was_training)
+        if not lls:
+            return {"acc": float("nan"), "acc_norm": float("nan"), "n": 0.0}, {"id": [], "pred": [], "correct": []}
+        scored = score_choices(lls, [classes] * len(lls), labels)
+        result = scored.metrics(norm=True)
         result["n"] = float(len(order))
-        return result
+        key = self.report_metric if self.report_metric in ("acc", "acc_norm") else "acc"
+        return result, {"id": [str(i) for i in order], "pred": scored.predictions(key), "correct": scored.correct(key)}
 
     @staticmethod
     def _scores(model: nn.Module, io: Any, images: list, choices: list[str], device: Any) -> torch.Tensor:
@@ -112,6 +150,7 @@ class VisionQATask(Task):
         return sequence_logprobs(model(**batch).logits, batch["labels"]).view(len(images), len(choices))
 
     def chance(self) -> dict[str, float]:
+        """Every example has every class as a choice: ``1 / number of classes``."""
         k = len(self.classes())
         return {"acc": 1.0 / k, "acc_norm": 1.0 / k}
 
