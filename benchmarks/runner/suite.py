@@ -288,6 +288,11 @@ def resolve_method_options(method: str, options: dict[str, Any]) -> dict[str, An
         return dict(fn(dict(options)))
     if callable(getattr(m, "config", None)):
         return dict(m.config(dict(options)).to_dict())
+    allowed = getattr(m, "options", None)
+    if isinstance(allowed, (set, frozenset)):
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown option {unknown[0]!r} for method {method!r} (known: {sorted(allowed)})")
     return dict(options)
 
 
