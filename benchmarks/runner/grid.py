@@ -1,7 +1,9 @@
 """Expand a suite into runs, give each a stable id, and select hyperparameters on validation.
 
-A run is one (model, task, method, seed, lr [, tuned options]). Its id is a hash of its full
-config, so a finished run is recognised on any later invocation and never repeated.
+A run is one (model, task, method, seed, lr). Its id is a hash of its whole resolved config (method
+options with defaults filled, training, adapter, task fingerprint), so a finished run is recognised on any
+later invocation and never repeated, and a changed default gives new ids. Each (model, task, method) cell's
+lr grid grows in rounds until its validation-best lr is interior or at a documented bound (docs/protocol.md).
 Selection (used by tuning here and by the report) picks, per model x task x method, the setting
 with the best mean validation metric over seeds; only that setting's test score is reported.
 """

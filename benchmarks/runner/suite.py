@@ -2,8 +2,10 @@
 
 A suite names models, tasks, methods, seeds, the shared adapter budget and per-method
 hyperparameters. ``load_suite`` merges it over its ``extends`` parent (``defaults`` unless told
-otherwise), validates every key and returns a plain, fully resolved ``Suite``. Bad input raises
-``SuiteError`` (a ``ValueError``) with one line naming the file and the key.
+otherwise), validates types and ranges with the pydantic models of ``config.py``, loads the task folders,
+checks every name (methods and their options, tasks, models) and returns a fully resolved ``Suite``.
+Bad input raises ``SuiteError`` (a ``ValueError``) with one line naming the file and the key path,
+before any run starts.
 """
 
 from __future__ import annotations
