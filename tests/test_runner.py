@@ -95,7 +95,16 @@ class DevTask(FakeTask):
     name = "fake-dev"
 
 
-TASKS = {c.name: c for c in (FakeTask, NanTask, SlowTask, DevTask)}
+class BrokenTask(FakeTask):
+    """Raises while setting up: a run that fails with an exception (not a result)."""
+
+    name = "fake-broken"
+
+    def setup(self, model_name, device="cpu"):
+        raise RuntimeError("boom: cannot set up")
+
+
+TASKS = {c.name: c for c in (FakeTask, NanTask, SlowTask, DevTask, BrokenTask)}
 
 
 def fake_resolver(name: str) -> Task:
@@ -151,12 +160,13 @@ def write_suite(path: Path, text: str) -> Path:
     return path
 
 
+# Extends benchmarks/suites/defaults.yaml (the one home of defaults); lr_bounds = the grid: no lr extension.
 BASE_SUITE = """\
-extends: none
 tasks: [fake]
 methods: {lora: {}}
 seeds: [0]
 lr_grid: [1.0e-3]
+lr_bounds: [1.0e-3, 1.0e-3]
 adapter: {targets: [gate, up], towers: [language], rank: 2, alpha: 4, dropout: 0.0}
 training: {steps: 3, batch_size: 4, eval_every: 2, eval_limit: 8, test_limit: 8, log_every: 1, diag_batches: 0}
 """
@@ -167,7 +177,15 @@ def run(suite: Path, out: Path, **kw) -> int:
 
     kw.setdefault("resolver", fake_resolver)
     kw.setdefault("injector", stand_in_inject)
-    return run_suite(str(suite), out, progress=False, log=lambda s: None, **kw)
+    kw.setdefault("log", lambda s: None)
+    return run_suite(str(suite), out, progress=False, **kw)
+
+
+def load(path, **kw):
+    """``load_suite`` with the fake tasks known."""
+    from benchmarks.runner.suite import load_suite
+
+    return load_suite(path, resolver=fake_resolver, **kw)
 
 
 def runs(out: Path, phase: str = "runs") -> dict[str, dict]:
@@ -180,10 +198,7 @@ def runs(out: Path, phase: str = "runs") -> dict[str, dict]:
 
 
 def test_defaults_override_merge(tmp_path):
-    from benchmarks.runner.suite import load_suite
-
     write_suite(tmp_path / "base.yaml", """\
-        extends: none
         seeds: [0, 1]
         lr_grid: [1.0e-4, 1.0e-3]
         adapter: {targets: [gate], rank: 8, alpha: 16}
@@ -193,7 +208,7 @@ def test_defaults_override_merge(tmp_path):
           full: {lr_grid: [1.0e-5], lr_grid_reason: "full FT needs small lr"}
           nalora: {options: {rho_final: 0.5, beta: 0.9}}
         """)
-    s = load_suite(write_suite(tmp_path / "child.yaml", """\
+    s = load(write_suite(tmp_path / "child.yaml", """\
         extends: base
         tasks: [fake]
         training: {steps: 5}
@@ -202,8 +217,9 @@ def test_defaults_override_merge(tmp_path):
           full: {}
           nalora: {options: {rho_final: 0.25}}
         """))
-    assert s.training == {"steps": 5, "batch_size": 8}  # nested merge keeps batch_size
-    assert s.adapter == {"targets": ["gate"], "rank": 4, "alpha": 16}
+    assert (s.training.steps, s.training.batch_size) == (5, 8)  # nested merge keeps batch_size
+    assert s.training.warmup_ratio == 0.1 and s.training.max_grad_norm == 1.0  # the rest from defaults.yaml
+    assert (s.adapter.targets, s.adapter.rank, s.adapter.alpha, s.adapter.towers) == (["gate"], 4, 16, ["language", "vision"])
     assert [m.label for m in s.methods] == ["full", "nalora"]  # the child's mapping selects methods
     by = {m.label: m for m in s.methods}
     assert by["full"].lr_grid == [1e-5] and by["full"].lr_grid_reason  # kept from the parent entry
@@ -211,36 +227,69 @@ def test_defaults_override_merge(tmp_path):
     assert by["nalora"].lr_grid == [1e-4, 1e-3] and s.seeds == [0, 1]
 
 
+CONTROLS = ("lora_gate_scaled", "nalora_random_mask", "nalora_static_mask")
+
+
 def test_shipped_suites_load():
     from benchmarks.runner.suite import load_suite
+    from nalora.methods import list_methods
 
-    smoke, default = load_suite("smoke"), load_suite("default")
-    assert smoke.seeds == [0] and len(default.seeds) == 3
-    assert {"lora", "nalora", "nalora_mask", "nalora_scale", "full"} <= {m.label for m in default.methods}
-    assert default.tune and not ({t.name for t in default.dev_tasks} & {t.name for t in default.tasks})
-    assert load_suite("hub").tasks
+    # The control methods come from the method library; without them only the structure can be checked.
+    check = set(CONTROLS) <= set(list_methods())
+    smoke, default, hub = load_suite("smoke"), load_suite("default", check=check), load_suite("hub")
+    assert smoke.seeds == [0] and {m.lr_bounds for m in smoke.methods} == {(3e-4, 3e-4), (3e-5, 3e-5), (3e-3, 3e-3)}
+    by = {m.label: m for m in default.methods}
+    assert {"lora", "nalora", *CONTROLS, "nalora_mask", "nalora_scale", "rslora", "loraplus", "dora", "pissa",
+            "full", "head", "nalora-rho0.25", "nalora-rho0.75", "nalora-derivative", "nalora-mask-up-down"} <= set(by)
+    assert all(by[m].seeds == [0, 1, 2, 3, 4] for m in ("lora", "nalora", *CONTROLS))
+    assert all(by[m].seeds == [0, 1, 2] for m in ("rslora", "loraplus", "dora", "pissa", "full", "head"))
+    assert default.models["llm"] == ["smollm2-135m", "gemma3-270m"] and by["head"].families == ["vlm"]
+    # Equal tuning budget: the shipped suites tune nothing but lr.
+    assert default.tune is None and hub.tune is None and smoke.tune is None
+    assert by["full"].lr_bounds == (1e-6, 1e-3) and by["lora"].lr_bounds == (1e-5, 1e-2)
 
 
 @pytest.mark.parametrize("text, needle", [
-    ("trainng: {steps: 2}\n", "unknown key 'trainng'"),
-    ("training: {steps: 0}\n", "training.steps must be a positive integer"),
-    ("lr_grid: [fast]\n", "lr_grid has 'fast'"),
-    ("seeds: []\n", "seeds must be a non-empty list"),
+    ("trainng: {steps: 2}\n", "trainng: unknown key"),
+    ("training: {steps: 0}\n", "training.steps: must be >= 1, got 0"),
+    ("lr_grid: [fast]\n", "lr_grid.0: must be a number, got 'fast'"),
+    ("seeds: []\n", "seeds: must not be empty"),
     ("methods: {lora: {lr_grid: [1.0]}}\n", "no lr_grid_reason"),
-    ("methods: {lora: {rnak: 2}}\n", "unknown key 'rnak' in methods.lora"),
+    ("methods: {lora: {rnak: 2}}\n", "methods.lora.rnak: unknown key"),
     ("dev_tasks: [fake]\n", "dev task 'fake' is also a reported task"),
-    ("tune: {options: {rho_final: [0.5]}}\n", "tune needs dev_tasks"),
+    ("dev_tasks: [fake-dev]\ntune: {methods: {lora: {}}}\n", "tune.methods.lora: give at least one option"),
+    ("tune: {methods: {nalora: {rho_final: [0.5]}}}\n", "tune needs dev_tasks"),
     ("tasks: [fake\n", "is not valid YAML"),
     (None, "top level must be a mapping"),
+    # issue 11: values that used to pass the check (or fail only after training)
+    ("training: {steps: 3, batch_size: 4, max_grad_norm: -1}\n", "training.max_grad_norm: must be > 0, got -1"),
+    ("training: {steps: 3, batch_size: 4, weight_decay: x}\n", "training.weight_decay: must be a number, got 'x'"),
+    ("training: {steps: 3, batch_size: 4, eval_batch_size: 0}\n", "training.eval_batch_size: must be >= 1, got 0"),
+    ("adapter: {alpha: .inf}\n", "adapter.alpha: must be a finite number"),
+    ("adapter: {alpha: -16}\n", "adapter.alpha: must be > 0, got -16"),
+    ("adapter: {dropout: 5}\n", "adapter.dropout: must be < 1, got 5"),
+    ("adapter: {rank: 1.5}\n", "adapter.rank: must be an integer, got 1.5"),
+    ("adapter: {targets: [gat]}\n", "adapter.targets.0: must be one of"),
+    ("methods: {lora: {adapter: {rank: 0}}}\n", "methods.lora.adapter.rank: must be >= 1, got 0"),
+    ("tasks: [{name: fake, training: {log_every: 0}}]\n", "tasks.fake.training.log_every: must be >= 1, got 0"),
+    ("lr_bounds: [1.0e-2, 1.0e-3]\n", "lower bound 0.01 is above upper bound 0.001"),
+    ("lr_bounds: [1.0e-4, 1.0e-4]\n", "lr_grid has 0.001, outside lr_bounds"),
+    ("methods: {lora: {seeds: [1, 1]}}\n", "methods.lora.seeds: has duplicates"),
+    # names, checked at load (before any run starts)
+    ("methods: {ghost: {}}\n", "methods.ghost.method: unknown method 'ghost'"),
+    ("methods: {x: {method: nalora, options: {rho_finale: 0.5}}}\n", "methods.x.options:"),
+    ("methods: {loraplus: {options: {rank_hint: 2}}}\n", "methods.loraplus.options:"),
+    ("tasks: [nope]\n", "tasks: unknown task 'nope'"),
+    ("models: [smollm3-999m]\n", "unknown model 'smollm3-999m'"),
 ])
 def test_bad_suite_errors_clearly(tmp_path, text, needle):
-    from benchmarks.runner.suite import SuiteError, load_suite
+    from benchmarks.runner.suite import SuiteError
 
     p = tmp_path / "bad.yaml"
     # PyYAML keeps the last of duplicate keys, so appending overrides the valid base suite.
     p.write_text("- just\n- a list\n" if text is None else BASE_SUITE + text)
     with pytest.raises(SuiteError) as e:
-        load_suite(p)
+        load(p)
     msg = str(e.value)
     assert needle in msg and "\n" not in msg and "bad.yaml" in msg
 
@@ -251,7 +300,7 @@ def test_unknown_suite_and_filters(tmp_path):
     with pytest.raises(SuiteError, match="unknown suite 'nope'; known suites: .*smoke"):
         load_suite("nope")
     with pytest.raises(SuiteError, match="--methods: 'dora' is not in suite"):
-        load_suite(write_suite(tmp_path / "s.yaml", BASE_SUITE), methods=["dora"])
+        load(write_suite(tmp_path / "s.yaml", BASE_SUITE), methods=["dora"])
 
 
 def test_cli_bad_input_is_one_line(tmp_path):
@@ -268,6 +317,10 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert "missing.yaml does not exist" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ValueError, match="--workers must be >= 0"):
         cli.main(parser.parse_args(["--workers", "-1"]))
+    # issue 11: `--tasks ""` used to mean every task
+    with pytest.raises(ValueError, match='--tasks: empty') as e:
+        cli.main(parser.parse_args(["--suite", "smoke", "--tasks", "", "--out", str(tmp_path / "r")]))
+    assert "\n" not in str(e.value) and not (tmp_path / "r").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,9 +329,9 @@ def test_cli_bad_input_is_one_line(tmp_path):
 
 def test_run_ids_stable_and_distinct(tmp_path):
     from benchmarks.runner.grid import expand
-    from benchmarks.runner.suite import load_suite
 
-    s = load_suite(write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("seeds: [0]", "seeds: [0, 1]").replace("lr_grid: [1.0e-3]", "lr_grid: [1.0e-3, 1.0e-2]")))
+    s = load(write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("seeds: [0]", "seeds: [0, 1]").replace(
+        "lr_grid: [1.0e-3]", "lr_grid: [1.0e-3, 1.0e-2]").replace("lr_bounds: [1.0e-3, 1.0e-3]", "lr_bounds: [1.0e-3, 1.0e-2]")))
     fam = lambda n: ("llm", "tiny")  # noqa: E731
     a, b = expand(s, fam), expand(s, fam)
     assert len(a) == 4 and [x.run_id for x in a] == [x.run_id for x in b]
@@ -298,7 +351,13 @@ def test_run_records_everything(tmp_path):
     assert 0 < rec["trainable_params"] < rec["total_params"]
     assert rec["perf"]["unit"] == "tokens" and rec["perf"]["units"] == 3 * 4 * 8 and rec["perf"]["step_time_s"] > 0
     assert rec["provenance"]["packages"]["torch"] and "gpu" in rec["provenance"]["hardware"]
-    assert rec["meta"]["lr_grid"] == [1e-3]
+    assert rec["meta"]["lr_grid"] == [1e-3] and rec["meta"]["lr_bounds"] == [1e-3, 1e-3] and rec["meta"]["lr_round"] == 0
+    # The whole resolved configuration: every training key (defaults.yaml filled in), the task's fingerprint.
+    from benchmarks.runner.config import TrainingConfig
+
+    assert set(rec["config"]["training"]) == set(TrainingConfig.model_fields)
+    assert rec["config"]["training"]["warmup_ratio"] == 0.1 and rec["config"]["task_fingerprint"]
+    assert rec["health"]["collapsed"] is False and rec["schema"] == 2
 
 
 def test_seed_fixes_adapter_init(tmp_path):
@@ -315,25 +374,28 @@ def test_seed_fixes_adapter_init(tmp_path):
 
 
 def test_failures_recorded_and_grid_goes_on(tmp_path):
-    suite = write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("tasks: [fake]", "tasks: [fake, fake-nan]").replace(
-        "methods: {lora: {}}", "methods: {lora: {}, broken: {method: lora, options: {raise: boom}}, ghost: {}}"))
-    assert run(suite, tmp_path / "r") == 0
+    from benchmarks.runner.cli import EXIT_RUNS_FAILED
+
+    suite = write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("tasks: [fake]", "tasks: [fake, fake-nan, fake-broken]"))
+    # issue 11: a grid in which runs failed exits non-zero; a diverged run is a result, not a failure.
+    assert run(suite, tmp_path / "r") == EXIT_RUNS_FAILED
     recs = runs(tmp_path / "r").values()
-    by = {(r["config"]["task"], r["config"]["method"]): r for r in recs}
-    assert len(by) == 6
-    assert by[("fake", "lora")]["status"] == "ok"
-    assert by[("fake-nan", "lora")]["status"] == "failed" and by[("fake-nan", "lora")]["error"]["type"] == "nan_loss"
-    assert by[("fake", "broken")]["error"] == by[("fake", "broken")]["error"] | {"type": "bad_config"}
-    assert "boom" in by[("fake", "broken")]["error"]["message"]
-    assert "unknown method 'ghost'" in by[("fake", "ghost")]["error"]["message"]
-    # A finished (even failed) run is not repeated; --retry-failed repeats only the failed ones.
+    by = {r["config"]["task"]: r for r in recs}
+    assert len(by) == 3
+    assert by["fake"]["status"] == "ok"
+    assert by["fake-nan"]["status"] == "diverged" and by["fake-nan"]["error"]["type"] == "nan_loss"
+    assert by["fake-broken"]["status"] == "failed" and "boom" in by["fake-broken"]["error"]["message"]
+    # A finished (even failed) run is not repeated, and the exit code still says the grid holds a failure.
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "r/runs").glob("*.json")}
-    run(suite, tmp_path / "r")
+    assert run(suite, tmp_path / "r") == EXIT_RUNS_FAILED
     assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "r/runs").glob("*.json")}
     run(suite, tmp_path / "r", retry_failed=True)
     after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "r/runs").glob("*.json")}
     changed = {n for n in before if before[n] != after[n]}
-    assert changed == {f"{r['run_id']}.json" for r in recs if r["status"] == "failed"}
+    assert f"{by['fake-broken']['run_id']}.json" in changed and f"{by['fake']['run_id']}.json" not in changed
+    # Without the failing task the grid is clean: exit 0.
+    clean = write_suite(tmp_path / "c.yaml", BASE_SUITE.replace("tasks: [fake]", "tasks: [fake, fake-nan]"))
+    assert run(clean, tmp_path / "r") == 0
 
 
 def test_max_minutes_stops_and_resumes(tmp_path):
@@ -415,19 +477,35 @@ def test_tune_runs_apart_and_chosen_values_used(tmp_path):
     suite = write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("methods: {lora: {}}", "methods: {lora: {}, nalora: {}}") + textwrap.dedent("""\
         dev_tasks: [fake-dev]
         tune:
-          methods: [nalora]
-          options: {rank_hint: [1, 2]}
+          methods: {nalora: {rho_final: [0.25, 0.75]}}
         """))
     assert run(suite, tmp_path / "r") == 0
     tune_runs, main_runs = runs(tmp_path / "r", "tune/runs"), runs(tmp_path / "r")
     assert {r["config"]["task"] for r in tune_runs.values()} == {"fake-dev"} and len(tune_runs) == 2
     assert {r["config"]["task"] for r in main_runs.values()} == {"fake"}
     chosen = json.loads((tmp_path / "r/tune/chosen.json").read_text())
-    value = chosen["chosen"]["nalora"]["rank_hint"]
-    best = max(tune_runs.values(), key=lambda r: (r["metrics"]["validation"]["acc"], -r["config"]["options"]["rank_hint"]))
-    assert value == best["config"]["options"]["rank_hint"]
-    (nal,) = [r for r in main_runs.values() if r["config"]["method"] == "nalora"]
-    assert nal["config"]["options"] == {"rank_hint": value}
+    value = chosen["chosen"]["nalora"]["rho_final"]
+    best = max(tune_runs.values(), key=lambda r: (r["metrics"]["validation"]["acc"], -r["config"]["options"]["rho_final"]))
+    assert value == best["config"]["options"]["rho_final"]
+    by = {r["config"]["method"]: r for r in main_runs.values()}
+    # The main entry keeps the published default; the tuned one is reported apart (never in the main table).
+    assert set(by) == {"lora", "nalora", "nalora-tuned"}
+    assert by["nalora"]["config"]["options"]["rho_final"] == 0.5
+    assert by["nalora-tuned"]["config"]["options"]["rho_final"] == value
+    assert by["nalora-tuned"]["meta"]["tuned"] and by["nalora-tuned"]["meta"]["ablation"]
+    assert not by["nalora"]["meta"]["tuned"]
+
+
+def test_tune_needs_equal_budget(tmp_path):
+    from benchmarks.runner.suite import SuiteError
+
+    suite = write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("methods: {lora: {}}", "methods: {loraplus: {}, nalora: {}}") + textwrap.dedent("""\
+        dev_tasks: [fake-dev]
+        tune:
+          methods: {nalora: {rho_final: [0.25, 0.5, 0.75]}, loraplus: {loraplus_lr_ratio: [16.0]}}
+        """))
+    with pytest.raises(SuiteError, match=r"same number of configurations \(nalora: 3, loraplus: 1\)"):
+        load(suite)
 
 
 def _real_inject():

@@ -1,4 +1,8 @@
-"""``nalora-bench run``: run a suite (tuning on dev tasks first, then the reported grid), resumably."""
+"""``nalora-bench run``: run a suite (tuning on dev tasks first, then the reported grid), resumably.
+
+Exit codes: 0 done; 3 (``EXIT_MORE_TO_DO``) the time budget stopped it, run again to continue;
+4 (``EXIT_RUNS_FAILED``) done, but runs raised exceptions (``collapsed``/``diverged`` runs are results).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 EXIT_MORE_TO_DO = 3  # the time budget stopped the grid; run the same command again to continue
+EXIT_RUNS_FAILED = 4  # the grid is done but some runs raised exceptions (recorded "failed"); see docs/protocol.md
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,22 +28,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop cleanly before this many minutes; the next invocation resumes")
     parser.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
-    parser.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done; train nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the runs of the current lr round and whether each is done; train nothing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _split(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+    """None when the flag is absent; an empty list for ``--tasks ""`` (an error, not "every task")."""
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
 def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = None, tasks: list[str] | None = None,
               seeds: list[int] | None = None, include_paths: list[str] | None = None, workers: int = 0, max_minutes: float | None = None, retry_failed: bool = False, dry_run: bool = False,
               progress: bool = True, resolver: Callable[[str], Any] | None = None, injector: Callable | None = None,
               log: Callable[[str], None] = print) -> int:
-    """Tune (if the suite has ``tune``), then run the reported grid. Returns 0 when everything is done,
-    ``EXIT_MORE_TO_DO`` when the time budget left runs for the next invocation.
+    """Tune (if the suite has ``tune``), then run the reported grid in lr-extension rounds.
 
-    ``resolver(task_name) -> Task`` and ``injector`` (``nalora.inject``'s signature) are injectable for tests.
+    Returns 0 when everything is done and no run failed, ``EXIT_MORE_TO_DO`` when the time budget left
+    runs for the next invocation, ``EXIT_RUNS_FAILED`` when the grid is done but runs raised exceptions
+    (``collapsed`` and ``diverged`` runs are results, not failures). ``resolver(task_name) -> Task`` and
+    ``injector`` (``nalora.inject``'s signature) are injectable for tests.
     """
     import time
 
@@ -48,15 +57,20 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
     from benchmarks.runner.store import ResultStore, atomic_write_json
     from benchmarks.runner.suite import load_suite
 
-    suite = load_suite(suite_name, methods=methods, tasks=tasks, seeds=seeds, task_paths=include_paths)
+    # Task folders are loaded before validation so plugin tasks and the methods they register are known.
+    suite = load_suite(suite_name, methods=methods, tasks=tasks, seeds=seeds, task_paths=include_paths,
+                       resolver=resolver, check=False)
     resolver = resolver or make_resolver(suite.task_paths)
-    families: dict[str, tuple[str, str]] = {}
+    from benchmarks.runner.suite import check_names
 
-    def family_of(name: str) -> tuple[str, str]:
-        if name not in families:
+    check_names(suite, resolver)
+    facts: dict[str, grid.TaskFacts] = {}
+
+    def info_of(name: str) -> grid.TaskFacts:
+        if name not in facts:
             t = resolver(name)
-            families[name] = (t.family, t.default_model)
-        return families[name]
+            facts[name] = grid.TaskFacts(t.family, t.default_model, grid.task_fingerprint(t))
+        return facts[name]
 
     out = Path(out)
     t_start = time.time()
@@ -72,8 +86,9 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
         return summary.complete
 
     chosen = None
+    failed = 0
     if suite.tune:
-        tune_specs = grid.expand_tune(suite, family_of)
+        tune_specs = grid.expand_tune(suite, info_of)
         log(f"tuning {', '.join(suite.tune['methods'])} options on dev task(s) {', '.join(t.name for t in suite.dev_tasks)}: "
             f"{len(tune_specs)} runs in {out / 'tune'}")
         if dry_run:
@@ -82,26 +97,59 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
             return EXIT_MORE_TO_DO
         ids = {s.run_id for s in tune_specs}
         recs = [r for r in ResultStore(out, "tune").records() if r["run_id"] in ids]
+        failed += sum(is_failure(r) for r in recs)
         if len(recs) == len(ids):
-            tuned = grid.choose_tuned(recs, {m: sorted(suite.tune["options"]) for m in suite.tune["methods"]})
+            tuned = grid.choose_tuned(recs, {m: sorted(o) for m, o in suite.tune["methods"].items()})
             tuned["dev_tasks"] = [t.name for t in suite.dev_tasks]
             tuned["suite"] = suite.name
-            atomic_write_json(out / "tune" / "chosen.json", tuned)
+            if not dry_run:
+                atomic_write_json(out / "tune" / "chosen.json", tuned)
             chosen = tuned["chosen"]
-            log(f"tuned options (used by {', '.join(suite.tune['apply_to'])}): {chosen}")
+            log(f"tuned options (reported apart as {', '.join(m + '-tuned' for m in chosen)}): {chosen}")
         elif dry_run:
-            log("tuning is not complete: the reported runs below use the untuned options until it is")
+            log("tuning is not complete: the -tuned entries run once it is")
 
-    specs = grid.expand(suite, family_of, chosen)
-    log(f"suite {suite.name}: {len(specs)} runs ({len(suite.tasks)} tasks x {len(suite.methods)} methods x lr grid x "
-        f"{len(suite.seeds)} seeds) in {out / 'runs'}")
+    store = ResultStore(out, "main")
+    grids = grid.initial_grids(suite, info_of)
+    bounds = {m.label: m.lr_bounds for m in suite.methods}
+    lr_round = 0
+    while True:
+        specs = grid.expand(suite, info_of, chosen, grids)
+        log(f"suite {suite.name}, lr round {lr_round}: {len(specs)} runs ({len(suite.tasks)} tasks x "
+            f"{len(suite.methods)} methods x lr grid x seeds) in {out / 'runs'}")
+        if dry_run:
+            if not all(store.is_done(s.run_id) for s in specs):
+                _list(specs, store, log)  # the current round only: later rounds depend on its results
+                return 0
+        elif not run_phase(specs, "main"):
+            return EXIT_MORE_TO_DO
+        recs = [r for r in (store.load(s.run_id) for s in specs) if r is not None]
+        grown = grid.extend_grids(grids, recs, lambda cell: bounds[cell[2]])
+        if not grown:
+            break
+        lr_round += 1
+        for (model, task, label), lrs in grown.items():
+            new = sorted(set(lrs) - set(grids[(model, task, label)]))
+            log(f"  lr round {lr_round}: {model}/{task}/{label} best lr at an edge; adding {', '.join(f'{x:g}' for x in new)}")
+        grids.update(grown)
     if dry_run:
-        _list(specs, ResultStore(out, "main"), log)
+        _list(specs, store, log)
         return 0
-    if not run_phase(specs, "main"):
-        return EXIT_MORE_TO_DO
+    failed += sum(is_failure(r) for r in recs)
+    if failed:
+        log(f"done, but {failed} run(s) failed with an exception (exit {EXIT_RUNS_FAILED}); see the 'failed' lines, "
+            "fix the cause and rerun with --retry-failed")
+        return EXIT_RUNS_FAILED
     log(f"done; rebuild the leaderboard with: nalora-bench report --results {out}")
     return 0
+
+
+def is_failure(rec: dict) -> bool:
+    """A run that raised (a bug, OOM, bad input): not a result. ``collapsed``/``diverged`` are results."""
+    if rec.get("status") != "failed":
+        return False
+    # Records written before execute.py knew "diverged" say failed/nan_loss for a non-finite loss.
+    return (rec.get("error") or {}).get("type") not in ("nan_loss", "diverged")
 
 
 def _list(specs: list, store: Any, log: Callable[[str], None]) -> None:
@@ -116,7 +164,7 @@ def main(args: argparse.Namespace) -> int:
     if args.max_minutes is not None and args.max_minutes <= 0:
         raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes}")
     try:
-        seeds = [int(x) for x in _split(args.seeds)] if args.seeds else None
+        seeds = [int(x) for x in _split(args.seeds)] if args.seeds is not None else None
     except ValueError:
         raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     out = args.out or str(Path("results") / Path(args.suite).stem)

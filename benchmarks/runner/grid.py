@@ -1,7 +1,9 @@
 """Expand a suite into runs, give each a stable id, and select hyperparameters on validation.
 
-A run is one (model, task, method, seed, lr [, tuned options]). Its id is a hash of its full
-config, so a finished run is recognised on any later invocation and never repeated.
+A run is one (model, task, method, seed, lr). Its id is a hash of its whole resolved config (method
+options with defaults filled, training, adapter, task fingerprint), so a finished run is recognised on any
+later invocation and never repeated, and a changed default gives new ids. Each (model, task, method) cell's
+lr grid grows in rounds until its validation-best lr is interior or at a documented bound (docs/protocol.md).
 Selection (used by tuning here and by the report) picks, per model x task x method, the setting
 with the best mean validation metric over seeds; only that setting's test score is reported.
 """
@@ -15,9 +17,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from benchmarks.runner.suite import MethodSpec, Suite, TaskSpec, deep_merge
+from benchmarks.runner.suite import MethodSpec, Suite, TaskSpec
 
 NO_ADAPTER_METHODS = ("full", "head")
+
 
 
 @dataclass
@@ -42,65 +45,115 @@ def run_id(config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+Cell = tuple[str, str, str]  # (model, task, method label): one lr grid, one selected lr
+Grids = dict[Cell, dict[float, int]]  # cell -> {lr: round it was added in (0 = the initial grid)}
+
+
+@dataclass(frozen=True)
+class TaskFacts:
+    """What expansion needs to know of a task: its family, default model and fingerprint (hashed into ids)."""
+
+    family: str
+    default_model: str
+    fingerprint: str | None = None
+
+
+def task_fingerprint(task: Any) -> str:
+    """``Task.fingerprint()`` (definition + data), or for tasks without it a hash of their static description."""
+    fn = getattr(task, "fingerprint", None)
+    if callable(fn):
+        return str(fn())
+    text = json.dumps({"class": type(task).__qualname__, "describe": task.describe()}, sort_keys=True, default=str)
+    return "describe:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _facts(info: Any) -> TaskFacts:
+    # ``family_of`` callables of the old API return (family, default_model).
+    return info if isinstance(info, TaskFacts) else TaskFacts(*info)
+
+
 def _models_for(suite: Suite, spec: TaskSpec, family: str, default_model: str) -> list[str]:
-    if spec.models:
-        return list(spec.models)
-    if family in suite.models:
-        return list(suite.models[family])
-    if "*" in suite.models:
-        return list(suite.models["*"])
-    return [default_model]
+    return suite.models_for(spec, family, default_model)  # kept for old callers; use Suite.models_for
 
 
-def _config(suite: Suite, task: TaskSpec, model: str, m: MethodSpec, seed: int, lr: float, options: dict) -> dict:
-    return {
+def _config(task: TaskSpec, model: str, m: MethodSpec, seed: int, lr: float, options: dict,
+            fingerprint: str | None) -> dict:
+    """The whole resolved configuration of one run (hashed into its id)."""
+    config = {
         "model": model,
         "task": task.name,
         "method": m.label,
         "base_method": m.method,
         "seed": int(seed),
         "lr": float(lr),
-        "adapter": deep_merge(suite.adapter, m.adapter),
+        "adapter": m.adapter.model_dump(mode="json"),
         "options": dict(sorted(options.items())),
-        "training": deep_merge(suite.training, task.training),
+        "training": task.training.model_dump(mode="json"),
     }
+    if fingerprint is not None:
+        config["task_fingerprint"] = fingerprint
+    return config
 
 
-def _meta(suite: Suite, m: MethodSpec, family: str, phase: str) -> dict:
+def _meta(suite: Suite, m: MethodSpec, family: str, phase: str, lrs: dict[float, int] | None = None,
+          lr: float | None = None) -> dict:
+    lrs = lrs if lrs is not None else {x: 0 for x in m.lr_grid}
     return {
-        "suite": suite.name, "phase": phase, "family": family, "lr_grid": list(m.lr_grid),
-        "lr_grid_reason": m.lr_grid_reason, "ablation": m.ablation,
+        "suite": suite.name, "phase": phase, "family": family, "lr_grid": sorted(lrs),
+        "lr_bounds": list(m.lr_bounds), "lr_round": lrs.get(lr, 0) if lr is not None else 0,
+        "lr_grid_reason": m.lr_grid_reason, "ablation": m.ablation, "tuned": m.tuned,
     }
 
 
-def tuned_options(suite: Suite, m: MethodSpec, chosen: dict[str, dict] | None) -> dict:
-    """Method options with the tuned values applied.
+def method_options(suite: Suite, m: MethodSpec, chosen: dict[str, dict] | None) -> dict | None:
+    """The options a run of ``m`` uses: its resolved options; for a ``-tuned`` entry, the options the tuning
+    chose (None while the tuning is not complete)."""
+    if not m.tuned:
+        return dict(m.resolved) if m.resolved is not None else dict(m.options)
+    base = m.label[: -len("-tuned")]
+    if not chosen or base not in chosen:
+        return None
+    from benchmarks.runner.suite import resolve_method_options
 
-    Tuned values win over a method's default options; an ablation variant's explicit options win
-    over tuned ones (that is what the variant ablates).
-    """
-    opts = dict(m.options)
-    if not chosen or not suite.tune or m.label not in suite.tune["apply_to"]:
-        return opts
-    tuned = chosen.get(m.label) or chosen.get(m.method) or chosen.get(suite.tune["methods"][0]) or {}
-    if m.ablation:
-        return {**tuned, **opts}
-    return {**opts, **tuned}
+    return resolve_method_options(m.method, {**m.options, **chosen[base]})
 
 
-def expand(suite: Suite, family_of: Callable[[str], tuple[str, str]], chosen: dict[str, dict] | None = None) -> list[RunSpec]:
-    """Every reported run of ``suite``. ``family_of(task) -> (family, default_model)``."""
-    specs = []
+def cells(suite: Suite, info_of: Callable[[str], Any]) -> list[tuple[Cell, TaskSpec, MethodSpec, TaskFacts]]:
+    """Every (model, task, method) of the reported grid, in a stable order."""
+    out = []
     for t in suite.tasks:
-        family, default_model = family_of(t.name)
-        for model in _models_for(suite, t, family, default_model):
+        facts = _facts(info_of(t.name))
+        for model in suite.models_for(t, facts.family, facts.default_model):
             for m in suite.methods:
-                if m.families and family not in m.families:
+                if m.families and facts.family not in m.families:
                     continue
-                opts = tuned_options(suite, m, chosen)
-                for lr in m.lr_grid:
-                    for seed in suite.seeds:
-                        specs.append(RunSpec(_config(suite, t, model, m, seed, lr, opts), _meta(suite, m, family, "main")))
+                out.append(((model, t.name, m.label), t, m, facts))
+    return out
+
+
+def initial_grids(suite: Suite, info_of: Callable[[str], Any]) -> Grids:
+    """Round 0: every cell's lr grid as the suite gives it."""
+    return {cell: {float(lr): 0 for lr in m.lr_grid} for cell, _, m, _ in cells(suite, info_of)}
+
+
+def expand(suite: Suite, info_of: Callable[[str], Any], chosen: dict[str, dict] | None = None,
+           grids: Grids | None = None) -> list[RunSpec]:
+    """Every reported run of ``suite`` with each cell's lr grid (``grids``; default: round 0).
+
+    ``info_of(task) -> TaskFacts`` (or ``(family, default_model)``). ``-tuned`` entries are left out until
+    ``chosen`` holds their options.
+    """
+    grids = grids if grids is not None else initial_grids(suite, info_of)
+    specs = []
+    for cell, t, m, facts in cells(suite, info_of):
+        opts = method_options(suite, m, chosen)
+        if opts is None:
+            continue
+        lrs = grids.get(cell, {float(lr): 0 for lr in m.lr_grid})
+        for lr in sorted(lrs):
+            for seed in m.seeds:
+                specs.append(RunSpec(_config(t, cell[0], m, seed, lr, opts, facts.fingerprint),
+                                     _meta(suite, m, facts.family, "main", lrs, lr)))
     return specs
 
 
@@ -110,23 +163,91 @@ def option_grid(options: dict[str, list]) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*(options[k] for k in keys))]
 
 
-def expand_tune(suite: Suite, family_of: Callable[[str], tuple[str, str]]) -> list[RunSpec]:
-    """The tuning runs: tuned methods x option grid x lr grid x tune seeds on the dev tasks."""
+def expand_tune(suite: Suite, info_of: Callable[[str], Any]) -> list[RunSpec]:
+    """The tuning runs: each tuned method x its option grid x its lr grid x tune seeds, on the dev tasks."""
     if not suite.tune:
         return []
+    from benchmarks.runner.suite import resolve_method_options
+
     specs = []
     by_label = {m.label: m for m in suite.methods}
     for t in suite.dev_tasks:
-        family, default_model = family_of(t.name)
-        for model in _models_for(suite, t, family, default_model):
-            for label in suite.tune["methods"]:
+        facts = _facts(info_of(t.name))
+        for model in suite.models_for(t, facts.family, facts.default_model):
+            for label, options in suite.tune["methods"].items():
                 m = by_label[label]
-                for combo in option_grid(suite.tune["options"]):
+                for combo in option_grid(options):
+                    opts = resolve_method_options(m.method, {**m.options, **combo})
                     for lr in m.lr_grid:
                         for seed in suite.tune["seeds"]:
-                            meta = _meta(suite, m, family, "tune") | {"tuned_keys": sorted(combo)}
-                            specs.append(RunSpec(_config(suite, t, model, m, seed, lr, {**m.options, **combo}), meta))
+                            meta = _meta(suite, m, facts.family, "tune") | {"tuned_keys": sorted(combo),
+                                                                             "tuned_values": combo}
+                            specs.append(RunSpec(_config(t, model, m, seed, lr, opts, facts.fingerprint), meta))
     return specs
+
+
+# ----------------------------------------------------------------------------------------------
+# The lr grid that brackets the optimum (docs/protocol.md)
+
+
+def _tidy(x: float) -> float:
+    return float(f"{x:.6g}")  # 3 * 1e-4 is 0.00030000000000000003; grids compare exactly
+
+
+def half_decade(lr: float, direction: int) -> float:
+    """The next lr of the 1-3-10 sequence above (``direction`` +1) or below (-1) ``lr``.
+
+    1e-3 -> 3e-3 -> 1e-2 upwards, 3e-4 -> 1e-4 -> 3e-5 downwards. An lr off the sequence is first read as
+    its nearest sequence value (2e-4 as 3e-4: mantissas below 2 count as 1, from 2 to 6 as 3, above as 10).
+    """
+    e = math.floor(math.log10(lr) + 1e-9)
+    m = lr / 10**e  # mantissa in [1, 10)
+    if direction > 0:
+        return _tidy(3 * 10**e) if m < 2 else _tidy(10 ** (e + 1)) if m < 6 else _tidy(3 * 10 ** (e + 1))
+    return _tidy(3 * 10 ** (e - 1)) if m < 2 else _tidy(10**e) if m < 6 else _tidy(3 * 10**e)
+
+
+def next_lr(lrs: list[float], best: float, bounds: tuple[float, float]) -> float | None:
+    """The lr to add when ``best`` sits at an edge of ``lrs``: one half-decade beyond that edge, if within
+    ``bounds``; None when ``best`` is interior or the bound is reached."""
+    lo, hi = bounds
+    if best >= max(lrs):
+        up = half_decade(max(lrs), +1)
+        if up <= hi * (1 + 1e-9):
+            return up
+    if best <= min(lrs):
+        down = half_decade(min(lrs), -1)
+        if down >= lo * (1 - 1e-9):
+            return down
+    return None
+
+
+def edge_status(lrs: list[float], best: float, bounds: tuple[float, float]) -> str:
+    """"interior", "at-bound" (best at an edge that the bound stops), or "edge" (extension still to run)."""
+    if min(lrs) < best < max(lrs):
+        return "interior"
+    return "edge" if next_lr(lrs, best, bounds) is not None else "at-bound"
+
+
+def extend_grids(grids: Grids, records: list[dict], bounds_of: Callable[[Cell], tuple[float, float]]) -> Grids:
+    """One extension round: for each cell whose validation-best lr (mean over seeds, ``ok`` runs, as
+    ``select_settings``) sits at an edge of its grid, add the next half-decade lr on that side within the
+    cell's bounds. Returns only the cells that grew (new lrs tagged with the next round). Deterministic:
+    a rerun computes the same extensions from the same stored records."""
+    by_cell: dict[Cell, list[dict]] = {}
+    for rec in records:
+        c = rec["config"]
+        by_cell.setdefault((c["model"], c["task"], c["method"]), []).append(rec)
+    grown: Grids = {}
+    for cell, lrs in grids.items():
+        recs = [r for r in by_cell.get(cell, []) if float(r["config"]["lr"]) in lrs]
+        sel = select_settings(recs).get(cell)
+        if sel is None:
+            continue  # no ok run at all: nothing says which way the optimum lies
+        new = next_lr(sorted(lrs), float(sel["lr"]), bounds_of(cell))
+        if new is not None and new not in lrs:
+            grown[cell] = {**lrs, new: max(lrs.values()) + 1}
+    return grown
 
 
 # ----------------------------------------------------------------------------------------------

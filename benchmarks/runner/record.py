@@ -2,13 +2,15 @@
 
 A record is a plain dict::
 
-    schema            RECORD_SCHEMA version
+    schema            RECORD_SCHEMA version (2: resolved config, status collapsed/diverged, health, per_example)
     run_id            16 hex digits, sha256 of ``config``
-    status            "ok" | "failed"
+    status            "ok" | "collapsed" | "diverged" | "failed"   (only "ok" runs are selectable)
     error             null, or {"type": "nan_loss"|"oom"|"bad_config"|"exception", "message": str}
-    config            model, task, method (label), base_method, seed, lr, adapter{targets,towers,rank,
-                      alpha,dropout}, options (method_options), training{steps, batch_size, ...}
-    meta              suite, phase ("main"|"tune"), family, lr_grid, lr_grid_reason, ablation
+    config            the whole resolved configuration: model, task, method (label), base_method, seed, lr,
+                      adapter{targets,towers,rank,alpha,dropout}, options (every method option, defaults
+                      filled), training{every key of TrainingConfig}, task_fingerprint
+    meta              suite, phase ("main"|"tune"), family, lr_grid (this cell's lrs so far), lr_bounds [lo, hi],
+                      lr_round (0 = initial grid, k = k-th extension), lr_grid_reason, ablation, tuned
     task_info         Task.describe(): metrics, selection_metric, report_metric, protocol, source, ...
     metrics           {"validation": {...}, "test": {...}} final evaluation
     history           {"train_loss": [[step, loss], ...], "validation": [[step, {...}], ...], "lr": [[step, lr], ...]}
@@ -18,6 +20,12 @@ A record is a plain dict::
                       peak_gpu_mem_mib, mixed_precision, num_processes
     nalora            {"history": controller.history()} for runs with a controller, else null
     diagnostics       {"selection_misalignment": {...} | {"error": str}, "source": str} for gate-touching methods
+                      (source "validation": the task's held-out batches; "train-stream-fallback": a plugin
+                      without ``heldout_batches``, fresh training batches instead)
+    health            benchmarks.runner.health.assess: {"collapsed": bool, "reasons": [str], "top_pred_share",
+                      "val_vs_chance_p", "chance", "final_train_loss", "uniform_entropy", ...}
+    per_example       {"validation": {"n", "ids_sha256", "correct": "0110...", "pred": [...]}, "test": {...}}
+                      (absent for tasks that give no per-example results)
     provenance        git{commit,dirty}, packages{...}, hardware{python,gpu,cuda}, assets{name: provenance}
 """
 
@@ -25,7 +33,7 @@ from __future__ import annotations
 
 from typing import Any
 
-RECORD_SCHEMA = 1
+RECORD_SCHEMA = 2
 
 # The leaderboard: one row per run. Names are stable; docs/results.md documents each one.
 LEADERBOARD_COLUMNS = [
@@ -39,9 +47,18 @@ LEADERBOARD_COLUMNS = [
 
 def make_record(spec_config: dict, meta: dict, run_id: str, *, status: str, task_info: dict | None = None,
                 result: dict | None = None, error: dict | None = None, provenance: dict | None = None) -> dict[str, Any]:
-    """Assemble one run record; ``result`` holds what training produced (may be partial on failure)."""
+    """Assemble one run record; ``result`` holds what training produced (may be partial on failure).
+
+    The status is the caller's, refined by the run itself: a trained run that ``train_run`` judged
+    degenerate (``result["status"] == "collapsed"``) is "collapsed"; a run stopped for a non-finite loss or
+    gradient (error type ``nan_loss``/``diverged``) is "diverged". Neither is ever "ok".
+    """
     result = result or {}
-    return {
+    if status == "ok" and result.get("status") in ("collapsed", "diverged"):
+        status = result["status"]
+    if status == "failed" and (error or {}).get("type") in ("nan_loss", "diverged"):
+        status = "diverged"
+    rec = {
         "schema": RECORD_SCHEMA,
         "run_id": run_id,
         "status": status,
@@ -58,7 +75,11 @@ def make_record(spec_config: dict, meta: dict, run_id: str, *, status: str, task
         "nalora": result.get("nalora"),
         "diagnostics": result.get("diagnostics"),
         "provenance": provenance or {},
+        "health": result.get("health"),
     }
+    if result.get("per_example"):
+        rec["per_example"] = result["per_example"]
+    return rec
 
 
 def _misalignment(rec: dict, *names: str) -> float | None:

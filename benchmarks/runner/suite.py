@@ -2,8 +2,10 @@
 
 A suite names models, tasks, methods, seeds, the shared adapter budget and per-method
 hyperparameters. ``load_suite`` merges it over its ``extends`` parent (``defaults`` unless told
-otherwise), validates every key and returns a plain, fully resolved ``Suite``. Bad input raises
-``SuiteError`` (a ``ValueError``) with one line naming the file and the key.
+otherwise), validates types and ranges with the pydantic models of ``config.py``, loads the task folders,
+checks every name (methods and their options, tasks, models) and returns a fully resolved ``Suite``.
+Bad input raises ``SuiteError`` (a ``ValueError``) with one line naming the file and the key path,
+before any run starts.
 """
 
 from __future__ import annotations
@@ -11,26 +13,14 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
+from pydantic import ValidationError
+
+from benchmarks.runner.config import AdapterConfig, SuiteConfig, TaskEntry, TrainingConfig, one_line
 
 SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
-
-TOP_KEYS = {
-    "extends", "description", "models", "tasks", "dev_tasks", "methods", "seeds", "adapter",
-    "training", "lr_grid", "tune", "task_paths", "assets",
-}
-TRAINING_KEYS = {
-    "steps", "batch_size", "grad_accum", "warmup_ratio", "weight_decay", "max_grad_norm",
-    "eval_every", "eval_limit", "test_limit", "eval_batch_size", "log_every", "diag_batches",
-    "mixed_precision",
-}
-ADAPTER_KEYS = {"targets", "towers", "rank", "alpha", "dropout"}
-METHOD_KEYS = {"method", "lr_grid", "lr_grid_reason", "options", "adapter", "ablation", "families"}
-TUNE_KEYS = {"methods", "options", "seeds", "apply_to"}
-TASK_KEYS = {"name", "model", "models", "training"}
-
 
 class SuiteError(ValueError):
     """A suite file is malformed; the message is one line naming the file and key."""
@@ -43,18 +33,22 @@ class MethodSpec:
     label: str
     method: str
     lr_grid: list[float]
+    lr_bounds: tuple[float, float]  # the lr-extension rule stops at these (docs/protocol.md)
+    seeds: list[int]
+    adapter: AdapterConfig  # the shared budget with this entry's overrides
     lr_grid_reason: str = ""
-    options: dict[str, Any] = field(default_factory=dict)
-    adapter: dict[str, Any] = field(default_factory=dict)  # overrides of the shared budget (recorded)
+    options: dict[str, Any] = field(default_factory=dict)  # as written in the suite
+    resolved: dict[str, Any] | None = None  # every option, defaults filled (check_names: resolve_options)
     ablation: bool = False  # True: only in the ablation table, not in the main leaderboard
     families: list[str] | None = None  # restrict to task families ("llm", "vlm")
+    tuned: bool = False  # a "<label>-tuned" entry: options chosen on dev tasks, reported apart
 
 
 @dataclass
 class TaskSpec:
     name: str
+    training: TrainingConfig  # the suite's training with this task's overrides
     models: list[str] | None = None  # None: the suite's models for the task family (or its default)
-    training: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -67,12 +61,24 @@ class Suite:
     dev_tasks: list[TaskSpec]
     methods: list[MethodSpec]
     seeds: list[int]
-    adapter: dict[str, Any]
-    training: dict[str, Any]
-    tune: dict[str, Any] | None
+    adapter: AdapterConfig
+    training: TrainingConfig
+    lr_grid: list[float]
+    lr_bounds: tuple[float, float]
+    tune: dict[str, Any] | None  # {"methods": {label: {option: [values]}}, "seeds": [...]}
     task_paths: list[str]
     assets: list[str]
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    def models_for(self, spec: TaskSpec, family: str, default_model: str) -> list[str]:
+        """The models ``spec`` runs on: its own, else the suite's for its family, else the task's default."""
+        if spec.models:
+            return list(spec.models)
+        if family in self.models:
+            return list(self.models[family])
+        if "*" in self.models:
+            return list(self.models["*"])
+        return [default_model]
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -118,6 +124,9 @@ def load_raw(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> tuple[di
     if path in _seen:
         raise SuiteError(f"suite {path.name}: 'extends' loops back to itself")
     data = _read_yaml(path)
+    if isinstance(data.get("task_paths"), list):
+        # Relative task folders are relative to the suite file that names them, not to the working directory.
+        data["task_paths"] = [str((path.parent / p).resolve()) if isinstance(p, str) else p for p in data["task_paths"]]
     parent = data.pop("extends", "defaults" if path.stem != "defaults" else None)
     if parent in (None, "none"):
         return data, path
@@ -153,77 +162,27 @@ def _err(path: Path, msg: str) -> SuiteError:
     return SuiteError(f"suite {path.name}: {msg}")
 
 
-def _check_keys(path: Path, where: str, value: Any, known: set[str]) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise _err(path, f"{where} must be a mapping, got {type(value).__name__}")
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise _err(path, f"unknown key {unknown[0]!r} in {where} (known: {', '.join(sorted(known))})")
-    return value
+def _typed(path: Path, cls: type, data: Any, where: str) -> Any:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise _err(path, one_line(err, where)) from None
 
 
-def _lr_list(path: Path, where: str, value: Any) -> list[float]:
-    if not isinstance(value, list) or not value:
-        raise _err(path, f"{where} must be a non-empty list of learning rates")
-    out = []
-    for v in value:
-        try:
-            f = float(v)  # YAML reads "1e-4" (no dot) as a string
-        except (TypeError, ValueError):
-            raise _err(path, f"{where} has {v!r}, not a number") from None
-        if not f > 0:
-            raise _err(path, f"{where} has {v!r}; learning rates must be > 0")
-        out.append(f)
-    return out
-
-
-def _check_training(path: Path, where: str, value: Any) -> dict:
-    t = _check_keys(path, where, value, TRAINING_KEYS)
-    for key in ("steps", "batch_size", "grad_accum"):
-        if key in t and (not isinstance(t[key], int) or isinstance(t[key], bool) or t[key] < 1):
-            raise _err(path, f"{where}.{key} must be a positive integer, got {t[key]!r}")
-    for key in ("eval_every", "log_every", "diag_batches", "eval_batch_size"):
-        if key in t and (not isinstance(t[key], int) or t[key] < 0):
-            raise _err(path, f"{where}.{key} must be a non-negative integer, got {t[key]!r}")
-    for key in ("eval_limit", "test_limit"):
-        if key in t and t[key] is not None and (not isinstance(t[key], int) or t[key] < 1):
-            raise _err(path, f"{where}.{key} must be a positive integer or null, got {t[key]!r}")
-    if "warmup_ratio" in t and not (isinstance(t["warmup_ratio"], (int, float)) and 0 <= t["warmup_ratio"] < 1):
-        raise _err(path, f"{where}.warmup_ratio must be in [0, 1), got {t['warmup_ratio']!r}")
-    if t.get("mixed_precision") is False:  # YAML 1.1 reads a bare `no` as false
-        t["mixed_precision"] = "no"
-    if "mixed_precision" in t and t["mixed_precision"] not in ("auto", "no", "bf16", "fp16"):
-        raise _err(path, f"{where}.mixed_precision must be auto, no, bf16 or fp16")
-    return t
-
-
-def _check_adapter(path: Path, where: str, value: Any) -> dict:
-    a = _check_keys(path, where, value, ADAPTER_KEYS)
-    if "rank" in a and (not isinstance(a["rank"], int) or a["rank"] < 1):
-        raise _err(path, f"{where}.rank must be a positive integer, got {a['rank']!r}")
-    for key in ("targets", "towers"):
-        if key in a and (not isinstance(a[key], list) or not all(isinstance(x, str) for x in a[key])):
-            raise _err(path, f"{where}.{key} must be a list of names")
-    return a
-
-
-def _task_specs(path: Path, where: str, value: Any) -> list[TaskSpec]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise _err(path, f"{where} must be a list of task names (or mappings with 'name')")
+def _task_specs(path: Path, where: str, entries: list, training: dict) -> list[TaskSpec]:
     specs = []
-    for item in value:
-        if isinstance(item, str):
-            specs.append(TaskSpec(item))
-            continue
-        entry = _check_keys(path, f"{where} entry", item, TASK_KEYS)
-        if not isinstance(entry.get("name"), str):
-            raise _err(path, f"{where} entry {item!r} has no 'name'")
-        models = entry.get("models", [entry["model"]] if "model" in entry else None)
-        specs.append(TaskSpec(entry["name"], models, _check_training(path, f"{where}.{entry['name']}.training", entry.get("training"))))
+    for i, item in enumerate(entries):
+        entry = TaskEntry(name=item) if isinstance(item, str) else item
+        models = entry.models or ([entry.model] if entry.model else None)
+        merged = deep_merge(training, entry.training)
+        # Name the key where it was written: a task's own override, else the suite's training.
+        try:
+            TrainingConfig.model_validate(merged)
+        except ValidationError as err:
+            bad = str(err.errors()[0]["loc"][0])
+            prefix = f"{where}.{entry.name}.training" if bad in entry.training else "training"
+            raise _err(path, one_line(err, prefix)) from None
+        specs.append(TaskSpec(entry.name, TrainingConfig.model_validate(merged), models))
     names = [s.name for s in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -231,92 +190,206 @@ def _task_specs(path: Path, where: str, value: Any) -> list[TaskSpec]:
     return specs
 
 
+def _in_bounds(path: Path, where: str, grid: list[float], bounds: tuple[float, float]) -> None:
+    lo, hi = bounds
+    if lo > hi:
+        raise _err(path, f"{where}.lr_bounds: lower bound {lo:g} is above upper bound {hi:g}")
+    outside = [lr for lr in grid if not lo * (1 - 1e-9) <= lr <= hi * (1 + 1e-9)]
+    if outside:
+        raise _err(path, f"{where}.lr_grid has {outside[0]:g}, outside lr_bounds [{lo:g}, {hi:g}]")
+
+
 def validate(raw: dict, path: Path) -> Suite:
-    """Check every key of a merged suite and build the ``Suite``."""
-    _check_keys(path, "top level", raw, TOP_KEYS)
-    training = _check_training(path, "training", raw.get("training"))
-    if "steps" not in training:
-        raise _err(path, "training.steps is missing (the fixed number of optimiser steps per run)")
-    adapter = _check_adapter(path, "adapter", raw.get("adapter"))
-    lr_grid = _lr_list(path, "lr_grid", raw.get("lr_grid"))
-    seeds = raw.get("seeds")
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise _err(path, f"seeds must be a non-empty list of integers, got {seeds!r}")
-    if len(set(seeds)) != len(seeds):
-        raise _err(path, f"seeds has duplicates: {seeds}")
+    """Check every key and value of a merged suite (types and ranges) and build the ``Suite``.
 
-    models = raw.get("models") or {}
-    if isinstance(models, list):
-        models = {"*": models}
-    if not isinstance(models, dict) or not all(isinstance(v, list) and all(isinstance(m, str) for m in v) for v in models.values()):
-        raise _err(path, "models must be a list of model names or a mapping family -> list of names")
+    Names (methods, options, tasks, models) are checked by ``check_names``, once plugins are loaded.
+    """
+    cfg: SuiteConfig = _typed(path, SuiteConfig, raw, "")
+    training = _typed(path, TrainingConfig, cfg.training, "training")
+    adapter = _typed(path, AdapterConfig, cfg.adapter, "adapter")
+    _in_bounds(path, "top level", cfg.lr_grid, cfg.lr_bounds)
+    models = {"*": list(cfg.models)} if isinstance(cfg.models, list) else dict(cfg.models)
 
-    methods_raw = raw.get("methods")
-    if not isinstance(methods_raw, dict) or not methods_raw:
-        raise _err(path, "methods must be a non-empty list of method names or mapping name -> overrides")
     methods = []
-    for label, entry in methods_raw.items():
-        if not isinstance(label, str):
-            raise _err(path, f"method entry {label!r} must be a name")
-        e = _check_keys(path, f"methods.{label}", entry, METHOD_KEYS)
-        grid = _lr_list(path, f"methods.{label}.lr_grid", e["lr_grid"]) if "lr_grid" in e else list(lr_grid)
-        if "lr_grid" in e and grid != lr_grid and not e.get("lr_grid_reason"):
+    for label, e in cfg.methods.items():
+        grid = list(e.lr_grid) if e.lr_grid is not None else list(cfg.lr_grid)
+        if e.lr_grid is not None and grid != list(cfg.lr_grid) and not e.lr_grid_reason:
             # A different grid is allowed only where the method's literature needs another scale: say why.
             raise _err(path, f"methods.{label}.lr_grid differs from the shared lr_grid but has no lr_grid_reason")
-        options = e.get("options") or {}
-        if not isinstance(options, dict):
-            raise _err(path, f"methods.{label}.options must be a mapping")
-        fams = e.get("families")
-        if fams is not None and (not isinstance(fams, list) or not all(f in ("llm", "vlm") for f in fams)):
-            raise _err(path, f"methods.{label}.families must be a list of 'llm' / 'vlm'")
+        bounds = tuple(e.lr_bounds) if e.lr_bounds is not None else tuple(cfg.lr_bounds)
+        _in_bounds(path, f"methods.{label}", grid, bounds)
+        seeds = list(e.seeds) if e.seeds is not None else list(cfg.seeds)
+        if len(set(seeds)) != len(seeds):
+            raise _err(path, f"methods.{label}.seeds: has duplicates, got {seeds}")
         methods.append(MethodSpec(
-            label=label, method=str(e.get("method", label)), lr_grid=grid,
-            lr_grid_reason=str(e.get("lr_grid_reason", "")), options=dict(options),
-            adapter=_check_adapter(path, f"methods.{label}.adapter", e.get("adapter")),
-            ablation=bool(e.get("ablation", False)), families=fams,
+            label=label, method=e.method or label, lr_grid=grid, lr_bounds=bounds, seeds=seeds,
+            adapter=_typed(path, AdapterConfig, deep_merge(cfg.adapter, e.adapter), f"methods.{label}.adapter"),
+            lr_grid_reason=e.lr_grid_reason, options=dict(e.options), ablation=e.ablation, families=e.families,
         ))
 
-    tasks = _task_specs(path, "tasks", raw.get("tasks"))
-    if not tasks:
-        raise _err(path, "tasks is empty")
-    dev_tasks = _task_specs(path, "dev_tasks", raw.get("dev_tasks"))
+    tasks = _task_specs(path, "tasks", cfg.tasks, cfg.training)
+    dev_tasks = _task_specs(path, "dev_tasks", cfg.dev_tasks, cfg.training)
     overlap = sorted({t.name for t in tasks} & {t.name for t in dev_tasks})
     if overlap:
         raise _err(path, f"dev task {overlap[0]!r} is also a reported task; tuning must not see reported tasks")
 
-    tune = raw.get("tune")
-    if tune is not None:
-        tune = dict(_check_keys(path, "tune", tune, TUNE_KEYS))
-        if not dev_tasks:
-            raise _err(path, "tune needs dev_tasks (a development task that is not reported)")
-        if not isinstance(tune.get("options"), dict) or not tune["options"]:
-            raise _err(path, "tune.options must map option names to lists of values")
-        for k, v in tune["options"].items():
-            if not isinstance(v, list) or not v:
-                raise _err(path, f"tune.options.{k} must be a non-empty list of values")
-        labels = {m.label for m in methods}
-        tune_methods = tune.get("methods") or ["nalora"]
-        for m in tune_methods:
-            if m not in labels:
-                raise _err(path, f"tune.methods names {m!r}, which is not among the suite's methods")
-        tune["methods"] = list(tune_methods)
-        tune["seeds"] = list(tune.get("seeds") or seeds[:1])
-        tune["apply_to"] = list(tune.get("apply_to") or [m.label for m in methods if m.method.startswith("nalora")])
+    tune = None
+    if cfg.tune is not None:
+        tune = _tune(path, cfg, methods, dev_tasks)
+        by_label = {m.label: m for m in methods}
+        for label in tune["methods"]:
+            m = by_label[label]
+            # Tuned results are a separate entry, reported apart from the main table (docs/protocol.md).
+            methods.append(MethodSpec(
+                label=f"{label}-tuned", method=m.method, lr_grid=list(m.lr_grid), lr_bounds=m.lr_bounds,
+                seeds=list(m.seeds), adapter=m.adapter, lr_grid_reason=m.lr_grid_reason, options=dict(m.options),
+                ablation=True, families=m.families, tuned=True,
+            ))
 
     return Suite(
-        name=path.stem, path=str(path), description=str(raw.get("description", "")), models=models,
-        tasks=tasks, dev_tasks=dev_tasks, methods=methods, seeds=list(seeds), adapter=adapter,
-        training=training, tune=tune, task_paths=list(raw.get("task_paths") or []),
-        assets=list(raw.get("assets") or []), raw=raw,
+        name=path.stem, path=str(path), description=cfg.description, models=models, tasks=tasks,
+        dev_tasks=dev_tasks, methods=methods, seeds=list(cfg.seeds), adapter=adapter, training=training,
+        lr_grid=list(cfg.lr_grid), lr_bounds=tuple(cfg.lr_bounds), tune=tune, task_paths=list(cfg.task_paths),
+        assets=list(cfg.assets), raw=raw,
     )
 
 
+def _tune(path: Path, cfg: SuiteConfig, methods: list[MethodSpec], dev_tasks: list[TaskSpec]) -> dict:
+    """The tune section: known labels, and the same number of configurations for every tuned method."""
+    from benchmarks.runner.grid import option_grid
+
+    if not dev_tasks:
+        raise _err(path, "tune needs dev_tasks (a development task that is not reported)")
+    labels = {m.label for m in methods}
+    sizes = {}
+    for label, options in cfg.tune.methods.items():
+        if label not in labels:
+            raise _err(path, f"tune.methods names {label!r}, which is not among the suite's methods")
+        if not options:
+            raise _err(path, f"tune.methods.{label}: give at least one option with a list of values")
+        sizes[label] = len(option_grid(options))
+    if len(set(sizes.values())) > 1:
+        # Equal tuning budget: a method tuned over more configurations would win by search, not by design.
+        desc = ", ".join(f"{k}: {v}" for k, v in sizes.items())
+        raise _err(path, f"tune.methods: every tuned method needs the same number of configurations ({desc})")
+    return {"methods": {k: dict(v) for k, v in cfg.tune.methods.items()},
+            "seeds": list(cfg.tune.seeds or cfg.seeds[:1])}
+
+
+def resolve_method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Every option of registered ``method`` with its defaults filled in; ``ValueError`` on a bad option.
+
+    ``Method.resolve_options`` (nalora's registry) is the source; methods written before it existed
+    fall back to NA-LoRA's ``config(...).to_dict()`` or to the options as given.
+    """
+    from nalora.methods import get_method
+
+    m = get_method(method)
+    fn = getattr(m, "resolve_options", None)
+    if callable(fn):
+        return dict(fn(dict(options)))
+    if callable(getattr(m, "config", None)):
+        return dict(m.config(dict(options)).to_dict())
+    allowed = getattr(m, "options", None)
+    if isinstance(allowed, (set, frozenset)):
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown option {unknown[0]!r} for method {method!r} (known: {sorted(allowed)})")
+    return dict(options)
+
+
+def check_model_name(name: str) -> None:
+    """``ValueError`` for a model name that cannot exist: not an asset, a tiny test model, a hub id or a folder.
+
+    Only cheap checks (no download, no cache access): names with ``/`` or ``hub:`` are left to the loader.
+    """
+    from benchmarks.assets.registry import SPECS
+
+    tiny: set[str] = set()
+    try:
+        from tasks.common import TINY_MODELS
+
+        tiny |= set(TINY_MODELS)
+        from benchmarks.vlm.tiny import TINY_ENCODERS, TINY_LMS
+
+        tiny |= set(TINY_ENCODERS) | set(TINY_LMS)
+    except ImportError:  # pragma: no cover - optional vision stack
+        pass
+    for part in name.split("+"):
+        if "/" in part or ":" in part or part in tiny or Path(part).expanduser().is_dir():
+            continue
+        spec = SPECS.get(part)
+        if spec is None:
+            known = sorted(n for n, s in SPECS.items() if s.kind == "model")
+            raise ValueError(f"unknown model {part!r} (asset models: {', '.join(known)}; or a hub id org/name)")
+        if spec.kind != "model":
+            raise ValueError(f"{part!r} is a dataset, not a model")
+
+
+def check_names(suite: Suite, resolver: Callable[[str], Any]) -> None:
+    """Check names against the registries (plugins loaded first): methods, their options, tasks, models.
+
+    Fills ``MethodSpec.resolved``. Raises ``SuiteError`` (one line) on the first unknown name.
+    """
+    from tasks import registry
+
+    path = Path(suite.path)
+    try:
+        registry.load_tasks(include_paths=suite.task_paths)  # plugin tasks and the methods they register
+    except FileNotFoundError as err:
+        raise _err(path, f"task_paths: {err}") from None
+    for m in suite.methods:
+        where = f"methods.{m.label}" if not m.tuned else f"tune.methods.{m.label[:-len('-tuned')]}"
+        try:
+            from nalora.methods import get_method
+
+            get_method(m.method)
+        except ValueError as err:
+            raise _err(path, f"methods.{m.label}.method: {err}") from None
+        try:
+            m.resolved = resolve_method_options(m.method, m.options)
+        except (ValueError, TypeError) as err:
+            raise _err(path, f"methods.{m.label}.options: {_first_line(err)}") from None
+        if m.tuned:
+            from benchmarks.runner.grid import option_grid
+
+            for combo in option_grid(suite.tune["methods"][m.label[:-len("-tuned")]]):
+                try:
+                    resolve_method_options(m.method, {**m.options, **combo})
+                except (ValueError, TypeError) as err:
+                    raise _err(path, f"{where}: {combo} is not valid: {_first_line(err)}") from None
+    for where, specs in (("tasks", suite.tasks), ("dev_tasks", suite.dev_tasks)):
+        for spec in specs:
+            try:
+                task = resolver(spec.name)
+            except KeyError as err:
+                raise _err(path, f"{where}: {_first_line(err)}") from None
+            for model in suite.models_for(spec, task.family, task.default_model):
+                try:
+                    check_model_name(model)
+                except ValueError as err:
+                    raise _err(path, f"models ({where}.{spec.name}): {err}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = (err.args[0] if isinstance(err, KeyError) and err.args else str(err)).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def load_suite(name_or_path: str | Path, *, methods: list[str] | None = None, tasks: list[str] | None = None,
-               seeds: list[int] | None = None, task_paths: list[str] | None = None) -> Suite:
+               seeds: list[int] | None = None, task_paths: list[str] | None = None,
+               resolver: Callable[[str], Any] | None = None, check: bool = True) -> Suite:
     """Load, merge and validate a suite; ``methods`` / ``tasks`` / ``seeds`` keep only the named entries,
-    ``task_paths`` add task folders (``--include-path``) to the suite's own."""
+    ``task_paths`` add task folders (``--include-path``) to the suite's own.
+
+    With ``check`` (the default) names are checked too (``check_names``), with ``resolver(task) -> Task``
+    (default: the task registry with the suite's task folders loaded).
+    """
     raw, path = load_raw(name_or_path)
     suite = validate(raw, path)
+    for flag, given in (("--methods", methods), ("--tasks", tasks), ("--seeds", seeds)):
+        if given is not None and not given:
+            raise SuiteError(f"{flag}: empty; leave the flag out to keep every entry of suite {suite.name}")
     if methods:
         unknown = sorted(set(methods) - {m.label for m in suite.methods})
         if unknown:
@@ -328,11 +401,20 @@ def load_suite(name_or_path: str | Path, *, methods: list[str] | None = None, ta
             raise SuiteError(f"--tasks: {unknown[0]!r} is not in suite {suite.name} (has: {', '.join(t.name for t in suite.tasks)})")
         suite.tasks = [t for t in suite.tasks if t.name in tasks]
     if seeds is not None:
-        unknown = sorted(set(seeds) - set(suite.seeds))
-        if unknown or not seeds:
-            raise SuiteError(f"--seeds: {unknown[0] if unknown else 'nothing'} is not in suite {suite.name} "
-                             f"(has: {', '.join(map(str, suite.seeds))})")
+        every = sorted({s for m in suite.methods for s in m.seeds} | set(suite.seeds))
+        unknown = sorted(set(seeds) - set(every))
+        if unknown:
+            raise SuiteError(f"--seeds: {unknown[0]} is not in suite {suite.name} (has: {', '.join(map(str, every))})")
         suite.seeds = [s for s in suite.seeds if s in seeds]
+        for m in suite.methods:
+            m.seeds = [s for s in m.seeds if s in seeds]
+        suite.methods = [m for m in suite.methods if m.seeds]
     if task_paths:
         suite.task_paths = list(dict.fromkeys([*suite.task_paths, *map(str, task_paths)]))
+    if check:
+        if resolver is None:
+            from benchmarks.runner.execute import make_resolver
+
+            resolver = make_resolver(suite.task_paths)
+        check_names(suite, resolver)
     return suite

@@ -14,12 +14,16 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from benchmarks.runner import health
 from nalora.diagnostics import snapshot_trainable
 from tasks.base import Task
 
 
-class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN or infinite."""
+class Diverged(RuntimeError):
+    """The training loss or the gradients became NaN or infinite: the run is recorded ``diverged``."""
+
+
+NonFiniteLoss = Diverged  # the name before gradients were checked too; kept for callers that catch it
 
 
 class RunInterrupted(RuntimeError):
@@ -49,15 +53,22 @@ def _mixed_precision(setting: str | None) -> str:
     return setting
 
 
-def _evaluate(task: Task, setup: Any, model: torch.nn.Module, accelerator: Any, split: str, limit: int | None, bs: int) -> dict:
+def _evaluate(task: Task, setup: Any, model: torch.nn.Module, accelerator: Any, split: str, limit: int | None, bs: int,
+              per_example: bool = False) -> tuple[dict, dict | None]:
+    """``(metrics, per_example)``; per-example results (``Task.evaluate_examples``) only when asked and given."""
     was_training = model.training
     model.eval()
+    examples = None
     try:
         with torch.no_grad(), accelerator.autocast():
-            out = task.evaluate(setup, model, split, limit=limit, batch_size=bs)
+            fn = getattr(task, "evaluate_examples", None)
+            if per_example and callable(fn):
+                out, examples = fn(setup, model, split, limit=limit, batch_size=bs)
+            else:
+                out = task.evaluate(setup, model, split, limit=limit, batch_size=bs)
     finally:
         model.train(was_training)
-    return {k: float(v) for k, v in out.items()}
+    return {k: float(v) for k, v in out.items()}, examples
 
 
 def _heldout_batches(task: Task, setup: Any, n: int, batch_size: int, seed: int) -> tuple[list, str]:
@@ -65,9 +76,10 @@ def _heldout_batches(task: Task, setup: Any, n: int, batch_size: int, seed: int)
     fn = getattr(task, "heldout_batches", None)
     if callable(fn):
         return list(fn(setup, n=n, batch_size=batch_size)), "validation"
-    # Fallback: a training stream with a seed the run never used (fresh order, same distribution).
+    # Fallback for plugins without held-out batches: a training stream with a seed the run never used (fresh
+    # order, same distribution, but examples training may have seen). Labelled so tables can tell.
     it = task.train_batches(setup, batch_size, seed + 1_000_003)
-    return [next(it) for _ in range(n)], "train-stream"
+    return [next(it) for _ in range(n)], "train-stream-fallback"
 
 
 def _gated_ffns(model: torch.nn.Module) -> list | None:
@@ -93,22 +105,26 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
               progress: bool = True, position: int = 0) -> dict[str, Any]:
     """Train and evaluate one run described by ``config`` (see ``record.py``); returns its results.
 
-    Raises on failure (the caller records it). Works in one process and under ``accelerate launch``
+    Raises on failure (the caller records it): ``Diverged`` for a NaN/inf loss or gradient. A run that trains
+    to the end gets ``result["status"]`` ("ok" or "collapsed", ``health.assess``) and ``result["health"]``.
+    Works in one process and under ``accelerate launch``
     (each process trains on its own data stream; evaluation runs on the main process).
     """
     from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup, set_seed
 
     t_start = time.time()
+    # The run config is complete (suite.py validates it against TrainingConfig / AdapterConfig; every default
+    # lives in benchmarks/suites/defaults.yaml): no fallbacks here.
     tr, ad = config["training"], config["adapter"]
-    steps, ga = int(tr["steps"]), int(tr.get("grad_accum", 1))
+    steps, ga = int(tr["steps"]), int(tr["grad_accum"])
     from accelerate.state import AcceleratorState, GradientState
 
     # Several runs share one process (grid, worker): each may set its own precision. The process/distributed
     # state (PartialState) is kept; only the per-run accelerator state is reset.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    accelerator = Accelerator(mixed_precision=_mixed_precision(tr.get("mixed_precision")))
+    accelerator = Accelerator(mixed_precision=_mixed_precision(tr["mixed_precision"]))
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -117,29 +133,34 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
 
     setup = task.setup(config["model"], device=device)
     # Every method that moves the gate weights: adapters on the gate, and full fine-tuning.
-    touches_gate = config["base_method"] == "full" or (config["base_method"] != "head" and "gate" in ad.get("targets", ()))
-    want_diag = tr.get("diag_batches", 0) and touches_gate
+    touches_gate = config["base_method"] == "full" or (config["base_method"] != "head" and "gate" in ad["targets"])
+    want_diag = tr["diag_batches"] and touches_gate
     ffns = _gated_ffns(setup.model) if want_diag else None
     set_seed(config["seed"])  # before adapters are initialised: the seed fixes the adapter init
     inject = injector or default_injector()
     adapted = inject(
-        setup.model, config["base_method"], targets=tuple(ad.get("targets", ("gate",))),
-        towers=tuple(ad.get("towers", ("language", "vision"))), rank=ad.get("rank", 8), alpha=ad.get("alpha", 16),
-        dropout=ad.get("dropout", 0.0), trainable=list(setup.trainable), method_options=dict(config.get("options") or {}),
+        setup.model, config["base_method"], targets=tuple(ad["targets"]), towers=tuple(ad["towers"]),
+        rank=ad["rank"], alpha=ad["alpha"], dropout=ad["dropout"], trainable=list(setup.trainable),
+        method_options=dict(config["options"]),
     )
     adapted.model.to(device)
     # The diagnostic measures against the model as it was before training (not "adapter off": PiSSA's base is
     # a residual, and full fine-tuning has no adapter to switch off).
     reference = snapshot_trainable(adapted.model) if want_diag else None
-    optimizer = adapted.make_optimizer(config["lr"], tr.get("weight_decay", 0.0), total_steps=steps)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(tr.get("warmup_ratio", 0.0) * steps), steps)
+    optimizer = adapted.make_optimizer(config["lr"], tr["weight_decay"], total_steps=steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(tr["warmup_ratio"] * steps), steps)
     model = accelerator.prepare(adapted.model)
     unwrapped = accelerator.unwrap_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
     trainable, total = adapted.num_trainable(), sum(p.numel() for p in unwrapped.parameters())
 
-    val_limit, test_limit = tr.get("eval_limit"), tr.get("test_limit")
-    eval_bs, eval_every, log_every = tr.get("eval_batch_size", 16), tr.get("eval_every", 0), max(1, tr.get("log_every", 10))
+    val_limit, test_limit = tr["eval_limit"], tr["test_limit"]
+    eval_bs, eval_every, log_every = tr["eval_batch_size"], tr["eval_every"], tr["log_every"]
+    # Gradient norms are checked on every step but synchronised with the host only at log steps (and the last).
+    # Under fp16 the loss scaler skips steps with inf gradients by design, so only the loss is checked there.
+    check_grads = accelerator.scaler is None
+    max_norm = tr["max_grad_norm"] if tr["max_grad_norm"] is not None else float("inf")
+    grads_bad = torch.zeros((), dtype=torch.bool, device=device)
     history: dict[str, list] = {"train_loss": [], "validation": [], "lr": []}
     data = task.train_batches(setup, tr["batch_size"], config["seed"] + 7919 * accelerator.process_index)
     units, eval_s, unit = 0, 0.0, None
@@ -161,17 +182,21 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
             loss_sum += loss.detach().float()
             units += task.units(batch)
         loss_n += 1
-        if tr.get("max_grad_norm"):
-            accelerator.clip_grad_norm_(params, tr["max_grad_norm"])
+        # max_norm inf (max_grad_norm null) clips nothing but still gives the total norm for the check.
+        total_norm = accelerator.clip_grad_norm_(params, max_norm)
+        if check_grads and total_norm is not None:
+            grads_bad |= ~torch.isfinite(torch.as_tensor(total_norm, device=device))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         bar.update(1)
-        # Host sync only every log_every steps: that is also where a NaN loss is caught.
+        # Host sync only every log_every steps (and the last): that is where a NaN loss or gradient is caught.
         if step % log_every == 0 or step == steps:
             mean_loss = float(loss_sum) / loss_n
             if not math.isfinite(mean_loss):
-                raise NonFiniteLoss(f"training loss is {mean_loss} at step {step}")
+                raise Diverged(f"training loss is {mean_loss} at step {step}")
+            if bool(grads_bad):
+                raise Diverged(f"non-finite gradient norm at or before step {step} (loss {mean_loss:.4g})")
             history["train_loss"].append([step, mean_loss])
             history["lr"].append([step, scheduler.get_last_lr()[0]])
             bar.set_postfix(loss=f"{mean_loss:.4f}")
@@ -179,7 +204,7 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
             loss_n = 0
         if eval_every and step % eval_every == 0 and step != steps and accelerator.is_main_process:
             t0 = time.time()
-            history["validation"].append([step, _evaluate(task, setup, unwrapped, accelerator, "validation", val_limit, eval_bs)])
+            history["validation"].append([step, _evaluate(task, setup, unwrapped, accelerator, "validation", val_limit, eval_bs)[0]])
             eval_s += time.time() - t0
         if deadline is not None and time.time() > deadline:
             raise RunInterrupted(f"time budget ran out at step {step}/{steps}")
@@ -196,10 +221,20 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
     metrics: dict[str, dict] = {}
     if accelerator.is_main_process:
         t0 = time.time()
-        metrics["validation"] = _evaluate(task, setup, unwrapped, accelerator, "validation", val_limit, eval_bs)
-        metrics["test"] = _evaluate(task, setup, unwrapped, accelerator, "test", test_limit, eval_bs)
+        per_example: dict[str, dict] = {}
+        for split, limit in (("validation", val_limit), ("test", test_limit)):
+            metrics[split], examples = _evaluate(task, setup, unwrapped, accelerator, split, limit, eval_bs, per_example=True)
+            if examples:
+                per_example[split] = health.compact(examples)
         history["validation"].append([steps, metrics["validation"]])
         eval_s += time.time() - t0
+        if per_example:
+            result["per_example"] = per_example
+        result["health"] = health.assess(
+            val_metrics=metrics["validation"], selection_metric=task.selection_metric, chance=task.chance(),
+            per_example=per_example.get("validation"),
+            final_train_loss=history["train_loss"][-1][1] if history["train_loss"] else None)
+        result["status"] = "collapsed" if result["health"]["collapsed"] else "ok"
         if want_diag:
             try:
                 batches, source = _heldout_batches(task, setup, tr["diag_batches"], tr["batch_size"], config["seed"])
