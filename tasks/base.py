@@ -31,6 +31,10 @@ class TaskSetup:
     """Module paths trained by every method besides the adapters (task head, VLM connector)."""
     extras: dict[str, Any] = field(default_factory=dict)
     """Whatever the task needs later: tokenizer, image processor, label token ids, ..."""
+    trainable_lr: float | None = None
+    """Fixed learning rate of ``trainable`` for methods that bring their own adapters (None: the run's lr).
+    A shared full-rank module (the VLM connector) trained at an adapter's lr is a confound: its lr grid would
+    measure the module, not the method. ``head`` / ``full`` train it at the run's lr (it is their method)."""
 
 
 class Task(ABC):

@@ -306,3 +306,36 @@ def test_vision_and_language_choice_tasks_score_alike(monkeypatch, splits):
     want = {"acc": labels.count(2) / n, "acc_norm": labels.count(1) / n}
     assert language == pytest.approx(want)
     assert {k: vision[k] for k in ("acc", "acc_norm")} == pytest.approx(want)
+
+
+@pytest.mark.parametrize("method,expect_fixed", [("lora", True), ("nalora", True), ("head", False)])
+def test_connector_trains_at_its_fixed_lr_for_adapter_methods(method, expect_fixed, splits):
+    """The shared connector gets the task's fixed lr under adapter methods (not the run's lr: at adapter lrs it
+    is rewritten and runs collapse), and the run's lr under `head`, where it is the method's own parameter."""
+    from nalora import injection
+
+    from benchmarks.runner.train import shared_lr_group
+    task = get_task("fashion-mnist", splits=_splits_copy(splits), align=False, connector_lr=2e-4)
+    setup = task.setup("tiny-eva02+tiny-byte-llama")
+    assert setup.trainable_lr == 2e-4 and task.describe()["options"]["connector_lr"] == 2e-4
+    torch.manual_seed(0)
+    adapted = injection.inject(setup.model, method, targets=("gate", "up"), rank=2, trainable=setup.trainable)
+    opt = adapted.make_optimizer(3e-3, total_steps=4)
+    conn = {id(p) for n, p in adapted.model.named_parameters() if p.requires_grad and "connector" in n}
+    if expect_fixed:
+        assert shared_lr_group(opt, adapted.model, setup.trainable, setup.trainable_lr) == len(conn) > 0
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert {lr_of[i] for i in conn} == ({2e-4} if expect_fixed else {3e-3})
+    assert {lr for i, lr in lr_of.items() if i not in conn} == ({3e-3} if expect_fixed else set())
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(lr_of)  # nothing lost or duplicated
+    before = {n: p.detach().clone() for n, p in adapted.model.named_parameters() if p.requires_grad}
+    batches = task.train_batches(setup, batch_size=4, seed=0)
+    task.loss(setup, adapted.model, next(batches)).backward()
+    opt.step()
+    moved = [n for n, p in adapted.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert any("connector" in n for n in moved)
+
+
+def test_connector_lr_is_validated():
+    with pytest.raises(ValueError, match="connector_lr"):
+        get_task("fashion-mnist", connector_lr=-1)

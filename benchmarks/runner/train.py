@@ -101,6 +101,28 @@ def _misalignment(model: torch.nn.Module, ffns: list | None, batches: list, devi
     return dict(selection_misalignment(model, ffns or [], batches, reference=reference))
 
 
+def shared_lr_group(optimizer: torch.optim.Optimizer, model: torch.nn.Module, paths: list[str], lr: float) -> int:
+    """Move the parameters of the modules ``paths`` (a task's shared trainables, e.g. the VLM connector, also
+    under peft's ``modules_to_save`` copy) into one param group at the fixed ``lr``; returns how many moved.
+    Call before the scheduler is built and before the first step (the group's lr is its schedule's base)."""
+    def shared(name: str) -> bool:
+        parts = name.split(".")
+        return any(p.split(".") == parts[i:i + len(p.split("."))] for p in paths for i in range(len(parts)))
+
+    ids = {id(p) for n, p in model.named_parameters() if p.requires_grad and shared(n)}
+    if not ids:
+        return 0
+    moved = []
+    for group in optimizer.param_groups:
+        keep = [p for p in group["params"] if id(p) not in ids]
+        moved += [p for p in group["params"] if id(p) in ids]
+        group["params"] = keep
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+    wd = optimizer.param_groups[0]["weight_decay"] if optimizer.param_groups else 0.0
+    optimizer.add_param_group({"params": moved, "lr": lr, "weight_decay": wd})
+    return len(moved)
+
+
 def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None = None, deadline: float | None = None,
               progress: bool = True, position: int = 0) -> dict[str, Any]:
     """Train and evaluate one run described by ``config`` (see ``record.py``); returns its results.
@@ -148,6 +170,8 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
     # a residual, and full fine-tuning has no adapter to switch off).
     reference = snapshot_trainable(adapted.model) if want_diag else None
     optimizer = adapted.make_optimizer(config["lr"], tr["weight_decay"], total_steps=steps)
+    if setup.trainable_lr is not None and getattr(adapted.method, "uses_adapters", True):
+        shared_lr_group(optimizer, adapted.model, list(setup.trainable), float(setup.trainable_lr))
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(tr["warmup_ratio"] * steps), steps)
     model = accelerator.prepare(adapted.model)
     unwrapped = accelerator.unwrap_model(model)

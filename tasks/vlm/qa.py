@@ -25,7 +25,11 @@ from tasks.vlm.data import SOURCES, cap_train, class_names, epochs, eval_order, 
 
 PROMPT = "Question: What is shown in the image? Answer:"
 TARGET_DELIMITER = " "
-MAX_SEQS_PER_FORWARD = 160  # choice sequences per forward pass when scoring (memory of the logits)
+MAX_SEQS_PER_FORWARD = 160
+# The aligned connector is a full-rank module every method trains. At an adapter's learning rate (1e-3 and
+# up, AdamW) it is rewritten within a few dozen steps, the image signal is lost and runs collapse to the
+# class prior (train loss ln(K)); see docs/vlm.md. So adapter methods train it at this fixed rate.
+CONNECTOR_LR = 1e-4  # choice sequences per forward pass when scoring (memory of the logits)
 
 
 class VisionQATask(Task):
@@ -43,7 +47,10 @@ class VisionQATask(Task):
 
     def __init__(self, max_train: int | None = 2000, image_size: int | None = None, grid: int = 2,
                  align: bool = True, align_config: AlignConfig | None = None, cache_root: str | None = None,
-                 splits: Any = None):
+                 splits: Any = None, connector_lr: float | None = CONNECTOR_LR):
+        if connector_lr is not None and not (isinstance(connector_lr, (int, float)) and connector_lr >= 0):
+            raise ValueError(f"connector_lr must be a number >= 0 (0 = frozen) or None, got {connector_lr!r}")
+        self.connector_lr = connector_lr
         self.max_train = max_train
         self.image_size, self.grid, self.align = image_size, grid, align
         self.align_config = align_config or AlignConfig()
@@ -78,7 +85,7 @@ class VisionQATask(Task):
         build = build_vlm(model_name, device, image_size=self.image_size, grid=self.grid, align=self.align,
                           align_config=self.align_config, cache_root=self.cache_root)
         trainable = getattr(build.io, "trainable", ["connector"])
-        return TaskSetup(model=build.model, trainable=list(trainable),
+        return TaskSetup(model=build.model, trainable=list(trainable), trainable_lr=self.connector_lr,
                          extras={"io": build.io, "classes": self.classes(), "alignment": build.alignment,
                                  "provenance": build.provenance, "spec": build.spec})
 
@@ -156,7 +163,8 @@ class VisionQATask(Task):
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
-        d["options"] = {"max_train": self.max_train, "image_size": self.image_size, "grid": self.grid,
+        d["options"] = {"connector_lr": self.connector_lr, "max_train": self.max_train,
+                        "image_size": self.image_size, "grid": self.grid,
                         "align": self.align, "prompt": PROMPT}
         return d
 
