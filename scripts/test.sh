@@ -13,5 +13,6 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
         || echo "test.sh: could not install chromium; the HTML browser test will skip" >&2
 fi
 .venv/bin/ruff check --quiet .
+.venv/bin/lint-imports --no-cache --no-logo | grep -E "KEPT|BROKEN|->|not allowed" # the layer contract in pyproject.toml (docs/ARCHITECTURE.md)
 export NALORA_TEST_FETCH="${NALORA_TEST_FETCH:-1}"
 exec .venv/bin/python -m pytest -q "$@"

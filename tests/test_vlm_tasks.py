@@ -211,7 +211,7 @@ def test_tasks_through_the_injector(task_name, spec, method, splits):
 
 
 def test_zero_shot_row_says_which_answer_the_model_gives(splits):
-    from benchmarks.vlm.zeroshot import _row, markdown
+    from tasks.vlm.zeroshot import _row, markdown
 
     task = get_task("fashion-mnist", splits=_splits_copy(splits), align=False, max_train=20)
     setup = task.setup("tiny-dinov2+tiny-byte-llama")
@@ -312,9 +312,8 @@ def test_vision_and_language_choice_tasks_score_alike(monkeypatch, splits):
 def test_connector_trains_at_its_fixed_lr_for_adapter_methods(method, expect_fixed, splits):
     """The shared connector gets the task's fixed lr under adapter methods (not the run's lr: at adapter lrs it
     is rewritten and runs collapse), and the run's lr under `head`, where it is the method's own parameter."""
-    from nalora import injection
-
     from benchmarks.runner.train import shared_lr_group
+    from nalora import injection
     task = get_task("fashion-mnist", splits=_splits_copy(splits), align=False, connector_lr=2e-4)
     setup = task.setup("tiny-eva02+tiny-byte-llama")
     assert setup.trainable_lr == 2e-4 and task.describe()["options"]["connector_lr"] == 2e-4
