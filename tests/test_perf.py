@@ -239,6 +239,7 @@ def test_nalora_light_loss_under_compile_matches_eager():
         torch.testing.assert_close(comp[k], eager[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
                     reason="torch.compile's inductor backend needs a C compiler on CPU (GPU figure: results/perf)")
 def test_inductor_compile_trains_like_eager():
@@ -248,3 +249,64 @@ def test_inductor_compile_trains_like_eager():
     comp, *_ = _nalora_train(base, compiled="inductor", steps=3)
     for k in eager:
         torch.testing.assert_close(comp[k], eager[k], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# nalora-bench steptime
+
+
+def _steptime_args(out, **kw):
+    import argparse
+
+    from benchmarks.perf import step_time
+
+    p = argparse.ArgumentParser()
+    step_time.add_arguments(p)
+    argv = ["--model", "tiny-llama", "--methods", "lora,nalora", "--rounds", "9", "--steps", "2", "--warmup", "1",
+            "--batch-size", "2", "--seq-len", "16", "--compile-backend", "aot_eager", "--out", str(out)]
+    for k, v in kw.items():
+        argv += [f"--{k}"] + ([] if v is True else [str(v)])
+    return p.parse_args(argv)
+
+
+@pytest.mark.slow  # compiles three tiny models (aot_eager) and runs HF Trainer nine times: about a minute
+def test_steptime_reference_on_cpu(tmp_path):
+    import json
+
+    from benchmarks.perf import step_time
+
+    assert step_time.main(_steptime_args(tmp_path, variants="eager,lean,compiled", reference=True)) == 0
+    r = json.loads((tmp_path / "steptime.json").read_text())
+    names = set(r["candidates"])
+    assert {"lora", "nalora", "lora+lean", "nalora+compiled", "peft", "peft+compile", "hf_trainer+peft"} <= names
+    for c in r["candidates"].values():
+        assert len(c["step_s"]) == 9 and all(s > 0 for s in c["step_s"])
+        assert c["step_ms"]["iqr"][0] <= c["step_ms"]["median"] <= c["step_ms"]["iqr"][1]
+    assert r["candidates"]["nalora+compiled"]["prepare"]["compiled"] is True
+    ratio = r["ratios"]["nalora+compiled / lora+compiled"]["time"]
+    assert ratio["n"] == 9 and ratio["min"] <= ratio["median"] <= ratio["max"]
+    assert "hf_trainer+peft / lora+compiled" in r["ratios"]
+    md = (tmp_path / "steptime.md").read_text()
+    assert "| nalora+compiled |" in md and "IQR" in md
+    assert r["timer"] == "perf_counter"
+
+
+def test_steptime_rejects_bad_input(tmp_path):
+    from benchmarks.perf import step_time
+
+    with pytest.raises(ValueError, match="--variants"):
+        step_time.main(_steptime_args(tmp_path, variants="fast"))
+    with pytest.raises(ValueError, match="unknown method"):
+        step_time.main(_steptime_args(tmp_path, methods="nope"))
+
+
+def test_spread_and_paired_ratios():
+    from benchmarks.perf.step_time import Candidate, _ratios, _spread
+
+    s = _spread([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert s["median"] == 3.0 and s["iqr"] == [2.0, 4.0] and (s["min"], s["max"]) == (1.0, 5.0)
+    a = Candidate("lora", "runner", "lora", "eager", build=lambda: None, step_s=[1.0, 2.0, 4.0])
+    b = Candidate("nalora", "runner", "nalora", "eager", build=lambda: None, step_s=[1.1, 2.2, 4.4])
+    r = _ratios({"lora": a, "nalora": b})
+    # paired per round: drift common to both (here a factor of 4 across rounds) cancels
+    assert r["nalora / lora"]["time"]["max"] - r["nalora / lora"]["time"]["min"] < 1e-12
