@@ -310,3 +310,14 @@ def test_spread_and_paired_ratios():
     r = _ratios({"lora": a, "nalora": b})
     # paired per round: drift common to both (here a factor of 4 across rounds) cancels
     assert r["nalora / lora"]["time"]["max"] - r["nalora / lora"]["time"]["min"] < 1e-12
+
+
+def test_step_options_from_config_and_environment():
+    assert C.step_options({}, {}) == {"compile": "auto", "bf16_frozen": "auto", "light_loss": "auto"}
+    assert C.step_options({"compile": False}, {"NALORA_LIGHT_LOSS": "0"}) == \
+        {"compile": False, "bf16_frozen": "auto", "light_loss": False}
+    assert set(C.step_options({"compile": True}, {"NALORA_EAGER": "1"}).values()) == {False}
+    with pytest.raises(ValueError, match="NALORA_COMPILE"):
+        C.step_options({}, {"NALORA_COMPILE": "maybe"})
+    with pytest.raises(ValueError, match="training.bf16_frozen"):
+        C.step_options({"bf16_frozen": "yes"}, {})

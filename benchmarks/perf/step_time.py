@@ -32,7 +32,8 @@ REFERENCES = ("peft", "peft+compile", "hf_trainer+peft")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="asset-cache model name, hub id or local dir")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="asset-cache model name, hub id, local dir, or a config *.json (random weights)")
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
     parser.add_argument("--variants", default="eager,compiled",
                         help=f"runner-step variants, comma-separated from {','.join(VARIANTS)}")
@@ -255,6 +256,29 @@ def _ratios(cands: dict[str, Candidate]) -> dict[str, dict]:
 # measurement
 
 
+def _load_base(model_name: str) -> tuple[torch.nn.Module, str]:
+    """The base model and where its weights come from. A ``*.json`` path is a Hugging Face config: the
+    model is built from it with random fp32 weights (step time does not depend on the values; this is how
+    the GPU machine, which has no asset cache, times the real architecture: benchmarks/perf/configs/)."""
+    if model_name.endswith(".json") and Path(model_name).is_file():
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg = AutoConfig.for_model(**_read_json(model_name))
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval(), f"random init from {model_name}"
+    from tasks.common import load_causal_lm
+
+    return load_causal_lm(model_name)[0], "pretrained"
+
+
+def _read_json(path: str) -> dict:
+    import json
+
+    d = json.loads(Path(path).read_text())
+    d.pop("_model_name_or_path", None)
+    return d
+
+
 def measure(model_name: str, methods: list[str], *, variants: tuple[str, ...] = ("eager", "compiled"),
             reference: bool = False, targets: tuple[str, ...] = ("gate", "up", "down"), rank: int = 8,
             batch_size: int = 8, seq_len: int = 512, steps: int = 30, warmup: int = 5, rounds: int = 9,
@@ -262,12 +286,10 @@ def measure(model_name: str, methods: list[str], *, variants: tuple[str, ...] = 
     """Time every candidate over ``rounds`` interleaved rounds on one fixed batch; see the module doc."""
     from tqdm.auto import tqdm
 
-    from tasks.common import load_causal_lm
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    base, _ = load_causal_lm(model_name)
+    base, weights = _load_base(model_name)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, base.config.vocab_size, (batch_size, seq_len), generator=g)
     batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": ids.to(device)}
@@ -318,7 +340,7 @@ def measure(model_name: str, methods: list[str], *, variants: tuple[str, ...] = 
     eager = {c.name: c for c in order if c.group == "runner" and c.variant == "eager"}
     median = {n: statistics.median(c.step_s) for n, c in eager.items()}
     return {
-        "model": model_name, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "model": model_name, "weights": weights, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "targets": list(targets), "rank": rank, "batch_size": batch_size,
         "seq_len": seq_len, "steps": steps, "warmup": warmup, "rounds": rounds,
         "timer": "cuda events" if device.type == "cuda" else "perf_counter",

@@ -271,6 +271,7 @@ def install_light_loss(model: nn.Module, *, impl: str = "auto") -> tuple[str, st
     Returns (loss kind, reason): ("chunked" | "liger", "") when installed, ("model", why not) otherwise.
     ``impl``: "auto" (liger-kernel on CUDA when importable, else chunked torch), "torch", "liger".
     """
+    model = getattr(model, "module", model)  # DistributedDataParallel: the hooks go on the wrapped model
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(lm, "_nalora_light_loss", None) is not None:
         return lm._nalora_light_loss.impl_name, ""
@@ -446,3 +447,34 @@ def prepare_model(model: nn.Module, *, compile: bool | str = "auto", bf16_frozen
         compile_in_place(model, state, backend=backend, mode=mode, dynamic=dynamic, log=log)
     log(state.line())
     return state
+
+
+_FLAG_VALUES = {"1": True, "true": True, "on": True, "0": False, "false": False, "off": False, "auto": "auto"}
+
+
+def step_options(training: dict | None = None, environ: dict | None = None) -> dict[str, Any]:
+    """``prepare_model`` keyword arguments for a run: the run's ``training`` keys ``compile``,
+    ``bf16_frozen`` and ``light_loss`` (true / false / "auto"; default "auto"), overridden by the
+    environment variables ``NALORA_COMPILE``, ``NALORA_BF16_FROZEN``, ``NALORA_LIGHT_LOSS``
+    (1/0/auto; the environment reaches spawned and local-Ray workers), or all three off with
+    ``NALORA_EAGER=1`` (today's eager step, for side-by-side throughput). Bad values: one-line ValueError.
+    """
+    import os
+
+    env = os.environ if environ is None else environ
+    training = training or {}
+    out: dict[str, Any] = {}
+    for key in ("compile", "bf16_frozen", "light_loss"):
+        value = training.get(key, "auto")
+        var = f"NALORA_{key.upper()}"
+        if env.get("NALORA_EAGER", "").strip() == "1":
+            value = False
+        elif env.get(var):
+            text = env[var].strip().lower()
+            if text not in _FLAG_VALUES:
+                raise ValueError(f"{var}={env[var]!r}: expected 1, 0 or auto")
+            value = _FLAG_VALUES[text]
+        if value not in (True, False, "auto"):
+            raise ValueError(f"training.{key} must be true, false or auto, got {value!r}")
+        out[key] = value
+    return out
