@@ -321,3 +321,29 @@ def test_step_options_from_config_and_environment():
         C.step_options({}, {"NALORA_COMPILE": "maybe"})
     with pytest.raises(ValueError, match="training.bf16_frozen"):
         C.step_options({"bf16_frozen": "yes"}, {})
+
+
+# ---------------------------------------------------------------------------------------------
+# whole-run throughput summary
+
+
+def test_throughput_summary_of_two_result_folders(tmp_path):
+    import json
+
+    from test_runner import BASE_SUITE, run, write_suite
+
+    from benchmarks.perf import throughput
+
+    suite = write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("lr_grid: [1.0e-3]", "lr_grid: [1.0e-3, 3.0e-3]"))
+    for name, wall in (("eager", 40.0), ("improved", 10.0)):
+        assert run(suite, tmp_path / name) == 0
+        (tmp_path / name / "wall.json").write_text(json.dumps({"wall_s": wall, "gpus": 1, "device": "cpu"}))
+    assert throughput.main([f"eager={tmp_path / 'eager'}", f"improved={tmp_path / 'improved'}",
+                            "--out", str(tmp_path / "tp.json")]) == 0
+    rows = json.loads((tmp_path / "tp.json").read_text())
+    assert rows["eager"]["runs"] == 2 and rows["eager"]["runs_per_gpu_hour"] == pytest.approx(2 / (40 / 3600))
+    assert rows["improved"]["runs_per_gpu_hour"] / rows["eager"]["runs_per_gpu_hour"] == pytest.approx(4.0)
+    assert 0 < rows["eager"]["eval_share"] < 1
+    assert "| improved | cpu | 1 | 2 | 10.0 |" in (tmp_path / "tp.md").read_text()
+    with pytest.raises(ValueError, match="wall.json"):
+        throughput.summarise(tmp_path)

@@ -282,8 +282,12 @@ def _read_json(path: str) -> dict:
 def measure(model_name: str, methods: list[str], *, variants: tuple[str, ...] = ("eager", "compiled"),
             reference: bool = False, targets: tuple[str, ...] = ("gate", "up", "down"), rank: int = 8,
             batch_size: int = 8, seq_len: int = 512, steps: int = 30, warmup: int = 5, rounds: int = 9,
-            compile_backend: str = "inductor", progress: bool = True) -> dict[str, Any]:
-    """Time every candidate over ``rounds`` interleaved rounds on one fixed batch; see the module doc."""
+            compile_backend: str = "inductor", progress: bool = True,
+            checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Time every candidate over ``rounds`` interleaved rounds on one fixed batch; see the module doc.
+
+    ``checkpoint(result)`` is called after every round with the rounds so far (a command stopped by a
+    time limit still leaves its finished rounds)."""
     from tqdm.auto import tqdm
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -314,6 +318,11 @@ def measure(model_name: str, methods: list[str], *, variants: tuple[str, ...] = 
             torch.cuda.synchronize()
         c.resident_bytes = _mem_now(device) - before
         bar.update(1)
+
+    def result() -> dict[str, Any]:
+        return _assemble(model_name, weights, device, targets, rank, batch_size, seq_len, steps, warmup,
+                         len(order[0].step_s), compile_backend, order, cands)
+
     for r in range(rounds):
         for c in order[r % len(order):] + order[: r % len(order)]:
             timer = _Timer(device)
@@ -326,8 +335,16 @@ def measure(model_name: str, methods: list[str], *, variants: tuple[str, ...] = 
             if device.type == "cuda":
                 c.peak_bytes.append(c.resident_bytes + torch.cuda.max_memory_allocated(device) - start)
             bar.update(1)
+        if checkpoint is not None:
+            checkpoint(result())
     bar.close()
+    return result()
 
+
+def _assemble(model_name: str, weights: str, device: torch.device, targets: tuple[str, ...], rank: int,
+              batch_size: int, seq_len: int, steps: int, warmup: int, rounds: int, compile_backend: str,
+              order: list[Candidate], cands: dict[str, Candidate]) -> dict[str, Any]:
+    """The measurement so far as a JSON-able dict (``rounds``: rounds finished)."""
     def cand_json(c: Candidate) -> dict:
         d = {"group": c.group, "method": c.method, "variant": c.variant, "step_s": c.step_s,
              "step_ms": _spread([1e3 * s for s in c.step_s]), "resident_mib": c.resident_bytes / 2**20}
@@ -396,19 +413,24 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0")
     if args.warmup < 0:
         raise ValueError("--warmup must be >= 0")
-    r = measure(args.model, methods, variants=variants, reference=args.reference,
-                targets=tuple(t for t in args.targets.split(",") if t), rank=args.rank, batch_size=args.batch_size,
-                seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
-                compile_backend=args.compile_backend)
-    text = to_markdown(r)
-    print(text)
+    out = None
     if args.out:
         out = Path(args.out)
         if out.suffix != ".json":
             out = out / "steptime.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        from benchmarks.runner.store import atomic_write_json
 
-        atomic_write_json(out, r)
-        out.with_suffix(".md").write_text(text)
+    def save(r: dict[str, Any]) -> None:
+        if out is not None:
+            from benchmarks.runner.store import atomic_write_json
+
+            atomic_write_json(out, r)
+            out.with_suffix(".md").write_text(to_markdown(r))
+
+    r = measure(args.model, methods, variants=variants, reference=args.reference,
+                targets=tuple(t for t in args.targets.split(",") if t), rank=args.rank, batch_size=args.batch_size,
+                seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
+                compile_backend=args.compile_backend, checkpoint=save)
+    save(r)
+    print(to_markdown(r))
     return 0
