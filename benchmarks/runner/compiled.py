@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -228,6 +230,8 @@ class _LightLoss:
         self.labels: torch.Tensor | None = None
         self.num_items: Any = None
         self.hidden: torch.Tensor | None = None
+        self.impl_name = "liger" if impl == "liger" else "chunked"
+        self.fallback_reason = ""
         self.handles = [
             lm.register_forward_pre_hook(self._pre, with_kwargs=True),
             lm.get_decoder().register_forward_hook(self._on_decoder),
@@ -254,8 +258,16 @@ class _LightLoss:
             raise RuntimeError("light loss: the decoder's output was not seen (model layout not supported)")
         # the causal shift of transformers' ForCausalLMLoss: position t predicts label t + 1
         shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].to(hidden.device)
-        loss = linear_cross_entropy(hidden, self.head.weight, shifted, bias=self.head.bias, softcap=self.softcap,
-                                    reduction="sum" if num_items is not None else "mean", impl=self.impl)
+        kw = dict(bias=self.head.bias, softcap=self.softcap, reduction="sum" if num_items is not None else "mean")
+        try:
+            loss = linear_cross_entropy(hidden, self.head.weight, shifted, impl=self.impl, **kw)
+        except Exception as err:  # noqa: BLE001 - the optional fused kernel failed on this stack: plain torch
+            if self.impl == "torch":
+                raise
+            self.impl, self.impl_name = "torch", "chunked"
+            self.fallback_reason = f"liger-kernel failed ({_describe(err)}); chunked torch loss"
+            print(self.fallback_reason, file=sys.stderr)
+            loss = linear_cross_entropy(hidden, self.head.weight, shifted, impl="torch", **kw)
         if num_items is not None:
             loss = loss / num_items
         return type(out)(loss=loss, **{k: v for k, v in out.items() if k != "loss"})
@@ -265,12 +277,16 @@ class _LightLoss:
             h.remove()
 
 
-def install_light_loss(model: nn.Module, *, impl: str = "auto") -> tuple[str, str]:
+def install_light_loss(model: nn.Module, *, impl: str | None = None) -> tuple[str, str]:
     """Install ``_LightLoss`` on the Hugging Face causal LM inside ``model`` (a peft model or the LM itself).
 
     Returns (loss kind, reason): ("chunked" | "liger", "") when installed, ("model", why not) otherwise.
-    ``impl``: "auto" (liger-kernel on CUDA when importable, else chunked torch), "torch", "liger".
+    ``impl``: "auto" (liger-kernel on CUDA when importable, else chunked torch), "torch", "liger";
+    None: the environment variable ``NALORA_LIGHT_LOSS_IMPL``, else "auto".
     """
+    impl = impl or os.environ.get("NALORA_LIGHT_LOSS_IMPL", "auto")
+    if impl not in ("auto", "torch", "liger"):
+        raise ValueError(f"light loss impl must be auto, torch or liger, got {impl!r} (NALORA_LIGHT_LOSS_IMPL)")
     model = getattr(model, "module", model)  # DistributedDataParallel: the hooks go on the wrapped model
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(lm, "_nalora_light_loss", None) is not None:
@@ -296,7 +312,6 @@ def install_light_loss(model: nn.Module, *, impl: str = "auto") -> tuple[str, st
     if impl == "liger" and (dev.type != "cuda" or _liger_fn() is None):
         return "model", "liger-kernel requested but not importable or not on CUDA"
     hooks = _LightLoss(lm, head, softcap, "liger" if use_liger else "torch")
-    hooks.impl_name = "liger" if use_liger else "chunked"
     lm._nalora_light_loss = hooks
     return hooks.impl_name, ""
 
@@ -349,6 +364,10 @@ def compile_in_place(model: nn.Module, state: Prepared, *, backend: str | Callab
     # NA-LoRA adds its statistics hooks on refresh steps and removes them after: guard on hooks, so that
     # the compiled graph follows (one extra graph); the default skips these guards and would keep stale hooks.
     dcfg.skip_nnmodule_hook_guards = False
+    # A worker trains many runs, each a new model whose hooks fail the previous runs' guards: without a reset
+    # each run adds cache entries until the recompile limit (8) silently sends later runs to eager.
+    # Inductor's on-disk graph cache still makes the next run's compile cheap.
+    torch._dynamo.reset()
     model.compile(backend=backend, mode=mode, dynamic=dynamic)
     model._compiled_call_impl = _FallbackCall(model, model._compiled_call_impl, state, log)
     state.compiled, state.compile_reason = True, ""
@@ -459,8 +478,6 @@ def step_options(training: dict | None = None, environ: dict | None = None) -> d
     (1/0/auto; the environment reaches spawned and local-Ray workers), or all three off with
     ``NALORA_EAGER=1`` (today's eager step, for side-by-side throughput). Bad values: one-line ValueError.
     """
-    import os
-
     env = os.environ if environ is None else environ
     training = training or {}
     out: dict[str, Any] = {}
