@@ -13,10 +13,7 @@ import os
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("ray")
-
-from test_runner import BASE_SUITE, FakeTask, stand_in_inject, write_suite  # noqa: E402 - tests/ is on sys.path
+from test_runner import BASE_SUITE, FakeTask, stand_in_inject, write_suite  # tests/ is on sys.path (conftest)
 
 MARKER_ENV = "NALORA_TEST_DIE_DIR"
 
@@ -68,6 +65,7 @@ def ray_env(tmp_path, monkeypatch):
 
 @pytest.mark.slow  # starts a local Ray and three worker processes that import torch: about a minute
 def test_ray_backend_retries_dead_worker_records_and_resumes(ray_env):
+    pytest.importorskip("ray")
     from benchmarks.runner.ray_backend import run_grid_ray
 
     tmp = ray_env

@@ -29,7 +29,7 @@ def _execute_task(spec: RunSpec, root: str, phase: str, resolver: Callable, inje
     return execute(spec, root, phase, resolver, injector, deadline, False, 0)
 
 
-def _start_ray(address: str | None, workers: int, num_cpus: int | None) -> bool:
+def _start_ray(address: str | None, workers: int, num_cpus: int | None, max_retries: int) -> bool:
     """Connect to ``address`` or start a local Ray; True when this call started it (and must stop it)."""
     import ray
 
@@ -40,8 +40,9 @@ def _start_ray(address: str | None, workers: int, num_cpus: int | None) -> bool:
         return False
     # Local workers import the same code as this process: hand them this process's import path.
     path = os.pathsep.join(p for p in sys.path if p)
+    # Ray retries a task killed by its host-memory monitor without limit by default: bound it like a crash.
     ray.init(num_cpus=num_cpus or max(1, workers), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": path}})
+             runtime_env={"env_vars": {"PYTHONPATH": path}}, _system_config={"task_oom_retries": max_retries})
     return True
 
 
@@ -55,11 +56,11 @@ def run_grid_ray(specs: list[RunSpec], root: str, *, phase: str = "main", resolv
     at a time (one CPU each). ``num_cpus``: CPUs of a local Ray (default ``workers``). ``max_retries``:
     how often a task whose worker process died is run again before it is recorded failed.
     """
+    if workers < 1:
+        raise ValueError(f"the ray backend needs workers >= 1, got {workers}")
     import ray
     from tqdm.auto import tqdm
 
-    if workers < 1:
-        raise ValueError(f"the ray backend needs workers >= 1, got {workers}")
     store = ResultStore(root, phase)
     store.clean_temp()
     specs = _dedup(specs)
@@ -70,7 +71,7 @@ def run_grid_ray(specs: list[RunSpec], root: str, *, phase: str = "main", resolv
     start = time.time()
     deadline = start + 60 * max_minutes if max_minutes else None
     durations = _finished_durations(store) or _finished_durations(ResultStore(root, "tune" if phase == "main" else "main"))
-    started = _start_ray(address, workers, num_cpus)
+    started = _start_ray(address, workers, num_cpus, max_retries)
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         opts: dict[str, Any] = {"max_retries": max_retries, "retry_exceptions": False, "num_cpus": 1}
@@ -102,12 +103,12 @@ def run_grid_ray(specs: list[RunSpec], root: str, *, phase: str = "main", resolv
                     spec = running.pop(ref)
                     try:
                         res = ray.get(ref)
-                    except ray.exceptions.WorkerCrashedError:
-                        _record_dead_worker(spec, str(root), phase)
-                        res = {"status": "failed", "message": f"worker process died ({max_retries + 1} attempts)",
-                               "seconds": 0.0}
-                    except ray.exceptions.RayTaskError as err:  # execute raised (KeyboardInterrupt-like): not recorded
+                    except ray.exceptions.RayTaskError as err:  # execute itself raised: not recorded, redone next time
                         res = {"status": "failed", "message": str(err).strip().splitlines()[0], "seconds": 0.0}
+                    except ray.exceptions.RayError as err:  # the worker died (crash, host OOM, node lost) every attempt
+                        _record_dead_worker(spec, str(root), phase)
+                        res = {"status": "failed", "seconds": 0.0,
+                               "message": f"worker process died ({type(err).__name__}, {max_retries + 1} attempts)"}
                     _account(summary, res, spec, durations)
                     bar.update(1)
                     bar.set_postfix(ok=summary.ok, failed=summary.failed)
