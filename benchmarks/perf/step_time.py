@@ -1,10 +1,16 @@
-"""``nalora-bench steptime``: training step time of each method on one model, the same batch for all.
+"""``nalora-bench steptime``: training step time and peak memory of each method on one model and batch.
 
-The grid's ``step_time_s`` comes from runs that share a GPU with other workers, so it is noisy. This tool
-measures the controller's overhead alone: one process, one model, fixed-shape batches, every method in
-interleaved rounds (so drift of clocks and temperature hits all methods alike), CUDA synchronised only
-at the ends of each timed block (the hot loop stays free of host syncs, as in the runner).
-Reports the median step time per method and its ratio to ``lora``.
+One process, one model, one fixed batch; every candidate (method x variant, plus with ``--reference``
+a plain peft loop, a compiled peft loop and HF Trainer + peft) is built once and then timed in
+``--rounds`` interleaved rounds (the starting candidate rotates each round), so that clock and
+temperature drift hit all alike. A round is ``--warmup`` untimed steps then ``--steps`` timed ones,
+timed with CUDA events on a GPU (no host sync inside the timed block) and ``perf_counter`` on CPU.
+Reported: median step time with its IQR and range, peak memory, and the per-round ratios of every
+method to ``lora`` of the same variant (median and IQR of the paired ratios).
+
+Variants of the project's runner step: ``eager`` (today's step: fp32 master weights under bf16 autocast,
+the model's own loss), ``lean`` (``prepare_model`` without compile: frozen weights in bf16, chunked loss),
+``compiled`` (``prepare_model``: lean + ``torch.compile``).
 """
 
 from __future__ import annotations
@@ -12,40 +18,94 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 DEFAULT_METHODS = "lora,nalora,nalora_mask,nalora_scale,dora,pissa"
+VARIANTS = ("eager", "lean", "compiled")
+REFERENCES = ("peft", "peft+compile", "hf_trainer+peft")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="asset-cache model name, hub id or local dir")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="asset-cache model name, hub id, local dir, or a config *.json (random weights)")
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
+    parser.add_argument("--variants", default="eager,compiled",
+                        help=f"runner-step variants, comma-separated from {','.join(VARIANTS)}")
+    parser.add_argument("--reference", action="store_true",
+                        help="also time a plain peft loop, a compiled peft loop and HF Trainer + peft (LoRA)")
     parser.add_argument("--targets", default="gate,up,down", help="adapter targets (the suites' shared budget)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=50, help="timed optimiser steps per round")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed steps before each round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the methods")
-    parser.add_argument("--out", default=None, help="write the measurement as JSON (and .md beside it)")
+    parser.add_argument("--steps", type=int, default=30, help="timed optimiser steps per round")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each round")
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds over the candidates (>= 9 for a spread)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (tests: aot_eager)")
+    parser.add_argument("--out", default=None,
+                        help="folder for steptime.json and steptime.md (a path ending in .json: that file and .md beside it)")
 
 
-def time_method(method: str, base: torch.nn.Module, batch: dict, *, targets: tuple[str, ...], rank: int, steps: int,
-                warmup: int, device: torch.device) -> float:
-    """Seconds per optimiser step of ``method`` (forward, backward, clip, step, zero_grad) over ``steps``,
-    on a fresh copy of ``base`` (loaded once: reloading per trial costs more than the trial)."""
-    from nalora import inject
+# ------------------------------------------------------------------------------------------------
+# timing
 
-    torch.manual_seed(0)
-    adapted = inject(copy.deepcopy(base).to(device), method, targets=targets, rank=rank, alpha=2 * rank)
-    total = warmup + steps
-    opt = adapted.make_optimizer(1e-4, total_steps=total)
-    params = [p for p in adapted.model.parameters() if p.requires_grad]
-    model = adapted.model.train()
+
+class _Timer:
+    """CUDA events on a GPU (queued, no sync until ``seconds``), ``perf_counter`` on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.t0 = self.t1 = 0.0
+        if self.cuda:
+            self.e0, self.e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def start(self) -> None:
+        if self.cuda:
+            self.e0.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            self.e1.record()
+        else:
+            self.t1 = time.perf_counter()
+
+    def seconds(self) -> float:
+        if self.cuda:
+            self.e1.synchronize()
+            return self.e0.elapsed_time(self.e1) / 1e3
+        return self.t1 - self.t0
+
+
+def _mem_now(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+@dataclass
+class Candidate:
+    """One thing timed: ``build()`` once, then ``run(n, timer)`` runs ``n`` steps (timer around the last ones)."""
+
+    name: str
+    group: str  # "runner" | "reference"
+    method: str
+    variant: str
+    build: Callable[[], Callable[[int, int, _Timer], None]]
+    info: dict = field(default_factory=dict)
+    step_s: list[float] = field(default_factory=list)
+    peak_bytes: list[int] = field(default_factory=list)
+    resident_bytes: int = 0
+    runner: Callable[[int, int, _Timer], None] | None = None
+
+
+def _loop(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict, device: torch.device,
+          params: list[torch.nn.Parameter]) -> Callable[[int, int, _Timer], None]:
+    """The runner's step (train.py): autocast forward, backward, clip, optimiser step, zero_grad."""
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step() -> None:
@@ -56,88 +116,321 @@ def time_method(method: str, base: torch.nn.Module, batch: dict, *, targets: tup
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps
+    def run(warmup: int, steps: int, timer: _Timer) -> None:
+        for _ in range(warmup):
+            step()
+        timer.start()
+        for _ in range(steps):
+            step()
+        timer.stop()
+
+    return run
 
 
-def measure(model_name: str, methods: list[str], *, targets: tuple[str, ...] = ("gate", "up", "down"), rank: int = 8,
-            batch_size: int = 8, seq_len: int = 512, steps: int = 50, warmup: int = 10, rounds: int = 3,
-            progress: bool = True) -> dict[str, Any]:
-    """Median step time per method over ``rounds`` interleaved rounds; ratios to ``lora`` when it is measured."""
-    from tqdm.auto import tqdm
+def _runner_candidate(method: str, variant: str, base: torch.nn.Module, batch: dict, device: torch.device, *,
+                      targets: tuple[str, ...], rank: int, total_steps: int, backend: str) -> Candidate:
+    def build() -> Callable:
+        from benchmarks.runner.compiled import prepare_model
+        from nalora import inject
 
+        torch.manual_seed(0)
+        adapted = inject(copy.deepcopy(base).to(device), method, targets=targets, rank=rank, alpha=2 * rank)
+        opt = adapted.make_optimizer(1e-4, total_steps=total_steps)
+        model = adapted.model.train()
+        if variant != "eager":
+            prep = prepare_model(model, compile=variant == "compiled", bf16_frozen=True, method=method,
+                                 mixed_precision="bf16" if device.type == "cuda" else "no", light_loss=True,
+                                 backend=backend)
+            cand.info["prepare"] = prep
+        return _loop(model, opt, batch, device, [p for p in model.parameters() if p.requires_grad])
+
+    cand = Candidate(name=method if variant == "eager" else f"{method}+{variant}", group="runner", method=method,
+                     variant=variant, build=build)
+    return cand
+
+
+def _peft_model(base: torch.nn.Module, targets: tuple[str, ...], rank: int, device: torch.device) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    from nalora.discovery import find_gated_ffns
+
+    unknown = set(targets) - {"gate", "up", "down"}
+    if unknown:
+        raise ValueError(f"--reference supports targets gate, up, down; got {sorted(unknown)}")
+    names = [getattr(f, t) for f in find_gated_ffns(base) for t in targets]
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=sorted(set(names)))
+    return get_peft_model(copy.deepcopy(base).to(device), cfg).train()
+
+
+def _reference_candidates(base: torch.nn.Module, batch: dict, device: torch.device, *, targets: tuple[str, ...],
+                          rank: int, backend: str) -> list[Candidate]:
+    fused = {"fused": True} if device.type == "cuda" else {}
+
+    def peft_loop(compiled: bool) -> Callable:
+        def build() -> Callable:
+            model = _peft_model(base, targets, rank, device)
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=1e-4, **fused)
+            runner_model = torch.compile(model, backend=backend) if compiled else model
+            return _loop(runner_model, opt, batch, device, params)
+        return build
+
+    def hf_trainer() -> Callable:
+        from transformers import Trainer, TrainerCallback, TrainingArguments
+
+        model = _peft_model(base, targets, rank, device)
+        rows = [{k: v[i].cpu() for k, v in batch.items()} for i in range(batch["input_ids"].shape[0])]
+        out_dir = tempfile.mkdtemp(prefix="steptime-trainer-")
+
+        class Data(torch.utils.data.Dataset):
+            def __len__(self) -> int:
+                return 10**6
+
+            def __getitem__(self, i: int) -> dict:
+                return rows[i % len(rows)]
+
+        class Clock(TrainerCallback):
+            """Starts the timer when the warm-up steps are done and stops it after the last step."""
+
+            def __init__(self, warmup: int, steps: int, timer: _Timer) -> None:
+                self.warmup, self.last, self.timer = warmup, warmup + steps, timer
+
+            def on_step_begin(self, args, state, control, **kw):
+                if state.global_step == self.warmup:
+                    self.timer.start()
+
+            def on_step_end(self, args, state, control, **kw):
+                if state.global_step == self.last:
+                    self.timer.stop()
+
+        def run(warmup: int, steps: int, timer: _Timer) -> None:
+            args = TrainingArguments(
+                output_dir=out_dir, max_steps=warmup + steps, per_device_train_batch_size=len(rows),
+                learning_rate=1e-4, lr_scheduler_type="constant", max_grad_norm=1.0, bf16=device.type == "cuda",
+                optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch", logging_strategy="no",
+                save_strategy="no", report_to=[], disable_tqdm=True, remove_unused_columns=False,
+                dataloader_num_workers=0, use_cpu=device.type != "cuda")
+            Trainer(model=model, args=args, train_dataset=Data(), callbacks=[Clock(warmup, steps, timer)]).train()
+
+        return run
+
+    return [Candidate("peft", "reference", "lora", "peft", peft_loop(False)),
+            Candidate("peft+compile", "reference", "lora", "peft+compile", peft_loop(True)),
+            Candidate("hf_trainer+peft", "reference", "lora", "hf_trainer", hf_trainer)]
+
+
+# ------------------------------------------------------------------------------------------------
+# statistics
+
+
+def _spread(xs: list[float]) -> dict[str, Any]:
+    """Median, IQR (inclusive quartiles) and range of ``xs``."""
+    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
+    return {"median": statistics.median(xs), "iqr": [q[0], q[2]], "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def _ratios(cands: dict[str, Candidate]) -> dict[str, dict]:
+    """Per-round paired ratios of each runner candidate to ``lora`` of the same variant (time and peak memory)."""
+    out: dict[str, dict] = {}
+    by = {(c.method, c.variant): c for c in cands.values() if c.group == "runner"}
+    for (m, v), c in by.items():
+        ref = by.get(("lora", v))
+        if ref is None or m == "lora":
+            continue
+        entry = {"time": _spread([a / b for a, b in zip(c.step_s, ref.step_s)])}
+        if c.peak_bytes and ref.peak_bytes and all(ref.peak_bytes):
+            entry["peak_memory"] = _spread([a / b for a, b in zip(c.peak_bytes, ref.peak_bytes)])
+        out[f"{c.name} / {ref.name}"] = entry
+    comps = {"lora+compiled": ("peft+compile", "hf_trainer+peft", "peft", "lora")}
+    for mine, others in comps.items():
+        if mine not in cands:
+            continue
+        for other in others:
+            if other in cands:
+                out[f"{other} / {mine}"] = {"time": _spread([a / b for a, b in zip(cands[other].step_s, cands[mine].step_s)])}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# measurement
+
+
+def _load_base(model_name: str) -> tuple[torch.nn.Module, str]:
+    """The base model and where its weights come from. A ``*.json`` path is a Hugging Face config: the
+    model is built from it with random fp32 weights (step time does not depend on the values; this is how
+    the GPU machine, which has no asset cache, times the real architecture: benchmarks/perf/configs/)."""
+    if model_name.endswith(".json") and Path(model_name).is_file():
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg = AutoConfig.for_model(**_read_json(model_name))
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval(), f"random init from {model_name}"
     from tasks.common import load_causal_lm
+
+    return load_causal_lm(model_name)[0], "pretrained"
+
+
+def _read_json(path: str) -> dict:
+    import json
+
+    d = json.loads(Path(path).read_text())
+    d.pop("_model_name_or_path", None)
+    return d
+
+
+def measure(model_name: str, methods: list[str], *, variants: tuple[str, ...] = ("eager", "compiled"),
+            reference: bool = False, targets: tuple[str, ...] = ("gate", "up", "down"), rank: int = 8,
+            batch_size: int = 8, seq_len: int = 512, steps: int = 30, warmup: int = 5, rounds: int = 9,
+            compile_backend: str = "inductor", progress: bool = True,
+            checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Time every candidate over ``rounds`` interleaved rounds on one fixed batch; see the module doc.
+
+    ``checkpoint(result)`` is called after every round with the rounds so far (a command stopped by a
+    time limit still leaves its finished rounds)."""
+    from tqdm.auto import tqdm
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    base, _ = load_causal_lm(model_name)
+    base, weights = _load_base(model_name)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, base.config.vocab_size, (batch_size, seq_len), generator=g)
     batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": ids.to(device)}
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    bar = tqdm(total=rounds * len(methods), desc="steptime", disable=not progress)
-    for _ in range(rounds):
+    total = rounds * (warmup + steps) + warmup  # NA-LoRA's schedule spans every step it will take
+
+    cands: dict[str, Candidate] = {}
+    for v in variants:
         for m in methods:
-            times[m].append(time_method(m, base, batch, targets=targets, rank=rank, steps=steps,
-                                        warmup=warmup, device=device))
-            if device.type == "cuda":  # the trial's model is gone: hand its memory back before the next one
-                torch.cuda.empty_cache()
+            c = _runner_candidate(m, v, base, batch, device, targets=targets, rank=rank, total_steps=total,
+                                  backend=compile_backend)
+            cands[c.name] = c
+    if reference:
+        for c in _reference_candidates(base, batch, device, targets=targets, rank=rank, backend=compile_backend):
+            cands[c.name] = c
+    order = list(cands.values())
+    bar = tqdm(total=len(order) * (rounds + 1), desc="steptime", disable=not progress)
+    for c in order:  # build + first (compiling) steps, outside the timed rounds; resident memory measured here
+        before = _mem_now(device)
+        c.runner = c.build()
+        c.runner(1, 1, _Timer(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        c.resident_bytes = _mem_now(device) - before
+        bar.update(1)
+
+    def result() -> dict[str, Any]:
+        return _assemble(model_name, weights, device, targets, rank, batch_size, seq_len, steps, warmup,
+                         len(order[0].step_s), compile_backend, order, cands)
+
+    for r in range(rounds):
+        for c in order[r % len(order):] + order[: r % len(order)]:
+            timer = _Timer(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(device)
+            start = _mem_now(device)
+            c.runner(warmup, steps, timer)
+            c.step_s.append(timer.seconds() / steps)
+            if device.type == "cuda":
+                c.peak_bytes.append(c.resident_bytes + torch.cuda.max_memory_allocated(device) - start)
             bar.update(1)
+        if checkpoint is not None:
+            checkpoint(result())
     bar.close()
-    median = {m: statistics.median(v) for m, v in times.items()}
-    ref = median.get("lora")
+    return result()
+
+
+def _assemble(model_name: str, weights: str, device: torch.device, targets: tuple[str, ...], rank: int,
+              batch_size: int, seq_len: int, steps: int, warmup: int, rounds: int, compile_backend: str,
+              order: list[Candidate], cands: dict[str, Candidate]) -> dict[str, Any]:
+    """The measurement so far as a JSON-able dict (``rounds``: rounds finished)."""
+    def cand_json(c: Candidate) -> dict:
+        d = {"group": c.group, "method": c.method, "variant": c.variant, "step_s": c.step_s,
+             "step_ms": _spread([1e3 * s for s in c.step_s]), "resident_mib": c.resident_bytes / 2**20}
+        if c.peak_bytes:
+            d["peak_mib"] = _spread([b / 2**20 for b in c.peak_bytes])
+        if "prepare" in c.info:
+            d["prepare"] = c.info["prepare"].to_dict()
+        return d
+
+    eager = {c.name: c for c in order if c.group == "runner" and c.variant == "eager"}
+    median = {n: statistics.median(c.step_s) for n, c in eager.items()}
     return {
-        "model": model_name, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "model": model_name, "weights": weights, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "targets": list(targets), "rank": rank, "batch_size": batch_size,
         "seq_len": seq_len, "steps": steps, "warmup": warmup, "rounds": rounds,
-        "mixed_precision": "bf16" if device.type == "cuda" else "no",
-        "step_time_s": times, "median_step_time_s": median,
-        "ratio_to_lora": {m: v / ref for m, v in median.items()} if ref else {},
+        "timer": "cuda events" if device.type == "cuda" else "perf_counter",
+        "mixed_precision": "bf16" if device.type == "cuda" else "no", "compile_backend": compile_backend,
+        "candidates": {c.name: cand_json(c) for c in order},
+        "ratios": _ratios(cands),
+        # kept from the first version of this tool (eager runner step only)
+        "step_time_s": {n: c.step_s for n, c in eager.items()}, "median_step_time_s": median,
+        "ratio_to_lora": {n: v / median["lora"] for n, v in median.items()} if "lora" in median else {},
     }
 
 
 def to_markdown(r: dict[str, Any]) -> str:
-    lines = [f"# Step time per method: {r['model']} on {r['device']}", "",
+    """The measurement as markdown tables (every number read from ``r``)."""
+    lines = [f"# Step time: {r['model']} on {r['device']}", "",
              f"batch {r['batch_size']} x {r['seq_len']} tokens, targets {'+'.join(r['targets'])}, rank {r['rank']}, "
-             f"{r['mixed_precision']}, median of {r['rounds']} interleaved rounds of {r['steps']} steps "
-             f"(after {r['warmup']} warm-up steps), torch {r['torch']}.", "",
-             "| method | median step (ms) | rounds (ms) | vs lora |", "|---|---|---|---|"]
-    for m, med in r["median_step_time_s"].items():
-        rounds = ", ".join(f"{1e3 * t:.2f}" for t in r["step_time_s"][m])
-        ratio = r["ratio_to_lora"].get(m)
-        lines.append(f"| {m} | {1e3 * med:.2f} | {rounds} | {'-' if ratio is None else f'{ratio:.3f}'} |")
+             f"{r['mixed_precision']} autocast, {r['rounds']} interleaved rounds of {r['steps']} steps after "
+             f"{r['warmup']} untimed ones, timed with {r['timer']}, torch {r['torch']}.", "",
+             "| candidate | median step (ms) | IQR (ms) | min-max (ms) | peak memory (MiB) | step setup |",
+             "|---|---|---|---|---|---|"]
+    for name, c in r["candidates"].items():
+        s = c["step_ms"]
+        peak = f"{c['peak_mib']['median']:.0f}" if "peak_mib" in c else "-"
+        prep = c.get("prepare")
+        how = c["group"] if prep is None else (
+            ("compiled" if prep["compiled"] else f"eager: {prep['compile_reason']}")
+            + f", {prep['bf16_frozen_params']} bf16 frozen, loss {prep['loss']}")
+        lines.append(f"| {name} | {s['median']:.2f} | {s['iqr'][0]:.2f}-{s['iqr'][1]:.2f} | "
+                     f"{s['min']:.2f}-{s['max']:.2f} | {peak} | {how} |")
+    if r["ratios"]:
+        lines += ["", "Paired per-round ratios (median, IQR):", "",
+                  "| ratio | time | time IQR | peak memory |", "|---|---|---|---|"]
+        for name, e in r["ratios"].items():
+            t = e["time"]
+            mem = f"{e['peak_memory']['median']:.3f}" if "peak_memory" in e else "-"
+            lines.append(f"| {name} | {t['median']:.3f} | {t['iqr'][0]:.3f}-{t['iqr'][1]:.3f} | {mem} |")
     return "\n".join(lines) + "\n"
 
 
 def main(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     from nalora import list_methods
 
     unknown = [m for m in methods if m not in list_methods()]
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}; known: {', '.join(list_methods())}")
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or not variants:
+        raise ValueError(f"--variants: unknown {bad[0] if bad else '(none)'!r}; known: {', '.join(VARIANTS)}")
     for name in ("steps", "rounds", "batch_size", "seq_len", "rank"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0")
-    r = measure(args.model, methods, targets=tuple(t for t in args.targets.split(",") if t), rank=args.rank,
-                batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
-                rounds=args.rounds)
-    text = to_markdown(r)
-    print(text)
+    if args.warmup < 0:
+        raise ValueError("--warmup must be >= 0")
+    out = None
     if args.out:
         out = Path(args.out)
+        if out.suffix != ".json":
+            out = out / "steptime.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        from benchmarks.runner.store import atomic_write_json
 
-        atomic_write_json(out, r)
-        out.with_suffix(".md").write_text(text)
+    def save(r: dict[str, Any]) -> None:
+        if out is not None:
+            from benchmarks.runner.store import atomic_write_json
+
+            atomic_write_json(out, r)
+            out.with_suffix(".md").write_text(to_markdown(r))
+
+    r = measure(args.model, methods, variants=variants, reference=args.reference,
+                targets=tuple(t for t in args.targets.split(",") if t), rank=args.rank, batch_size=args.batch_size,
+                seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
+                compile_backend=args.compile_backend, checkpoint=save)
+    save(r)
+    print(to_markdown(r))
     return 0

@@ -1,0 +1,96 @@
+"""Whole-run throughput of result folders side by side: runs per GPU-hour, and where a run's time goes.
+
+Each folder is a ``nalora-bench run --out DIR`` result folder plus the ``wall.json`` that the measuring
+command wrote beside it (``{"wall_s": seconds of the invocation, "gpus": n, "device": name}``).
+``python3 -m benchmarks.perf.throughput eager=DIR1 improved=DIR2 --out results/perf/throughput.json``
+writes the JSON and a markdown table (``.md``) and prints the table. The first folder is the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def summarise(root: str | Path) -> dict[str, Any]:
+    """Counts, per-run time split and runs per GPU-hour of one result folder (main phase)."""
+    from benchmarks.runner.store import ResultStore
+
+    root = Path(root)
+    wall_file = root / "wall.json"
+    if not wall_file.is_file():
+        raise ValueError(f"{wall_file}: missing (the measuring command writes the invocation's wall time there)")
+    wall = json.loads(wall_file.read_text())
+    recs = ResultStore(root, "main").records()
+    if not recs:
+        raise ValueError(f"{root}: no run records")
+    by_status: dict[str, int] = {}
+    for r in recs:
+        by_status[r.get("status", "?")] = by_status.get(r.get("status", "?"), 0) + 1
+    perf = [r["perf"] for r in recs if r.get("status") == "ok" and r.get("perf")]
+
+    def med(key: str) -> float | None:
+        xs = [p[key] for p in perf if p.get(key) is not None]
+        return statistics.median(xs) if xs else None
+
+    done = sum(v for k, v in by_status.items() if k != "failed")
+    gpu_h = float(wall["wall_s"]) * int(wall.get("gpus", 1)) / 3600
+    steps = {json.dumps((r.get("perf") or {}).get("step"), sort_keys=True) for r in recs}
+    return {
+        "root": str(root), "device": wall.get("device"), "gpus": int(wall.get("gpus", 1)), "wall_s": float(wall["wall_s"]),
+        "workers": wall.get("workers"), "runs": len(recs), "by_status": by_status,
+        "runs_per_gpu_hour": done / gpu_h if gpu_h > 0 else None,
+        "runs_per_hour": done / (float(wall["wall_s"]) / 3600) if float(wall["wall_s"]) > 0 else None,
+        "median_wall_s": med("wall_s"), "median_train_s": med("train_s"), "median_eval_s": med("eval_s"),
+        "median_step_time_s": med("step_time_s"),
+        "eval_share": (sum(p["eval_s"] for p in perf) / sum(p["wall_s"] for p in perf)) if perf else None,
+        "step_setups": [json.loads(s) for s in sorted(steps)],
+    }
+
+
+def to_markdown(rows: dict[str, dict[str, Any]]) -> str:
+    """One row per folder; speed-ups against the first."""
+    names = list(rows)
+    base = rows[names[0]]["runs_per_hour"]
+    lines = ["| setup | device | GPUs | runs | wall (s) | runs / hour | runs / GPU-hour | vs " + names[0] +
+             " (per hour) | median run (s) | median train (s) | median eval (s) | eval share |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    f = lambda x, d=1: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
+    for n, r in rows.items():
+        ratio = r["runs_per_hour"] / base if base and r["runs_per_hour"] else None
+        lines.append(f"| {n} | {r['device']} | {r['gpus']} | {r['runs']} | {f(r['wall_s'])} | {f(r['runs_per_hour'])} "
+                     f"| {f(r['runs_per_gpu_hour'])} "
+                     f"| {f(ratio, 2)} | {f(r['median_wall_s'])} | {f(r['median_train_s'])} | {f(r['median_eval_s'])} "
+                     f"| {f(r['eval_share'], 2)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("folders", nargs="+", help="NAME=DIR (the first is the baseline)")
+    p.add_argument("--out", default=None, help="JSON file to write (and .md beside it)")
+    args = p.parse_args(argv)
+    rows = {}
+    for item in args.folders:
+        name, sep, root = item.partition("=")
+        if not sep or not name or not root:
+            raise SystemExit(f"expected NAME=DIR, got {item!r}")
+        rows[name] = summarise(root)
+    text = to_markdown(rows)
+    print(text)
+    if args.out:
+        from benchmarks.runner.store import atomic_write_json
+
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out, rows)
+        out.with_suffix(".md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

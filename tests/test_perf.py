@@ -1,0 +1,349 @@
+"""The runner's fast-step helpers (benchmarks/runner/compiled.py) and ``nalora-bench steptime`` on CPU.
+
+GPU figures come from the commands in /work/notes/perf_gpu_plan.md (results/perf/); here every helper is
+checked for being *exact*: same loss, same gradients, same trained parameters as the plain eager step.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks.runner import compiled as C
+from tasks.common import tiny_llama
+
+# ---------------------------------------------------------------------------------------------
+# chunked cross-entropy
+
+
+@pytest.mark.parametrize("n_chunks", [1, 3, 7])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_chunked_ce_matches_cross_entropy(n_chunks, reduction):
+    g = torch.Generator().manual_seed(n_chunks)
+    N, d, V = 37, 16, 50
+    h = torch.randn(N, d, generator=g, requires_grad=True)
+    w = torch.randn(V, d, generator=g, requires_grad=True)
+    b = torch.randn(V, generator=g, requires_grad=True)
+    t = torch.randint(0, V, (N,), generator=g)
+    t[::4] = C.IGNORE_INDEX
+    ref = F.cross_entropy(h @ w.t() + b, t, ignore_index=C.IGNORE_INDEX, reduction=reduction)
+    ref_grads = torch.autograd.grad(ref, (h, w, b))
+    got = C.linear_cross_entropy(h, w, t, bias=b, reduction=reduction, n_chunks=n_chunks)
+    grads = torch.autograd.grad(got, (h, w, b))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_ce_softcap_frozen_head_and_all_ignored():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 9, 8, generator=g, requires_grad=True)  # (B, T, d): flattened inside
+    w = torch.randn(30, 8, generator=g)  # frozen head: no weight gradient computed
+    t = torch.randint(0, 30, (2, 9), generator=g)
+    cap = 3.0
+    ref = F.cross_entropy((torch.tanh(h @ w.t() / cap) * cap).reshape(-1, 30), t.reshape(-1))
+    got = C.linear_cross_entropy(h, w, t, softcap=cap, chunk_tokens=5)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(got, h)[0], torch.autograd.grad(ref, h)[0], rtol=1e-5, atol=1e-5)
+    none = torch.full((2, 9), C.IGNORE_INDEX)
+    assert torch.isnan(C.linear_cross_entropy(h, w, none)) == torch.isnan(F.cross_entropy(h.reshape(-1, 8) @ w.t(), none.reshape(-1)))
+    with pytest.raises(ValueError, match="reduction"):
+        C.linear_cross_entropy(h, w, t, reduction="none")
+
+
+def _lora(model, targets=("gate_proj", "up_proj", "down_proj")):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False)
+    return get_peft_model(model, cfg)
+
+
+def _batch(seed=0, B=3, T=21, V=257):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, -5:] = 0  # a right-padded row
+    labels = ids.clone()
+    labels[:, :4] = C.IGNORE_INDEX  # prompt tokens
+    labels[mask == 0] = C.IGNORE_INDEX
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _lora_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_light_loss_equals_model_loss_and_grads():
+    base, _ = tiny_llama()
+    ref_model = _lora(copy.deepcopy(base)).train()
+    model = _lora(copy.deepcopy(base)).train()
+    kind, why = C.install_light_loss(model, impl="torch")
+    assert (kind, why) == ("chunked", "")
+    batch = _batch()
+    ref = ref_model(**batch).loss
+    ref.backward()
+    out = model(**batch)
+    out.loss.backward()
+    assert out.logits.shape[1] == 1  # only the last position's logits were computed
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
+    g_ref, g = _lora_grads(ref_model), _lora_grads(model)
+    assert g_ref.keys() == g.keys()
+    for k in g:
+        torch.testing.assert_close(g[k], g_ref[k], rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # evaluation: the model's own path, full logits
+        assert model(**batch).logits.shape == (3, 21, base.config.vocab_size)
+
+
+def test_light_loss_declines_unsupported_models():
+    kind, why = C.install_light_loss(torch.nn.Linear(3, 3))
+    assert kind == "model" and "not a Hugging Face causal LM" in why
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16 frozen weights
+
+
+def _autocast_step(model, batch):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    return loss.detach()
+
+
+def test_bf16_frozen_is_exact_under_autocast():
+    base, _ = tiny_llama()
+    ref_model = _lora(copy.deepcopy(base)).train()
+    model = _lora(copy.deepcopy(base)).train()
+    n, why = C.cast_frozen_to_bf16(model, method="lora", autocast_bf16=True)
+    # q,k,v,o + gate,up,down base weights of 2 layers; lm_head is tied to the embedding and stays fp32
+    assert n == 2 * 7 and why == ""
+    assert model.get_base_model().lm_head.weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    batch = _batch(1)
+    assert torch.equal(_autocast_step(model, batch), _autocast_step(ref_model, batch))
+    g_ref, g = _lora_grads(ref_model), _lora_grads(model)
+    for k in g:
+        assert torch.equal(g[k], g_ref[k]), k
+
+
+def test_bf16_frozen_refused_where_not_exact():
+    base, _ = tiny_llama()
+    assert C.cast_frozen_to_bf16(copy.deepcopy(base).requires_grad_(True), method="full")[0] == 0
+    assert C.cast_frozen_to_bf16(_lora(copy.deepcopy(base)), method="lora", autocast_bf16=False)[0] == 0
+    from peft import LoraConfig, get_peft_model
+
+    dora = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["gate_proj"], use_dora=True))
+    n, why = C.cast_frozen_to_bf16(dora, method="dora")
+    assert n == 0 and "DoRA" in why
+
+
+# ---------------------------------------------------------------------------------------------
+# buckets
+
+
+def test_pad_to_bucket_keeps_the_loss():
+    base, _ = tiny_llama()
+    batch = _batch(2, T=21)
+    padded = C.pad_to_bucket(batch, multiple=16, pad_id=256)
+    assert padded["input_ids"].shape == (3, 32) and (padded["labels"][:, 21:] == C.IGNORE_INDEX).all()
+    assert (padded["attention_mask"][:, 21:] == 0).all() and (padded["input_ids"][:, 21:] == 256).all()
+    with torch.no_grad():
+        torch.testing.assert_close(base(**padded).loss, base(**batch).loss, rtol=1e-5, atol=1e-6)
+    assert C.pad_to_bucket(padded, multiple=16) is padded
+    assert C.bucket_length(1, 64) == 64 and C.bucket_length(128, 64) == 128
+    with pytest.raises(ValueError):
+        C.bucket_length(3, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# compile
+
+
+def test_compile_falls_back_to_eager_with_a_reason():
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    base, _ = tiny_llama()
+    model = _lora(copy.deepcopy(base)).train()
+    ref = _lora(copy.deepcopy(base)).train()
+    logs = []
+    prep = C.prepare_model(model, compile=True, bf16_frozen=False, light_loss=False, backend=broken_backend,
+                           log=logs.append)
+    assert prep.compiled and prep.model is model
+    batch = _batch(3)
+    torch.testing.assert_close(model(**batch).loss, ref(**batch).loss)
+    assert not prep.compiled and "no compiler here" in prep.compile_reason
+    assert any("training eagerly" in line for line in logs)
+    assert model._compiled_call_impl is None
+    assert prep.to_dict()["compile_reason"] == prep.compile_reason and "eager" in prep.line()
+
+
+def test_prepare_model_auto_on_cpu_is_eager_and_flags_validated():
+    base, _ = tiny_llama()
+    prep = C.prepare_model(_lora(copy.deepcopy(base)), mixed_precision="no")
+    assert not prep.compiled and "cpu" in prep.compile_reason
+    assert prep.bf16_frozen_params == 0 and "autocast" in prep.bf16_reason
+    assert prep.loss == "chunked"
+    with pytest.raises(ValueError, match="compile"):
+        C.prepare_model(base, compile="yes")
+
+
+def _nalora_train(model_base, *, compiled: str | None, steps: int = 9, light_loss: bool = False):
+    """Train NA-LoRA (mask refresh every 2 steps, schedule over ``steps``) on fixed batches; the params."""
+    from nalora import inject
+
+    torch.manual_seed(0)
+    adapted = inject(copy.deepcopy(model_base), "nalora", targets=("gate", "up", "down"), rank=4, alpha=8,
+                     method_options={"mask_interval": 2, "warmup_frac": 0.2, "final_frac": 0.6, "rho_final": 0.5})
+    opt = adapted.make_optimizer(1e-2, total_steps=steps)
+    model = adapted.model.train()
+    prep = None
+    if compiled:
+        prep = C.prepare_model(model, compile=True, bf16_frozen=False, light_loss=light_loss, backend=compiled)
+    for step in range(steps):
+        loss = model(**_batch(step, B=2, T=16)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if prep is not None:
+        assert prep.compiled, prep.compile_reason
+    ctrl = adapted.controller
+    return ({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+            ctrl.stat_calls, [u.k for u in ctrl.units], ctrl.history())
+
+
+def test_nalora_hooks_work_under_compile():
+    """The controller's statistics hooks (added on refresh steps, removed after), its gradient mask and its
+    optimiser-step scaling give the same parameters compiled as eager. Backend aot_eager: the same Dynamo
+    graph capture and AOT autograd as inductor, without the C compiler (the inductor test is below)."""
+    base, _ = tiny_llama()
+    eager, eager_calls, eager_k, hist = _nalora_train(base, compiled=None)
+    comp, comp_calls, comp_k, comp_hist = _nalora_train(base, compiled="aot_eager")
+    assert eager_calls == comp_calls > 0  # statistics gathered on exactly the refresh steps
+    assert eager_k == comp_k and min(eager_k) < 64  # the mask shrank (d_ff=64)
+    assert comp_hist["step"] == hist["step"]
+    for k in eager:
+        torch.testing.assert_close(comp[k], eager[k], rtol=1e-4, atol=1e-5)
+
+
+def test_nalora_light_loss_under_compile_matches_eager():
+    base, _ = tiny_llama()
+    eager, *_ = _nalora_train(base, compiled=None, steps=5)
+    comp, *_ = _nalora_train(base, compiled="aot_eager", steps=5, light_loss=True)
+    for k in eager:
+        torch.testing.assert_close(comp[k], eager[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
+                    reason="torch.compile's inductor backend needs a C compiler on CPU (GPU figure: results/perf)")
+def test_inductor_compile_trains_like_eager():
+    """The default backend on CPU: about a minute of compilation on two shared cores."""
+    base, _ = tiny_llama()
+    eager, *_ = _nalora_train(base, compiled=None, steps=3)
+    comp, *_ = _nalora_train(base, compiled="inductor", steps=3)
+    for k in eager:
+        torch.testing.assert_close(comp[k], eager[k], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# nalora-bench steptime
+
+
+def _steptime_args(out, **kw):
+    import argparse
+
+    from benchmarks.perf import step_time
+
+    p = argparse.ArgumentParser()
+    step_time.add_arguments(p)
+    argv = ["--model", "tiny-llama", "--methods", "lora,nalora", "--rounds", "9", "--steps", "2", "--warmup", "1",
+            "--batch-size", "2", "--seq-len", "16", "--compile-backend", "aot_eager", "--out", str(out)]
+    for k, v in kw.items():
+        argv += [f"--{k}"] + ([] if v is True else [str(v)])
+    return p.parse_args(argv)
+
+
+@pytest.mark.slow  # compiles three tiny models (aot_eager) and runs HF Trainer nine times: about a minute
+def test_steptime_reference_on_cpu(tmp_path):
+    import json
+
+    from benchmarks.perf import step_time
+
+    assert step_time.main(_steptime_args(tmp_path, variants="eager,lean,compiled", reference=True)) == 0
+    r = json.loads((tmp_path / "steptime.json").read_text())
+    names = set(r["candidates"])
+    assert {"lora", "nalora", "lora+lean", "nalora+compiled", "peft", "peft+compile", "hf_trainer+peft"} <= names
+    for c in r["candidates"].values():
+        assert len(c["step_s"]) == 9 and all(s > 0 for s in c["step_s"])
+        assert c["step_ms"]["iqr"][0] <= c["step_ms"]["median"] <= c["step_ms"]["iqr"][1]
+    assert r["candidates"]["nalora+compiled"]["prepare"]["compiled"] is True
+    ratio = r["ratios"]["nalora+compiled / lora+compiled"]["time"]
+    assert ratio["n"] == 9 and ratio["min"] <= ratio["median"] <= ratio["max"]
+    assert "hf_trainer+peft / lora+compiled" in r["ratios"]
+    md = (tmp_path / "steptime.md").read_text()
+    assert "| nalora+compiled |" in md and "IQR" in md
+    assert r["timer"] == "perf_counter"
+
+
+def test_steptime_rejects_bad_input(tmp_path):
+    from benchmarks.perf import step_time
+
+    with pytest.raises(ValueError, match="--variants"):
+        step_time.main(_steptime_args(tmp_path, variants="fast"))
+    with pytest.raises(ValueError, match="unknown method"):
+        step_time.main(_steptime_args(tmp_path, methods="nope"))
+
+
+def test_spread_and_paired_ratios():
+    from benchmarks.perf.step_time import Candidate, _ratios, _spread
+
+    s = _spread([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert s["median"] == 3.0 and s["iqr"] == [2.0, 4.0] and (s["min"], s["max"]) == (1.0, 5.0)
+    a = Candidate("lora", "runner", "lora", "eager", build=lambda: None, step_s=[1.0, 2.0, 4.0])
+    b = Candidate("nalora", "runner", "nalora", "eager", build=lambda: None, step_s=[1.1, 2.2, 4.4])
+    r = _ratios({"lora": a, "nalora": b})
+    # paired per round: drift common to both (here a factor of 4 across rounds) cancels
+    assert r["nalora / lora"]["time"]["max"] - r["nalora / lora"]["time"]["min"] < 1e-12
+
+
+def test_step_options_from_config_and_environment():
+    assert C.step_options({}, {}) == {"compile": "auto", "bf16_frozen": "auto", "light_loss": "auto"}
+    assert C.step_options({"compile": False}, {"NALORA_LIGHT_LOSS": "0"}) == \
+        {"compile": False, "bf16_frozen": "auto", "light_loss": False}
+    assert set(C.step_options({"compile": True}, {"NALORA_EAGER": "1"}).values()) == {False}
+    with pytest.raises(ValueError, match="NALORA_COMPILE"):
+        C.step_options({}, {"NALORA_COMPILE": "maybe"})
+    with pytest.raises(ValueError, match="training.bf16_frozen"):
+        C.step_options({"bf16_frozen": "yes"}, {})
+
+
+# ---------------------------------------------------------------------------------------------
+# whole-run throughput summary
+
+
+def test_throughput_summary_of_two_result_folders(tmp_path):
+    import json
+
+    from test_runner import BASE_SUITE, run, write_suite
+
+    from benchmarks.perf import throughput
+
+    suite = write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("lr_grid: [1.0e-3]", "lr_grid: [1.0e-3, 3.0e-3]"))
+    for name, wall in (("eager", 40.0), ("improved", 10.0)):
+        assert run(suite, tmp_path / name) == 0
+        (tmp_path / name / "wall.json").write_text(json.dumps({"wall_s": wall, "gpus": 1, "device": "cpu"}))
+    assert throughput.main([f"eager={tmp_path / 'eager'}", f"improved={tmp_path / 'improved'}",
+                            "--out", str(tmp_path / "tp.json")]) == 0
+    rows = json.loads((tmp_path / "tp.json").read_text())
+    assert rows["eager"]["runs"] == 2 and rows["eager"]["runs_per_gpu_hour"] == pytest.approx(2 / (40 / 3600))
+    assert rows["improved"]["runs_per_gpu_hour"] / rows["eager"]["runs_per_gpu_hour"] == pytest.approx(4.0)
+    assert 0 < rows["eager"]["eval_share"] < 1
+    assert "| improved | cpu | 1 | 2 | 10.0 |" in (tmp_path / "tp.md").read_text()
+    with pytest.raises(ValueError, match="wall.json"):
+        throughput.summarise(tmp_path)

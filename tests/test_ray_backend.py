@@ -1,0 +1,137 @@
+"""The Ray backend on a local Ray cluster (CPU) with the runner tests' fake tasks, and the multi-GPU
+assignment of the local pool with fake GPU ids.
+
+A fake task can kill its worker process (``os._exit``) the first time it runs: Ray must run it again
+and the grid must record it ok; a task that always dies is recorded failed; a second invocation skips
+what the first finished (resume).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from test_runner import BASE_SUITE, FakeTask, stand_in_inject, write_suite  # tests/ is on sys.path (conftest)
+
+MARKER_ENV = "NALORA_TEST_DIE_DIR"
+
+
+class DieOnceTask(FakeTask):
+    """Kills its worker on the first attempt (marker file absent), trains normally on the second."""
+
+    name = "fake-die-once"
+
+    def setup(self, model_name, device="cpu"):
+        marker = Path(os.environ[MARKER_ENV]) / self.name
+        if not marker.exists():
+            marker.write_text("died")
+            os._exit(1)
+        return super().setup(model_name, device)
+
+
+class DieAlwaysTask(FakeTask):
+    name = "fake-die-always"
+
+    def setup(self, model_name, device="cpu"):
+        os._exit(1)
+
+
+TASKS = {c.name: c for c in (FakeTask, DieOnceTask, DieAlwaysTask)}
+
+
+def resolver(name: str):
+    return TASKS[name]()
+
+
+def _specs(tmp_path: Path, tasks: list[str]):
+    from benchmarks.runner import grid
+    from benchmarks.runner.suite import load_suite
+
+    suite = load_suite(str(write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("tasks: [fake]", f"tasks: [{', '.join(tasks)}]"))))
+    return grid.expand(suite, lambda n: (TASKS[n].family, TASKS[n].default_model))
+
+
+@pytest.fixture
+def ray_env(tmp_path, monkeypatch):
+    # workers of the local Ray inherit this process's environment: the marker folder and the import path
+    # that finds test_runner / this module
+    monkeypatch.setenv(MARKER_ENV, str(tmp_path))
+    here = str(Path(__file__).resolve().parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([here, str(Path(here).parent), os.environ.get("PYTHONPATH", "")]))
+    yield tmp_path
+
+
+@pytest.mark.slow  # starts a local Ray and three worker processes that import torch: about a minute
+def test_ray_backend_retries_dead_worker_records_and_resumes(ray_env):
+    pytest.importorskip("ray")
+    from benchmarks.runner.ray_backend import run_grid_ray
+
+    tmp = ray_env
+    specs = _specs(tmp, ["fake", "fake-die-once", "fake-die-always"])
+    out = tmp / "results"
+    s = run_grid_ray(specs, str(out), phase="main", resolver=resolver, injector=stand_in_inject, workers=2,
+                     progress=False, max_retries=1, num_cpus=2)
+    assert (s.total, s.ok, s.failed, s.skipped) == (3, 2, 1, 0), s.failures
+    assert (tmp / "fake-die-once").exists()  # it did die once, and was retried
+    recs = {json.loads(p.read_text())["config"]["task"]: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
+    assert recs["fake"]["status"] == recs["fake-die-once"]["status"] == "ok"
+    assert recs["fake-die-always"]["status"] == "failed"
+    assert "worker process died" in recs["fake-die-always"]["error"]["message"]
+    assert "worker process died" in s.failures[0]
+
+    # resume: nothing left to do (the failed run is done unless retry_failed)
+    s2 = run_grid_ray(specs, str(out), phase="main", resolver=resolver, injector=stand_in_inject, workers=2,
+                      progress=False, num_cpus=2)
+    assert (s2.skipped, s2.ok, s2.failed) == (3, 0, 0)
+    # a lost record is redone, the others are not
+    lost = next(p for p in (out / "runs").glob("*.json") if json.loads(p.read_text())["config"]["task"] == "fake")
+    lost.unlink()
+    s3 = run_grid_ray(specs, str(out), phase="main", resolver=resolver, injector=stand_in_inject, workers=2,
+                      progress=False, num_cpus=2)
+    assert (s3.skipped, s3.ok) == (2, 1) and lost.exists()
+
+
+def test_ray_backend_rejects_zero_workers(tmp_path):
+    from benchmarks.runner.ray_backend import run_grid_ray
+
+    with pytest.raises(ValueError, match="workers"):
+        run_grid_ray([], str(tmp_path), resolver=resolver, workers=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# multi-GPU assignment of the local pool (benchmarks/runner/pool.py)
+
+
+def _fake_execute(spec, root, phase, resolver, injector=None, deadline=None, progress=True, position=0):
+    """Stands in for execute in the spawned workers: records which GPU the worker was pinned to."""
+    import time
+
+    from benchmarks.runner.record import make_record
+    from benchmarks.runner.store import ResultStore
+
+    time.sleep(0.3)  # long enough that every worker gets work
+    rec = make_record(spec.config, spec.meta, spec.run_id, status="ok", result={"perf": {"wall_s": 0.3}})
+    rec["gpu_seen"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ResultStore(root, phase).write(rec)
+    return {"run_id": spec.run_id, "status": "ok", "message": "", "seconds": 0.3}
+
+
+@pytest.mark.slow  # spawns 2 x 2 workers
+def test_pool_spreads_runs_over_every_visible_gpu(tmp_path, monkeypatch):
+    """One pool per visible GPU: with CUDA_VISIBLE_DEVICES=3,5 every run lands on GPU 3 or 5, both used."""
+    import benchmarks.runner.execute as ex
+    from benchmarks.runner.pool import run_grid
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.setattr(ex, "execute", _fake_execute)  # pool imports execute at call time, from this module
+    from benchmarks.runner import grid
+    from benchmarks.runner.suite import load_suite
+
+    suite = load_suite(str(write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("seeds: [0]", "seeds: [0, 1, 2, 3, 4, 5, 6, 7]"))))
+    specs = grid.expand(suite, lambda n: ("llm", "tiny-llama"))
+    s = run_grid(specs, str(tmp_path / "r"), resolver=resolver, workers=2, progress=False)
+    assert s.ok == 8, s.failures
+    seen = [json.loads(p.read_text())["gpu_seen"] for p in (tmp_path / "r" / "runs").glob("*.json")]
+    assert sorted(set(seen)) == ["3", "5"]
