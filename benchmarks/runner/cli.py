@@ -31,6 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="list the runs of the current lr round and whether each is done; train nothing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--backend", choices=("pool", "ray"), default="pool",
+                        help="pool: worker processes on this machine (default); ray: Ray tasks with fractional GPUs "
+                             "(pip install 'nalora-bench[cluster]'); both write the same result store and resume alike")
+    parser.add_argument("--address", default=None,
+                        help="with --backend ray: the cluster to join (e.g. ray://head:10001); default: a local Ray")
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -41,7 +46,7 @@ def _split(value: str | None) -> list[str] | None:
 def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = None, tasks: list[str] | None = None,
               seeds: list[int] | None = None, include_paths: list[str] | None = None, workers: int = 0, max_minutes: float | None = None, retry_failed: bool = False, dry_run: bool = False,
               progress: bool = True, resolver: Callable[[str], Any] | None = None, injector: Callable | None = None,
-              log: Callable[[str], None] = print) -> int:
+              log: Callable[[str], None] = print, backend: str = "pool", address: str | None = None) -> int:
     """Tune (if the suite has ``tune``), then run the reported grid in lr-extension rounds.
 
     Returns 0 when everything is done and no run failed, ``EXIT_MORE_TO_DO`` when the time budget left
@@ -78,8 +83,15 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
 
     def run_phase(phase_specs: list, phase: str) -> bool:
         """Run one phase's grid within the time left; log it; True when every run is done."""
-        summary = run_grid(phase_specs, str(out), phase=phase, resolver=resolver, injector=injector, workers=workers,
-                           max_minutes=left(), retry_failed=retry_failed, progress=progress)
+        if backend == "ray":
+            from benchmarks.runner.ray_backend import run_grid_ray
+
+            summary = run_grid_ray(phase_specs, str(out), phase=phase, resolver=resolver, injector=injector,
+                                   workers=workers or 1, max_minutes=left(), retry_failed=retry_failed,
+                                   progress=progress, address=address)
+        else:
+            summary = run_grid(phase_specs, str(out), phase=phase, resolver=resolver, injector=injector,
+                               workers=workers, max_minutes=left(), retry_failed=retry_failed, progress=progress)
         log(f"{phase}: {summary.line()}")
         for f in summary.failures:
             log(f"  failed: {f}")
@@ -167,8 +179,10 @@ def main(args: argparse.Namespace) -> int:
         seeds = [int(x) for x in _split(args.seeds)] if args.seeds is not None else None
     except ValueError:
         raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    if args.address and args.backend != "ray":
+        raise ValueError("--address needs --backend ray")
     out = args.out or str(Path("results") / Path(args.suite).stem)
     return run_suite(args.suite, out, methods=_split(args.methods), tasks=_split(args.tasks), seeds=seeds,
                      include_paths=args.include_path, workers=args.workers,
                      max_minutes=args.max_minutes, retry_failed=args.retry_failed, dry_run=args.dry_run,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, backend=args.backend, address=args.address)

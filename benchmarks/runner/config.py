@@ -70,6 +70,11 @@ class TrainingConfig(Strict):
     log_every: PosInt
     diag_batches: NonNegInt
     mixed_precision: Literal["auto", "no", "bf16", "fp16"]
+    # The faster step (benchmarks/runner/compiled.py): true, false, or auto (on a GPU). Hashed into run ids.
+    compile: bool | Literal["auto"]
+    bf16_frozen: bool | Literal["auto"]
+    light_loss: bool | Literal["auto"]
+    seq_bucket: PosInt  # training batches are padded to a multiple of this many tokens (bounds recompiles)
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.runner import health
+from benchmarks.runner.compiled import eager_mode, pad_to_bucket, prepare_model, step_options
 from nalora.diagnostics import snapshot_trainable
 from tasks.base import Task
 
@@ -60,7 +61,7 @@ def _evaluate(task: Task, setup: Any, model: torch.nn.Module, accelerator: Any, 
     model.eval()
     examples = None
     try:
-        with torch.no_grad(), accelerator.autocast():
+        with torch.no_grad(), accelerator.autocast(), eager_mode(model):
             fn = getattr(task, "evaluate_examples", None)
             if per_example and callable(fn):
                 out, examples = fn(setup, model, split, limit=limit, batch_size=bs)
@@ -174,6 +175,8 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
         shared_lr_group(optimizer, adapted.model, list(setup.trainable), float(setup.trainable_lr))
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(tr["warmup_ratio"] * steps), steps)
     model = accelerator.prepare(adapted.model)
+    prep = prepare_model(model, **step_options(tr), method=config["base_method"],
+                         mixed_precision=accelerator.mixed_precision)
     unwrapped = accelerator.unwrap_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
     trainable, total = adapted.num_trainable(), sum(p.numel() for p in unwrapped.parameters())
@@ -195,7 +198,7 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
     t_train = time.time()
     for step in range(1, steps + 1):
         for micro in range(ga):
-            batch = _to_device(next(data), device)
+            batch = _to_device(pad_to_bucket(next(data), tr["seq_bucket"]), device)
             if unit is None:  # what Task.units counts (its default: real tokens if there is a mask, else images)
                 unit = getattr(task, "unit", None) or ("tokens" if isinstance(batch, dict) and "attention_mask" in batch else "images")
             # Gradients are all-reduced only on the last micro-batch of an optimiser step.
@@ -281,6 +284,7 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
         "peak_gpu_mem_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "mixed_precision": accelerator.mixed_precision,
         "num_processes": n_proc,
+        "step": prep.to_dict(),
     }
     return result
 
