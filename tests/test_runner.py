@@ -322,7 +322,7 @@ def test_failures_recorded_and_grid_goes_on(tmp_path):
     by = {(r["config"]["task"], r["config"]["method"]): r for r in recs}
     assert len(by) == 6
     assert by[("fake", "lora")]["status"] == "ok"
-    assert by[("fake-nan", "lora")]["status"] == "failed" and by[("fake-nan", "lora")]["error"]["type"] == "nan_loss"
+    assert by[("fake-nan", "lora")]["status"] == "diverged" and by[("fake-nan", "lora")]["error"]["type"] == "nan_loss"
     assert by[("fake", "broken")]["error"] == by[("fake", "broken")]["error"] | {"type": "bad_config"}
     assert "boom" in by[("fake", "broken")]["error"]["message"]
     assert "unknown method 'ghost'" in by[("fake", "ghost")]["error"]["message"]
@@ -333,7 +333,7 @@ def test_failures_recorded_and_grid_goes_on(tmp_path):
     run(suite, tmp_path / "r", retry_failed=True)
     after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "r/runs").glob("*.json")}
     changed = {n for n in before if before[n] != after[n]}
-    assert changed == {f"{r['run_id']}.json" for r in recs if r["status"] == "failed"}
+    assert changed == {f"{r['run_id']}.json" for r in recs if r["status"] != "ok"}
 
 
 def test_max_minutes_stops_and_resumes(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -100,7 +101,10 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
         return 0
     if not run_phase(specs, "main"):
         return EXIT_MORE_TO_DO
-    log(f"done; rebuild the leaderboard with: nalora-bench report --results {out}")
+    if not os.environ.get("NALORA_BENCH_REPORT_FOLLOWS"):  # run_all.sh rebuilds it itself right after
+        log(f"done; rebuild the leaderboard with: nalora-bench report --results {out}")
+    else:
+        log("done")
     return 0
 
 
