@@ -9,18 +9,27 @@
 #   ./run_all.sh --max-minutes 9          # stop cleanly before a time limit; run again to resume
 #
 # The flags above (and --retry-failed, --no-progress, --dry-run) go to `nalora-bench run`; anything else is
-# an error. Finished runs are never repeated, so running this again after an interruption continues.
+# an error. Finished runs are never repeated (failures caused by the machine, e.g. a missing asset, are),
+# so running this again after an interruption or a repair continues.
 set -euo pipefail
 cd "$(dirname "$0")"
+
+usage() { awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; }
+# A flag that takes a value: one clear line when the value is missing (not bash's "$2: unbound variable").
+need_value() {
+  if [[ $# -lt 2 || -z "$2" || "$2" == --* ]]; then
+    echo "run_all.sh: $1 needs a value (see --help)" >&2; exit 2
+  fi
+}
 
 SUITE="" OUT="" RUN_ARGS=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --suite) SUITE="$2"; shift 2 ;;
-    --out) OUT="$2"; shift 2 ;;
-    --methods|--tasks|--seeds|--include-path|--workers|--max-minutes) RUN_ARGS+=("$1" "$2"); shift 2 ;;
+    --suite) need_value "$@"; SUITE="$2"; shift 2 ;;
+    --out) need_value "$@"; OUT="$2"; shift 2 ;;
+    --methods|--tasks|--seeds|--include-path|--workers|--max-minutes) need_value "$@"; RUN_ARGS+=("$1" "$2"); shift 2 ;;
     --retry-failed|--no-progress|--dry-run) RUN_ARGS+=("$1"); shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) usage; exit 0 ;;
     *) echo "run_all.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -55,12 +64,14 @@ if [[ -n "$ASSETS" ]]; then
   "${BENCH[@]}" fetch $ASSETS
 fi
 
-# 4. Run (resumable) and rebuild leaderboard, tables and plots from the run JSONs.
+# 4. Run (resumable) and rebuild leaderboard, tables and plots from the run JSONs (so `run` need not
+#    tell the user to rebuild them).
 set +e
-"${BENCH[@]}" run --suite "$SUITE" --out "$OUT" "${RUN_ARGS[@]}"
+NALORA_BENCH_REPORT_FOLLOWS=1 "${BENCH[@]}" run --suite "$SUITE" --out "$OUT" "${RUN_ARGS[@]}"
 rc=$?
 set -e
 if [[ $rc -ne 0 && $rc -ne 3 ]]; then exit $rc; fi
 "${BENCH[@]}" report --results "$OUT"
+echo "run_all.sh: leaderboard, tables and plots rebuilt in $OUT/"
 if [[ $rc -eq 3 ]]; then echo "run_all.sh: time budget reached; run the same command again to continue"; fi
 exit $rc

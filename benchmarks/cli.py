@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(importlib.import_module(args._module).main(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
-        # Bad input gets one clear line, not a traceback.
+    except (ValueError, OSError, KeyError, RuntimeError) as err:
+        # Bad input and an unusable environment (results folder locked, full or read-only; a corrupt
+        # asset) get one clear line, not a traceback.
         print(f"nalora-bench {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -134,7 +134,7 @@ def test_corrupted_cache_file_names_the_fix(tmp_path, src_dir):
     blob = bytearray(main.read_bytes())
     blob[-1] ^= 0xFF  # same size, different content
     main.write_bytes(bytes(blob))
-    with pytest.raises(AssetError, match=r"corrupted.*run `nalora-bench fetch --force sarcasm`"):
+    with pytest.raises(AssetError, match=r"corrupted.*run `nalora-bench fetch sarcasm --force`"):
         data.load_dataset("sarcasm", cache_dir=root)
 
 

@@ -12,7 +12,7 @@ from .registry import SPECS, default_names
 
 
 def verify(name: str, cache_dir: str | None = None) -> dict:
-    """Full check of a cached entry: size + sha256 of every converted file. Raises ``AssetError``."""
+    """Full check of a cached entry now: size + sha256 of every converted file. Raises ``AssetError``."""
     _, rec = Cache(cache_dir).require(name, full=True)
     return rec
 

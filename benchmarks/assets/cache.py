@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from benchmarks.fileio import atomic_write_text, current_umask
+
 ENV_CACHE = "NALORA_BENCH_CACHE"
 
 
@@ -29,7 +31,7 @@ class AssetError(RuntimeError):
 
 
 def fix_hint(name: str) -> str:
-    return f"run `nalora-bench fetch --force {name}`"
+    return f"run `nalora-bench fetch {name} --force`"
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
@@ -54,18 +56,21 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Write JSON to ``path`` via a temp file in the same dir + ``os.replace`` (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _umask_modes(root: Path) -> None:
+    """Give a build dir and everything in it the modes the umask allows (``mkdtemp`` makes 0700, some
+    writers 0600): the cache is shared read-only by whoever runs the benchmark."""
+    mask = current_umask()
+    for p in [root, *root.rglob("*")]:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+# Entries whose files were hashed in this process: (entry dir, converted_at) -> {file: (size, mtime_ns, inode)}.
+# A later ``require`` re-hashes only files whose stat changed, so verification costs one read per process.
+_verified: dict[tuple[str, str], dict[str, tuple[int, int, int]]] = {}
 
 
 def _read_json(path: Path) -> dict:
@@ -194,6 +199,7 @@ class Cache:
             old = Path(tempfile.mkdtemp(prefix=f"{name}.old.", dir=self.root / ".tmp"))
             os.rmdir(old)
             os.rename(dest, old)
+        _umask_modes(work)
         os.rename(work, dest)
         self._set_record(name, rec)
         if old is not None:
@@ -218,23 +224,34 @@ class Cache:
 
     # --- verification ------------------------------------------------------------------------------
     def require(self, name: str, full: bool = False) -> tuple[Path, dict]:
-        """Return (entry dir, record) after checking the entry; raise ``AssetError`` with the fix.
+        """Return (entry dir, record) after checking every file of the entry against the manifest;
+        raise ``AssetError`` naming the file and the fix.
 
-        The cheap check (default) compares size + sha256 of the entry's main file; ``full`` checks
-        every file listed in the record."""
+        Each file is hashed once per process; later calls compare size, mtime and inode with the
+        hashed version (an in-place edit changes the mtime) and re-hash only what changed. ``full``
+        re-hashes everything now."""
         rec = self.record(name)
         if rec is None:
             raise AssetError(f"asset {name!r} is not in the cache {self.root}; run `nalora-bench fetch {name}`")
         path = self.entry_path(name)
-        files = rec.get("files", {})
-        names = list(files) if full else [rec["main_file"]]
-        for rel in names:
-            want = files[rel]
+        files = rec.get("files") or {}
+        if not files or rec.get("main_file") not in files:
+            raise AssetError(f"the manifest record of {name!r} in {self.manifest_path} lists no files; {fix_hint(name)}")
+        seen = _verified.setdefault((str(path), str(rec.get("converted_at"))), {})
+        for rel, want in files.items():
             f = path / rel
-            if not f.is_file():
-                raise AssetError(f"cached asset {name!r} is missing {rel}; {fix_hint(name)}")
-            if f.stat().st_size != want["size"] or sha256_file(f) != want["sha256"]:
-                raise AssetError(f"cached asset {name!r} is corrupted ({rel} fails its sha256 check); {fix_hint(name)}")
+            try:
+                st = f.stat()
+            except FileNotFoundError:
+                raise AssetError(f"cached asset {name!r} is missing {rel} ({f}); {fix_hint(name)}") from None
+            sig = (st.st_size, st.st_mtime_ns, st.st_ino)
+            if not full and seen.get(rel) == sig:
+                continue
+            if st.st_size != want["size"] or sha256_file(f) != want["sha256"]:
+                seen.pop(rel, None)
+                raise AssetError(f"cached asset {name!r} is corrupted: {rel} fails its sha256 check ({f}); "
+                                 f"{fix_hint(name)}")
+            seen[rel] = sig
         return path, rec
 
 

@@ -379,7 +379,9 @@ def load_dataset(name: str, cache_dir: str | None = None):
     if spec.kind != "dataset":
         raise ValueError(f"{name!r} is a model, not a dataset; use load_model")
     path, _ = Cache(cache_dir).require(name)
-    return load_from_disk(str(path / "data"))
+    # In memory: the entry stays as `fetch` left it. A memory-mapped dataset would write the
+    # cache-*.arrow files of later shuffle/select/map calls into the entry itself.
+    return load_from_disk(str(path / "data"), keep_in_memory=True)
 
 
 def class_balance(ds) -> dict[str, int]:

@@ -7,6 +7,7 @@ Exit codes: 0 done; 3 (``EXIT_MORE_TO_DO``) the time budget stopped it, run agai
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -152,7 +153,10 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
         log(f"done, but {failed} run(s) failed with an exception (exit {EXIT_RUNS_FAILED}); see the 'failed' lines, "
             "fix the cause and rerun with --retry-failed")
         return EXIT_RUNS_FAILED
-    log(f"done; rebuild the leaderboard with: nalora-bench report --results {out}")
+    if not os.environ.get("NALORA_BENCH_REPORT_FOLLOWS"):  # run_all.sh rebuilds it itself right after
+        log(f"done; rebuild the leaderboard with: nalora-bench report --results {out}")
+    else:
+        log("done")
     return 0
 
 

@@ -1,6 +1,11 @@
-"""Run one grid entry end to end and record it: ok, or failed with its reason. Never raises for a run's
-own failure (NaN loss, OOM, bad config, exception), so the grid goes on; only an interrupt or the time
-budget stops it, and then nothing is written (the run is redone next time).
+"""Run one grid entry end to end and record it. Never raises for a run's own failure (NaN loss, OOM, bad
+config, exception), so the grid goes on; only an interrupt or the time budget stops it, and then nothing
+is written (the run is redone next time).
+
+Record statuses (docs/fault_model.md): ``ok`` and ``collapsed`` as ``train_run`` reports them, ``diverged``
+when training raised ``Diverged`` (NaN/inf loss or gradients), ``failed`` for any other exception. A
+failure caused by the machine rather than the method (missing or corrupt asset, missing file, OSError,
+ImportError, failed download, CUDA unavailable) has error type ``environment`` and is retried by default.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ from typing import Any, Callable
 
 from benchmarks.runner.grid import RunSpec
 from benchmarks.runner.record import make_record
-from benchmarks.runner.store import ResultStore
+from benchmarks.runner.store import ENVIRONMENT, ResultStore
 
 TaskResolver = Callable[[str], Any]
+RESULT_STATUSES = ("ok", "collapsed")  # what train_run may report; "diverged" comes as an exception
+OPTIONAL_RESULT_KEYS = ("health", "per_example")
 
 
 def registry_resolver(name: str, task_paths: tuple[str, ...] = ()) -> Any:
@@ -33,6 +40,35 @@ def make_resolver(task_paths: list[str] | tuple[str, ...] = ()) -> TaskResolver:
     return functools.partial(registry_resolver, task_paths=tuple(task_paths))
 
 
+def _diverged_class() -> type[BaseException]:
+    """``train.Diverged`` (NaN/inf loss or gradients); older train.py raises only ``NonFiniteLoss``."""
+    from benchmarks.runner import train
+    from benchmarks.runner.train import NonFiniteLoss
+
+    return getattr(train, "Diverged", NonFiniteLoss)
+
+
+_CUDA_MISSING = ("no cuda gpus are available", "not compiled with cuda", "cuda driver", "found no nvidia driver",
+                 "cuda is not available", "cuda unavailable")
+
+
+def _is_environment(err: BaseException) -> bool:
+    """Caused by the machine, not the method: the error or an explicit cause (``raise ... from``) is an
+    OSError (missing file, failed download, full disk), ImportError, ``AssetError``, or CUDA missing."""
+    from benchmarks.assets.cache import AssetError
+
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (OSError, ImportError, AssetError)):
+            return True
+        if any(m in str(e).lower() for m in _CUDA_MISSING):
+            return True
+        e = e.__cause__
+    return False
+
+
 def _classify(err: BaseException) -> str:
     import torch
 
@@ -40,8 +76,12 @@ def _classify(err: BaseException) -> str:
 
     if isinstance(err, NonFiniteLoss):
         return "nan_loss"
+    if isinstance(err, _diverged_class()):
+        return "diverged"
     if isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower():
         return "oom"
+    if _is_environment(err):
+        return ENVIRONMENT
     if isinstance(err, (ValueError, KeyError, TypeError)):
         return "bad_config"
     return "exception"
@@ -60,6 +100,8 @@ def execute(spec: RunSpec, root: str, phase: str, resolver: TaskResolver, inject
     from benchmarks.runner import provenance
     from benchmarks.runner.train import RunInterrupted, train_run
 
+    diverged = _diverged_class()
+
     store = ResultStore(root, phase)
     rid = spec.run_id
     t0 = time.time()
@@ -69,23 +111,32 @@ def execute(spec: RunSpec, root: str, phase: str, resolver: TaskResolver, inject
         task = resolver(spec.config["task"])
         task_info = task.describe()
         result = train_run(spec.config, task, injector=injector, deadline=deadline, progress=progress, position=position)
-        status, error = "ok", None
+        status, error = result.get("status", "ok"), None
+        if status not in RESULT_STATUSES:
+            raise RuntimeError(f"train_run returned unknown status {status!r} (expected one of {RESULT_STATUSES})")
     except RunInterrupted as err:
         return {"run_id": rid, "status": "interrupted", "message": str(err), "seconds": time.time() - t0}
     except KeyboardInterrupt:
         raise
     except BaseException as err:  # noqa: BLE001 - record every failure, keep the grid going
         result = {}
-        status = "failed"
+        status = "diverged" if isinstance(err, diverged) else "failed"
         error = {"type": _classify(err), "message": _one_line(err), "traceback": traceback.format_exc(limit=8)}
     assets = [spec.config["model"], getattr(task, "dataset", "") if task is not None else ""]
     rec = make_record(spec.config, spec.meta, rid, status=status, task_info=task_info, result=result,
                       error=error, provenance=provenance.collect(assets))
+    # Optional results of train_run (run record interface of docs/fault_model.md), stored as they come.
+    rec.update({k: result[k] for k in OPTIONAL_RESULT_KEYS if result.get(k) is not None})
+    written = None
     if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch` only the main process writes
-        store.write(rec)
+        written = store.write(rec)
     # Free what the run held before the next one shares this worker / GPU.
     del result
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return {"run_id": rid, "status": status, "message": error["message"] if error else "", "seconds": time.time() - t0}
+    out = {"run_id": rid, "status": status, "message": error["message"] if error else "", "seconds": time.time() - t0,
+           "error_type": error["type"] if error else ""}
+    if written is not None and written != store.path(rid):
+        out["orphaned"] = str(written)  # the results folder refused it: the grid stops starting runs
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import statistics
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from benchmarks.runner.grid import RunSpec
-from benchmarks.runner.store import ResultStore
+from benchmarks.runner.store import ResultStore, is_environment_failure, results_lock
 
 
 @dataclass
@@ -27,9 +28,14 @@ class GridSummary:
     total: int = 0
     skipped: int = 0  # finished before this invocation
     ok: int = 0
+    collapsed: int = 0  # trained, finite, degenerate: a result, not selectable
+    diverged: int = 0  # NaN/inf loss or gradients: a result of the method
     failed: int = 0
     interrupted: int = 0  # stopped by the time budget; redone next time
-    remaining: int = 0  # not started because the time budget ran out
+    remaining: int = 0  # not started: time budget ran out, or the results folder stopped taking records
+    skipped_failed: int = 0  # of ``skipped``: runs recorded not ok earlier (method results; --retry-failed)
+    retried_environment: int = 0  # environment failures of earlier invocations, run again now
+    stop_reason: str = ""  # why runs were left for the next invocation
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -37,14 +43,24 @@ class GridSummary:
         return self.remaining == 0 and self.interrupted == 0
 
     def line(self) -> str:
-        s = f"{self.total} runs: {self.skipped} already done, {self.ok} ok, {self.failed} failed"
+        s = f"{self.total} runs: {self.skipped} already done, {self.ok} ok"
+        for name in ("collapsed", "diverged"):
+            if getattr(self, name):
+                s += f", {getattr(self, name)} {name}"
+        s += f", {self.failed} failed"
+        if self.retried_environment:
+            s += f" ({self.retried_environment} earlier environment failures retried)"
         if not self.complete:
-            s += f", {self.interrupted + self.remaining} left for the next invocation (time budget)"
+            s += f", {self.interrupted + self.remaining} left for the next invocation ({self.stop_reason or 'time budget'})"
+        if self.skipped_failed:
+            s += (f"; {self.skipped_failed} of the already done runs are recorded not ok and were not repeated "
+                  "(--retry-failed runs them again)")
         return s
 
 
-def _init_worker(gpu: str | None, threads: int) -> None:
-    """Pin a spawned worker to its GPU and to its share of the CPU cores, before it imports torch.
+def _init_worker(gpu: str | None, threads: int, parent_pid: int | None = None) -> None:
+    """Pin a spawned worker to its GPU and to its share of the CPU cores, before it imports torch; make it
+    exit when the runner dies.
 
     Without the thread cap every worker starts one intra-op thread per core, and N workers
     oversubscribe the CPU that launches their GPU kernels.
@@ -53,6 +69,26 @@ def _init_worker(gpu: str | None, threads: int) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(threads))
+    if parent_pid is not None:
+        watch_parent(parent_pid)
+
+
+def watch_parent(parent_pid: int, interval_s: float = 0.5) -> threading.Thread:
+    """Exit this process when ``parent_pid`` is no longer its parent (the runner died, even by SIGKILL).
+
+    A worker blocked on its task queue never notices the runner's death (the queue's write end is
+    shared with its siblings), so without this it would live on, holding its memory, forever. A
+    polling thread rather than prctl(PR_SET_PDEATHSIG): that signal fires when the *thread* that
+    spawned the worker exits, which need not be the runner's death.
+    """
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval_s)
+        os._exit(70)  # no cleanup handlers: the runner is gone, nothing waits for this process
+
+    t = threading.Thread(target=watch, name="nalora-parent-watch", daemon=True)
+    t.start()
+    return t
 
 
 def _threads_per_worker(workers: int, pools: int) -> int:
@@ -95,49 +131,70 @@ def run_grid(specs: list[RunSpec], root: str, *, phase: str = "main", resolver: 
     from benchmarks.runner.execute import execute
 
     store = ResultStore(root, phase)
-    store.clean_temp()
-    specs = _dedup(specs)
-    todo = [s for s in specs if not store.is_done(s.run_id, retry_failed)]
-    summary = GridSummary(total=len(specs), skipped=len(specs) - len(todo))
-    start = time.time()
-    deadline = start + 60 * max_minutes if max_minutes else None
-    # Seed the typical run time from finished runs (this phase's, else the other phase's), so that an
-    # invocation whose budget is nearly spent starts no run it cannot finish.
-    durations = _finished_durations(store) or _finished_durations(ResultStore(root, "tune" if phase == "main" else "main"))
+    store.check_writable()  # before any training: a run whose record cannot be written is wasted
+    with results_lock(root):
+        store.adopt_orphans()
+        store.clean_temp()
+        specs = _dedup(specs)
+        done = {s.run_id: store.is_done(s.run_id, retry_failed) for s in specs}
+        todo = [s for s in specs if not done[s.run_id]]
+        summary = GridSummary(total=len(specs), skipped=len(specs) - len(todo))
+        for s in specs:
+            rec = store.load(s.run_id)
+            if rec is None:
+                continue
+            if done[s.run_id] and rec.get("status") == "failed":
+                summary.skipped_failed += 1
+            elif is_environment_failure(rec):
+                summary.retried_environment += 1
+        start = time.time()
+        deadline = start + 60 * max_minutes if max_minutes else None
+        # Seed the typical run time from finished runs (this phase's, else the other phase's), so that an
+        # invocation whose budget is nearly spent starts no run it cannot finish.
+        durations = _finished_durations(store) or _finished_durations(ResultStore(root, "tune" if phase == "main" else "main"))
+        refused: list[str] = []  # records the results folder refused (kept as orphans): start no more runs
 
-    def may_start() -> bool:
-        if deadline is None:
-            return True
-        typical = statistics.median(durations) if durations else 0.0
-        return time.time() + typical < deadline
+        def may_start() -> bool:
+            if refused:
+                summary.stop_reason = f"results folder refused a record; finished ones kept at {refused[0]}"
+                return False
+            if deadline is None:
+                return True
+            typical = statistics.median(durations) if durations else 0.0
+            if time.time() + typical < deadline:
+                return True
+            summary.stop_reason = "time budget"
+            return False
 
-    def account(res: dict, spec: RunSpec) -> None:
-        st = res["status"]
-        if st == "ok":
-            summary.ok += 1
-        elif st == "failed":
-            summary.failed += 1
-            summary.failures.append(f"{spec.label()}: {res['message']}")
-        else:
-            summary.interrupted += 1
-        if st != "interrupted":
-            durations.append(res["seconds"])
-        bar.update(1)
-        bar.set_postfix(ok=summary.ok, failed=summary.failed)
+        def account(res: dict, spec: RunSpec) -> None:
+            st = res["status"]
+            if st in ("ok", "collapsed", "diverged"):
+                setattr(summary, st, getattr(summary, st) + 1)
+            elif st == "failed":
+                summary.failed += 1
+                summary.failures.append(f"{spec.label()}: {res['message']}")
+            else:
+                summary.interrupted += 1
+            if st != "interrupted":
+                durations.append(res["seconds"])
+            if res.get("orphaned"):
+                refused.append(res["orphaned"])
+            bar.update(1)
+            bar.set_postfix(ok=summary.ok, failed=summary.failed)
 
-    bar = tqdm(total=len(specs), initial=summary.skipped, desc=f"grid ({phase})", disable=not progress, position=0)
-    try:
-        if workers <= 0:
-            for i, spec in enumerate(todo):
-                if not may_start():
-                    summary.remaining = len(todo) - i
-                    break
-                account(execute(spec, str(root), phase, resolver, injector, deadline, progress, 1), spec)
-        else:
-            _run_pools(todo, str(root), phase, resolver, injector, workers, deadline, progress, may_start, account, summary)
-    finally:
-        bar.close()
-    return summary
+        bar = tqdm(total=len(specs), initial=summary.skipped, desc=f"grid ({phase})", disable=not progress, position=0)
+        try:
+            if workers <= 0:
+                for i, spec in enumerate(todo):
+                    if not may_start():
+                        summary.remaining = len(todo) - i
+                        break
+                    account(execute(spec, str(root), phase, resolver, injector, deadline, progress, 1), spec)
+            else:
+                _run_pools(todo, str(root), phase, resolver, injector, workers, deadline, progress, may_start, account, summary)
+        finally:
+            bar.close()
+        return summary
 
 
 def _run_pools(todo, root, phase, resolver, injector, workers, deadline, progress, may_start, account, summary) -> None:
@@ -148,7 +205,8 @@ def _run_pools(todo, root, phase, resolver, injector, workers, deadline, progres
     gpus = _gpu_ids() or [None]  # CPU-only machine: one pool
     ctx = mp.get_context("spawn")  # fork after CUDA init is unsafe
     threads = _threads_per_worker(workers, len(gpus))
-    pools = {g: ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(g, threads))
+    initargs = {g: (g, threads, os.getpid()) for g in gpus}
+    pools = {g: ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=initargs[g])
              for g in gpus}
     free_slots = {g: list(range(workers)) for g in gpus}
     running: dict[Future, tuple[RunSpec, Any, int, ProcessPoolExecutor]] = {}
@@ -184,7 +242,7 @@ def _run_pools(todo, root, phase, resolver, injector, workers, deadline, progres
                     if pools[g] is pool:  # the first of its runs to report: replace the broken pool once
                         pools[g].shutdown(wait=False, cancel_futures=True)
                         pools[g] = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                                       initargs=(g, threads))
+                                                       initargs=initargs[g])
         summary.remaining = len(queue)
     finally:
         for p in pools.values():
