@@ -4,9 +4,9 @@
     python scripts/sigkill_drill.py --kills 5 --workers 1 --seed 3 --out /tmp/drill-pool
 
 1. ``reference``: the grid run once, uninterrupted, into OUT/reference.
-2. ``drill``: the same grid into OUT/drill; each invocation is SIGKILLed (its whole process group: runner
-   and workers) after a random delay drawn uniformly from [0.5 s, the reference's time for the runs still
-   to do], until ``--kills`` kills have landed; then one invocation runs to the end.
+2. ``drill``: the same grid into OUT/drill; each invocation is SIGKILLed (with ``--workers 0`` its process
+   group; with workers the runner alone, and its workers must then exit by themselves) after a random delay drawn uniformly from [0.5 s, start-up + the reference's time for
+   the runs still to do], until ``--kills`` kills have landed; then one invocation runs to the end.
 3. Every drill record is compared with the reference record of the same run id: status, config, metrics,
    history, parameter counts, NA-LoRA history and diagnostics must be equal (timings and provenance differ).
 
@@ -51,6 +51,18 @@ def records(out: Path) -> dict[str, dict]:
     return recs
 
 
+def _group_gone_after(pgid: int, limit_s: float) -> float | None:
+    """Seconds until no process of group ``pgid`` is left (None if some outlive ``limit_s``)."""
+    t0 = time.time()
+    while time.time() - t0 < limit_s:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return time.time() - t0
+        time.sleep(0.1)
+    return None
+
+
 def invocation(suite: Path, out: Path, workers: int, kill_after: float | None) -> tuple[int | None, float]:
     """Run the grid once; SIGKILL its process group after ``kill_after`` s. Returns (exit code or None, seconds)."""
     cmd = [sys.executable, "-m", "benchmarks.cli", "run", "--suite", str(suite), "--out", str(out), "--no-progress",
@@ -63,8 +75,17 @@ def invocation(suite: Path, out: Path, workers: int, kill_after: float | None) -
         proc.wait(timeout=kill_after)
         return proc.returncode, time.time() - t0
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        if workers:
+            # Kill the runner alone (as the OOM killer would): its workers must notice and exit by themselves.
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            orphans_s = _group_gone_after(proc.pid, 20.0)
+            if orphans_s is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise RuntimeError("workers outlived their SIGKILLed runner by 20 s")
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         return None, time.time() - t0
     finally:
         log.close()
@@ -80,9 +101,12 @@ def render(summary: dict) -> str:
         "",
         f"- grid: smollm2-135m (asset cache), sarcasm, lora + nalora, 2 seeds, {summary['steps']} steps per run, "
         f"`--workers {summary['workers']}`, CPU; kill moments drawn with seed {summary['seed']}",
-        f"- uninterrupted reference: {summary['runs']} runs in {summary['reference_s']} s",
-        f"- kills (SIGKILL of the runner's process group): {len(kills)}; after each one every file in `runs/` "
-        "was a complete record",
+        f"- uninterrupted reference: {summary['runs']} runs in {summary['reference_s']} s "
+        f"({summary.get('startup_s', '?')} s of it start-up)",
+        f"- kills: {len(kills)}, "
+        + ("each SIGKILL of the runner process alone; its worker exited by itself within 20 s every time"
+           if summary["workers"] else "each SIGKILL of the runner's process group")
+        + "; after each one every file in `runs/` was a complete record",
         f"- after the final invocation (exit {summary['final_exit']}): {summary['final_records']} records, "
         f"{summary['identical']} of {summary['runs']} identical to the reference (status, config, metrics, history, "
         f"parameter counts, NA-LoRA history, diagnostics); files other than records left: {len(summary['leftover_files'])}",
@@ -126,13 +150,17 @@ def main() -> int:
         print(f"reference run failed (exit {rc}); see {out / 'reference.log'}")
         return 1
     total = len(ref)
-    print(f"reference: {total} runs in {ref_s:.1f} s")
+    run_s = {rid: float((r.get("perf") or {}).get("wall_s") or ref_s / total) for rid, r in ref.items()}
+    overhead = max(0.0, ref_s - sum(run_s.values()))  # interpreter, imports, suite, before the first run
+    print(f"reference: {total} runs in {ref_s:.1f} s ({overhead:.1f} s start-up)")
 
     kills, invocations = [], 0
     while len(kills) < args.kills:
-        before = len(records(out / "drill"))
-        budget = max(1.0, ref_s * (total - before) / total)
-        delay = rng.uniform(0.5, budget)
+        done = records(out / "drill")
+        before = len(done)
+        # Uniform over this invocation's expected life: start-up plus the reference's time for the runs left.
+        budget = overhead + sum(run_s[rid] for rid in ref if rid not in done)
+        delay = rng.uniform(0.5, max(1.0, budget))
         rc, secs = invocation(suite, out / "drill", args.workers, delay)
         invocations += 1
         after = records(out / "drill")  # every file complete, even right after a kill
@@ -153,7 +181,7 @@ def main() -> int:
     leftover = [p.name for p in (out / "drill" / "runs").iterdir() if not p.name.endswith(".json")]
     same = [rid for rid in ref if rid in final and all(final[rid].get(k) == ref[rid].get(k) for k in COMPARED)]
     differ = {rid: [k for k in COMPARED if final.get(rid, {}).get(k) != ref[rid].get(k)] for rid in ref if rid not in same}
-    summary = {"runs": total, "reference_s": round(ref_s, 1), "kills": kills, "final_exit": rc,
+    summary = {"runs": total, "reference_s": round(ref_s, 1), "startup_s": round(overhead, 1), "kills": kills, "final_exit": rc,
                "final_records": len(final), "identical": len(same), "differ": differ, "leftover_files": leftover,
                "workers": args.workers, "steps": args.steps, "seed": args.seed}
     (out / "drill.json").write_text(json.dumps(summary, indent=1))
