@@ -23,6 +23,7 @@ import argparse
 import importlib.metadata
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,11 @@ import torch
 
 DEFAULT_OPTIONS = {"mask_interval": 2}  # refresh (and so mask) within the few steps of this check
 EFFECT_FACTOR = 10.0  # the adapter must move some log-likelihood by > EFFECT_FACTOR x tolerance
+
+
+def _log(msg: str) -> None:
+    # Long CPU phases (minutes under load) should never be silent.
+    print(f"[interop {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 class InteropError(RuntimeError):
@@ -107,14 +113,16 @@ def train_and_save(task: Any, model_dir: Path, adapter_dir: Path, *, steps: int,
     data = task.train_batches(setup, batch_size, seed)
     adapted.model.train()
     losses = []
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         loss = task.loss(setup, adapted.model, next(data))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
+        _log(f"train step {step}/{steps}: loss {losses[-1]:.4f}")
     adapted.model.eval()
     adapted.save(adapter_dir)
+    _log(f"saved the adapter to {adapter_dir}")
     return {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "targets": list(targets),
             "rank": rank, "alpha": alpha, "train_loss": losses, "method_config": adapted.method_config}
 
@@ -124,17 +132,22 @@ def _targets(value: Any) -> str | list[str]:
     return value if isinstance(value, str) else sorted(value or [])
 
 
-def masked_gate_rows(adapter_dir: Path) -> dict[str, int]:
-    """Rows of the saved ``B_gate`` matrices that are exactly zero (the folded NA-LoRA mask), and all rows."""
+def saved_adapter_summary(adapter_dir: Path) -> dict[str, Any]:
+    """From the saved weights: adapted modules per kind (``gate_proj``: 30, ...) and the rows of the
+    ``B_gate`` matrices that are exactly zero (the folded NA-LoRA mask)."""
     from safetensors.torch import load_file
 
     state = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    kinds: dict[str, int] = {}
     zero = total = 0
     for key, tensor in state.items():
+        if ".lora_A." in key:
+            kind = key.split(".lora_A.")[0].rsplit(".", 1)[-1]
+            kinds[kind] = kinds.get(kind, 0) + 1
         if "gate_proj" in key and "lora_B" in key:
             zero += int((tensor == 0).all(dim=1).sum())
             total += tensor.shape[0]
-    return {"zero_rows": zero, "rows": total}
+    return {"modules": dict(sorted(kinds.items())), "masked_gate_rows": {"zero_rows": zero, "rows": total}}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,9 +221,11 @@ def project_scores(task: Any, model_dir: Path, adapter_dir: Path, split: str, li
     net, tokenizer = load_causal(model_dir)
     model = PeftModel.from_pretrained(net, str(adapter_dir)).eval()
     setup = task.setup_from(model, tokenizer)
+    _log(f"project evaluator: scoring {split} with the saved adapter")
     lls, choices, labels = task.score(setup, model, split, limit, batch_size)
     metrics = task.metrics_from(lls, choices, labels)
     acc, acc_norm = _per_example(lls, choices, labels)
+    _log(f"project evaluator: scoring {split} with the adapter disabled (base model)")
     with model.disable_adapter():
         base_lls, _, _ = task.score(setup, model, split, limit, batch_size)
     ids = [str(ex.get("id", i)) for i, ex in enumerate(task.examples(split, limit))]
@@ -220,15 +235,19 @@ def project_scores(task: Any, model_dir: Path, adapter_dir: Path, split: str, li
     return Scores(ids, lls, acc, acc_norm, metrics), base_lls
 
 
-def lm_eval_scores(task_dir: Path, task_name: str, model_dir: Path, adapter_dir: Path, batch_size: int) -> Scores:
-    """``lm_eval.simple_evaluate`` with the ``hf`` model, ``peft=adapter_dir``, on the exported task."""
+def lm_eval_scores(task_dir: Path, task_name: str, model_dir: Path, adapter_dir: Path | None, batch_size: int) -> Scores:
+    """``lm_eval.simple_evaluate`` with the ``hf`` model, ``peft=adapter_dir`` (none: the base model), on the
+    exported task."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    _log(f"lm_eval: task {task_name}, hf model{' with peft=' if adapter_dir is not None else ' (no adapter)'}")
     manager = TaskManager(include_path=str(task_dir), include_defaults=False)
+    model_args = {"pretrained": str(model_dir), "dtype": "float32", "device": "cpu"}
+    if adapter_dir is not None:
+        model_args["peft"] = str(adapter_dir)
     out = simple_evaluate(
-        model="hf",
-        model_args={"pretrained": str(model_dir), "peft": str(adapter_dir), "dtype": "float32", "device": "cpu"},
+        model="hf", model_args=model_args,
         tasks=[task_name], batch_size=batch_size, task_manager=manager, log_samples=True, bootstrap_iters=0,
     )
     if out is None or task_name not in out.get("samples", {}):
@@ -271,6 +290,9 @@ def compare(ours: Scores, theirs: Scores, docs: list[dict], base_lls: list[list[
     same_acc = sum(a == b for a, b in zip(ours.acc, theirs.acc))
     same_acc_norm = sum(a == b for a, b in zip(ours.acc_norm, theirs.acc_norm))
     base_flips = sum(_argmax(a) != _argmax(b) for a, b in zip(ours.lls, base_lls))
+    from tasks.common import choice_metrics
+
+    base_metrics = choice_metrics(base_lls, [d["choices"] for d in docs], [d["label"] for d in docs], norm=True)
     max_diff, max_effect = max(diffs), max(effect)
     criteria = {
         f"every choice log-likelihood within {tol:g} (abs)": max_diff <= tol,
@@ -286,7 +308,7 @@ def compare(ours: Scores, theirs: Scores, docs: list[dict], base_lls: list[list[
         "same_pred": same_pred, "same_pred_norm": same_pred_norm, "same_acc": same_acc, "same_acc_norm": same_acc_norm,
         "metrics": {"project": ours.metrics, "lm_eval": theirs.metrics},
         "adapter_effect": {"max_abs_ll_change_vs_base": max_effect, "mean_abs_ll_change_vs_base": sum(effect) / len(effect),
-                           "pred_changed_vs_base": base_flips},
+                           "pred_changed_vs_base": base_flips, "base_model_metrics": base_metrics},
         "criteria": criteria, "ok": all(criteria.values()),
     }
 
@@ -295,8 +317,8 @@ def compare(ours: Scores, theirs: Scores, docs: list[dict], base_lls: list[list[
 # the whole check
 
 
-def run_check(task_name: str, *, model: str = "smollm2-135m", split: str = "test", limit: int | None = 150,
-              steps: int = 10, batch_size: int = 4, lr: float = 1e-3, seed: int = 0, tol: float = 1e-3,
+def run_check(task_name: str, *, model: str = "smollm2-135m", split: str = "test", limit: int | None = 100,
+              steps: int = 8, batch_size: int = 2, lr: float = 1e-3, seed: int = 0, tol: float = 1e-3,
               eval_batch_size: int = 16, options: dict[str, Any] | None = None, data_dir: str | None = None,
               work_dir: str | Path | None = None) -> dict[str, Any]:
     """Train, save, score with both evaluators and compare; returns the comparison record (see module doc)."""
@@ -312,6 +334,7 @@ def run_check(task_name: str, *, model: str = "smollm2-135m", split: str = "test
         t0 = time.time()
         docs = export_docs(task, split, limit)  # before training: bad task/split fails before any work
         model_dir = hf_model_dir(model, work)
+        _log(f"{task_name}: {len(docs)} {split} examples; training NA-LoRA on {model} for {steps} steps")
         adapter_dir = work / "adapter"
         training = train_and_save(task, model_dir, adapter_dir, steps=steps, batch_size=batch_size, lr=lr,
                                   seed=seed, options=options)
@@ -333,7 +356,7 @@ def run_check(task_name: str, *, model: str = "smollm2-135m", split: str = "test
         result = compare(ours, theirs, docs, base_lls, tol)
         adapter_files = sorted(p.name for p in adapter_dir.iterdir())
         adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
-        masked = masked_gate_rows(adapter_dir)
+        saved = saved_adapter_summary(adapter_dir)
 
     from benchmarks.runner.provenance import git_state, hardware, package_versions
 
@@ -345,8 +368,8 @@ def run_check(task_name: str, *, model: str = "smollm2-135m", split: str = "test
         "adapter": {"files": adapter_files, "peft_type": adapter_config.get("peft_type"),
                     "target_modules": _targets(adapter_config.get("target_modules")),
                     "r": adapter_config.get("r"), "lora_alpha": adapter_config.get("lora_alpha"),
-                    "masked_gate_rows": masked},
-        "lm_eval": {"version": importlib.metadata.version("lm_eval"), "task_yaml": yaml_text.replace(str(work), "<work>"),
+                    **saved},
+        "lm_eval": {"version": importlib.metadata.version("lm_eval"), "task": lm_task, "task_yaml": yaml_text.replace(str(work), "<work>"),
                     "model_args": "pretrained=<model dir>,peft=<adapter dir>,dtype=float32,device=cpu",
                     "batch_size": eval_batch_size},
         "comparison": result,
@@ -366,21 +389,24 @@ def run_check(task_name: str, *, model: str = "smollm2-135m", split: str = "test
 def render_md(rec: dict[str, Any]) -> str:
     """A short summary of ``rec`` (every number from the record)."""
     c, a = rec["comparison"], rec["adapter"]
-    m = c["metrics"]
+    m, e = c["metrics"], c["adapter_effect"]
     lines = [
         f"# lm-eval interop: `{rec['task']}` ({rec['split']}, n = {c['n']})",
         "",
         f"Generated by `python -m benchmarks.interop.lm_eval_check --task {rec['task']}` (see docs/interop.md); "
         f"do not edit. Model `{rec['model']}`, NA-LoRA trained {rec['training']['steps']} steps "
         f"(batch {rec['training']['batch_size']}, lr {rec['training']['lr']:g}, seed {rec['training']['seed']}), "
-        f"saved with `Adapted.save` as a peft `{a['peft_type']}` adapter (r = {a['r']}, target_modules "
-        f"`{a['target_modules']}`; {a['masked_gate_rows']['zero_rows']} of {a['masked_gate_rows']['rows']} "
+        f"saved with `Adapted.save` as a peft `{a['peft_type']}` adapter (r = {a['r']}, modules "
+        f"{', '.join(f'{k} x {v}' for k, v in a['modules'].items())}; {a['masked_gate_rows']['zero_rows']} of {a['masked_gate_rows']['rows']} "
         f"B_gate rows zero: the folded mask). lm_eval {rec['lm_eval']['version']}, `hf` model with `peft=`; fp32, CPU.",
         "",
         "| metric | project evaluator | lm_eval | same per example |",
         "|---|---|---|---|",
         f"| acc | {m['project']['acc']:.4f} | {m['lm_eval']['acc']:.4f} | {c['same_acc']}/{c['n']} |",
         f"| acc_norm | {m['project']['acc_norm']:.4f} | {m['lm_eval']['acc_norm']:.4f} | {c['same_acc_norm']}/{c['n']} |",
+        "",
+        f"Base model without the adapter (project evaluator): acc {e['base_model_metrics']['acc']:.4f}, "
+        f"acc_norm {e['base_model_metrics']['acc_norm']:.4f}.",
         "",
         f"- Choice log-likelihoods ({c['choices']} over {c['n']} examples): max |diff| {c['max_abs_ll_diff']:.3g}, "
         f"mean {c['mean_abs_ll_diff']:.3g} (tolerance {c['tolerance_abs_ll']:g}).",
@@ -405,9 +431,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default="quartz", help="a registered log-likelihood choice task (default quartz)")
     parser.add_argument("--model", default="smollm2-135m", help="asset-cache model, local HF dir or tiny-llama")
     parser.add_argument("--split", default="test", choices=("validation", "test"))
-    parser.add_argument("--limit", type=int, default=150, help="examples compared (a fixed seeded subset)")
-    parser.add_argument("--steps", type=int, default=10, help="NA-LoRA optimiser steps")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--limit", type=int, default=100, help="examples compared (a fixed seeded subset)")
+    parser.add_argument("--steps", type=int, default=8, help="NA-LoRA optimiser steps")
+    parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tol", type=float, default=1e-3, help="max abs difference of a choice log-likelihood")
@@ -415,6 +441,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the machine is shared)")
     parser.add_argument("--data-dir", default=None, help="local <split>.jsonl files replacing the task's data")
     parser.add_argument("--out", default="results/interop", help="folder for lm_eval_<task>.json and .md")
+    parser.add_argument("--work-dir", default=None,
+                        help="keep the base model dir, adapter and lm-eval task here (default: a temp dir, removed)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -431,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("lm_eval is not installed: pip install 'nalora-bench[interop]' (lm-eval>=0.4)")
     rec = run_check(args.task, model=args.model, split=args.split, limit=args.limit, steps=args.steps,
                     batch_size=args.batch_size, lr=args.lr, seed=args.seed, tol=args.tol,
-                    eval_batch_size=args.eval_batch_size, data_dir=args.data_dir)
+                    eval_batch_size=args.eval_batch_size, data_dir=args.data_dir, work_dir=args.work_dir)
     from benchmarks.runner.store import atomic_write_json, atomic_write_text
 
     out = Path(args.out)
