@@ -398,7 +398,8 @@ def render_md(rec: dict[str, Any]) -> str:
         f"(batch {rec['training']['batch_size']}, lr {rec['training']['lr']:g}, seed {rec['training']['seed']}), "
         f"saved with `Adapted.save` as a peft `{a['peft_type']}` adapter (r = {a['r']}, modules "
         f"{', '.join(f'{k} x {v}' for k, v in a['modules'].items())}; {a['masked_gate_rows']['zero_rows']} of {a['masked_gate_rows']['rows']} "
-        f"B_gate rows zero: the folded mask). lm_eval {rec['lm_eval']['version']}, `hf` model with `peft=`; fp32, CPU.",
+        f"B_gate rows zero: the folded mask). lm_eval {rec['lm_eval']['version']}, `hf` model with `peft=`; fp32, CPU. "
+        "A few training steps only: the numbers show that the two evaluators agree, not how well NA-LoRA learns the task.",
         "",
         "| metric | project evaluator | lm_eval | same per example |",
         "|---|---|---|---|",
