@@ -1,0 +1,1 @@
+"""Interoperability checks: what NA-LoRA saves is usable by other tools (lm-evaluation-harness)."""
