@@ -15,5 +15,5 @@ echo "setup: creating .venv and installing nalora-bench (first run downloads tor
 # torch/torchvision first, from the same constraints, so the regular build (which runs on CPU too) is
 # taken: the CPU-only torch wheel has no matching torchvision.
 .venv/bin/python -m pip install -q -c constraints.txt torch torchvision
-.venv/bin/python -m pip install -q -c constraints.txt -e '.[dev,onnx,cluster]'
+.venv/bin/python -m pip install -q -c constraints.txt -e '.[dev,onnx,cluster,interop]'
 echo "$want" > "$stamp"
