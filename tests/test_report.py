@@ -42,7 +42,7 @@ def _record(model, task, method, lr, seed, *, phase="main", status="ok", ablatio
     info = {"metrics": {"acc": True}, "selection_metric": "acc", "report_metric": "acc", "protocol": "synthetic"}
     if status != "ok":
         return make_record(config, meta, run_id(config), status="failed", task_info=info,
-                           error={"type": "nan_loss", "message": "loss is nan", "traceback": ""})
+                           error={"type": "exception", "message": "boom", "traceback": ""})
     return make_record(config, meta, run_id(config), status="ok", task_info=info, result=result,
                        provenance={"git": {"commit": "abc"}, "hardware": {"gpu": None}})
 
@@ -93,7 +93,7 @@ def test_leaderboard_columns_and_selection(tmp_path):
     ok = df[df["status"] == "ok"]
     assert set(ok.loc[ok["selected"], "lr"]) == {1e-3} and not ok.loc[~ok["selected"], "lr"].eq(1e-3).any()
     failed = df[df["status"] == "failed"].iloc[0]
-    assert failed["error_type"] == "nan_loss" and not failed["selected"]
+    assert failed["error_type"] == "exception" and not failed["selected"]
 
 
 def test_main_table_reports_test_of_validation_choice(tmp_path):

@@ -24,7 +24,10 @@ def _verdict(iv, method: str) -> str:
         return "no interval (too few seeds and no per-example results)"
     if not ex:
         return "the interval includes 0: no difference resolved"
-    return f"the interval excludes 0: {method} {'above' if iv.mean > 0 else 'below'} {BASELINE}"
+    text = f"the interval excludes 0: {method} {'above' if iv.mean > 0 else 'below'} {BASELINE}"
+    if iv.seeds == 1:  # resampling test examples of one training run says nothing about seed-to-seed variation
+        text += " for this one seed (the interval covers test-example sampling only, not training randomness)"
+    return text
 
 
 def _runs_line(records: list[dict]) -> str:
@@ -79,7 +82,8 @@ def model_findings(an: Analysis, model: str) -> list[str]:
     for method in method_order({c.method for c in an.comparisons if c.model == model}):
         comps = [c for c in an.comparisons if c.model == model and c.method == method]
         p = an.pooled.get((model, method))
-        per = "; ".join(f"{c.task} {_iv(c.interval, scale)} (MDE {T._fmt(c.interval.mde * scale, 2)})" for c in comps)
+        per = "; ".join(f"{c.task} {_iv(c.interval, scale)} (MDE {T._fmt(c.interval.mde * scale, 2)}, "
+                        f"{c.interval.seeds} seed{'s' if c.interval.seeds != 1 else ''})" for c in comps)
         text = f"{method} minus {BASELINE} ({u}, per task, 95% interval, smallest detectable difference): {per}."
         if p is not None:
             text += (f" Pooled over {len(an.pooled_tasks[(model, method)])} task(s) not marked uninformative: {_iv(p, scale)}; "
