@@ -49,7 +49,7 @@ def _specs(tmp_path: Path, tasks: list[str]):
     from benchmarks.runner import grid
     from benchmarks.runner.suite import load_suite
 
-    suite = load_suite(str(write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("tasks: [fake]", f"tasks: [{', '.join(tasks)}]"))))
+    suite = load_suite(str(write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("tasks: [fake]", f"tasks: [{', '.join(tasks)}]"))), resolver=resolver)
     return grid.expand(suite, lambda n: (TASKS[n].family, TASKS[n].default_model))
 
 
@@ -129,7 +129,7 @@ def test_pool_spreads_runs_over_every_visible_gpu(tmp_path, monkeypatch):
     from benchmarks.runner import grid
     from benchmarks.runner.suite import load_suite
 
-    suite = load_suite(str(write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("seeds: [0]", "seeds: [0, 1, 2, 3, 4, 5, 6, 7]"))))
+    suite = load_suite(str(write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("seeds: [0]", "seeds: [0, 1, 2, 3, 4, 5, 6, 7]"))), resolver=resolver)
     specs = grid.expand(suite, lambda n: ("llm", "tiny-llama"))
     s = run_grid(specs, str(tmp_path / "r"), resolver=resolver, workers=2, progress=False)
     assert s.ok == 8, s.failures

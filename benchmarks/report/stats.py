@@ -14,6 +14,8 @@ from functools import reduce
 
 import numpy as np
 
+from benchmarks.runner.health import binom_sf  # noqa: F401 - one exact binomial test (the runner's), re-exported
+
 BOOT_REPS = 2000  # ~0.4 s per comparison of 5 seeds x 3000 examples; bounds' Monte Carlo error < 0.1 SE
 BOOT_SEED = 20240917
 # Smallest detectable difference = (z_{1-alpha/2} + z_{power}) x SE = (1.960 + 0.842) x SE: a true difference
@@ -43,21 +45,6 @@ def paired_ci(diffs: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def binom_sf(k: int, n: int, p: float) -> float:
-    """Exact one-sided binomial p-value P(X >= k) for X ~ Binomial(n, p) (log-space sum, no scipy needed)."""
-    if k <= 0:
-        return 1.0
-    if k > n:
-        return 0.0
-    if p <= 0.0:
-        return 0.0
-    if p >= 1.0:
-        return 1.0
-    lp, lq = math.log(p), math.log1p(-p)
-    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
-            for i in range(k, n + 1)]
-    top = max(logs)
-    return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
 
 
 def decode_correct(bits: str) -> np.ndarray:

@@ -42,6 +42,17 @@ class GridSummary:
     def complete(self) -> bool:
         return self.remaining == 0 and self.interrupted == 0
 
+    def add(self, res: dict, label: str) -> None:
+        """Count one finished (or interrupted) run's summary from ``execute``; every backend uses this."""
+        st = res["status"]
+        if st in ("ok", "collapsed", "diverged"):
+            setattr(self, st, getattr(self, st) + 1)
+        elif st == "failed":
+            self.failed += 1
+            self.failures.append(f"{label}: {res['message']}")
+        else:
+            self.interrupted += 1
+
     def line(self) -> str:
         s = f"{self.total} runs: {self.skipped} already done, {self.ok} ok"
         for name in ("collapsed", "diverged"):
@@ -167,15 +178,8 @@ def run_grid(specs: list[RunSpec], root: str, *, phase: str = "main", resolver: 
             return False
 
         def account(res: dict, spec: RunSpec) -> None:
-            st = res["status"]
-            if st in ("ok", "collapsed", "diverged"):
-                setattr(summary, st, getattr(summary, st) + 1)
-            elif st == "failed":
-                summary.failed += 1
-                summary.failures.append(f"{spec.label()}: {res['message']}")
-            else:
-                summary.interrupted += 1
-            if st != "interrupted":
+            summary.add(res, spec.label())
+            if res["status"] != "interrupted":
                 durations.append(res["seconds"])
             if res.get("orphaned"):
                 refused.append(res["orphaned"])

@@ -124,13 +124,6 @@ def run_grid_ray(specs: list[RunSpec], root: str, *, phase: str = "main", resolv
 
 
 def _account(summary: GridSummary, res: dict, spec: RunSpec, durations: list[float]) -> None:
-    st = res["status"]
-    if st == "ok":
-        summary.ok += 1
-    elif st == "failed":
-        summary.failed += 1
-        summary.failures.append(f"{spec.label()}: {res['message']}")
-    else:
-        summary.interrupted += 1
-    if st != "interrupted":
+    summary.add(res, spec.label())  # the pool's counting: collapsed / diverged are results, not interruptions
+    if res["status"] != "interrupted":
         durations.append(res["seconds"])
