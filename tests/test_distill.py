@@ -175,3 +175,31 @@ def test_composed_vlm_gated_in_both_towers_and_nalora_injects_both():
     names = [n for n, p in adapted.model.named_parameters() if p.requires_grad]
     assert any("vision_tower" in n and "fc1_g" in n and "lora" in n for n in names)
     assert any("language_model" in n and "gate_proj" in n and "lora" in n for n in names)
+
+
+def test_fetch_builds_into_asset_cache_and_loads_as_encoder(tmp_path, monkeypatch):
+    """`nalora-bench fetch vit-s-swiglu` path: converter -> cache entry with the build's provenance ->
+    `load_encoder` (the composed VLM's loader) at another image size."""
+    from benchmarks.assets.cache import Cache
+    from benchmarks.assets.fetch import fetch_one
+    from benchmarks.vlm.build import load_encoder
+
+    monkeypatch.setenv("NALORA_BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(distill, "default_sources", lambda names: _sources())
+    monkeypatch.setattr(distill, "_default_teacher", _teacher)
+    monkeypatch.setenv(distill.ENV_CONFIG, json.dumps({
+        "device": "cpu", "steps": 2, "batch_size": 4, "image_size": 28, "eval_per_source": 4,
+        "knn_bank_per_source": 6, "knn_k": 3, "student": TINY_STUDENT.__dict__}))
+    rec = fetch_one(distill.ASSET_NAME, Cache(), log=lambda *_: None)
+    assert rec["main_file"] == "model/model.safetensors"
+    assert rec["info"]["teacher"]["sha256"] == "ab" * 32 and rec["info"]["config"]["steps"] == 2
+    enc = load_encoder(distill.ASSET_NAME, image_size=35)
+    assert enc.provenance["name"] == distill.ASSET_NAME and set(enc.provenance["quality"]) >= {"cos_cls"}
+    assert enc.tower.forward_features(torch.randn(1, 3, 35, 35)).shape == (1, 26, 32)
+
+
+def test_asset_converter_refuses_cpu_without_opt_in(monkeypatch, tmp_path):
+    monkeypatch.delenv(distill.ENV_CONFIG, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs a GPU"):
+        distill.convert_asset(tmp_path)

@@ -270,7 +270,7 @@ def distill_loss(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor) -> 
         parts[f"{name}_cos"] = 1 - nn.functional.cosine_similarity(a, b, dim=-1).mean()
         parts[f"{name}_l1"] = nn.functional.smooth_l1_loss(a, b)
     loss = sum(parts.values())
-    return loss, {k: float(v) for k, v in parts.items()}
+    return loss, {k: float(v.detach()) for k, v in parts.items()}
 
 
 def _lr_at(step: int, cfg: DistillConfig) -> float:
@@ -341,8 +341,8 @@ def train_student(student: nn.Module, teacher: nn.Module, pools: dict[str, torch
         nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         if step % every == 0 or step == cfg.steps - 1:
-            history.append({"step": step, "loss": round(float(loss), 5), **{k: round(v, 5) for k, v in parts.items()}})
-            log(f"  distill step {step}/{cfg.steps}: loss {float(loss):.4f}")
+            history.append({"step": step, "loss": round(float(loss.detach()), 5), **{k: round(v, 5) for k, v in parts.items()}})
+            log(f"  distill step {step}/{cfg.steps}: loss {float(loss.detach()):.4f}")
     return history
 
 
