@@ -193,6 +193,19 @@ def test_fetch_builds_into_asset_cache_and_loads_as_encoder(tmp_path, monkeypatc
     rec = fetch_one(distill.ASSET_NAME, Cache(), log=lambda *_: None)
     assert rec["main_file"] == "model/model.safetensors"
     assert rec["info"]["teacher"]["sha256"] == "ab" * 32 and rec["info"]["config"]["steps"] == 2
+    # Built on one machine, imported into another cache from a tar of the entry + its record.
+    import tarfile
+
+    with tarfile.open(tmp_path / "e.tar", "w") as tf:
+        tf.add(tmp_path / "cache" / "entries" / distill.ASSET_NAME, f"entries/{distill.ASSET_NAME}")
+    (tmp_path / "rec.json").write_text(json.dumps(rec))
+    monkeypatch.setenv("NALORA_BENCH_CACHE", str(tmp_path / "cache2"))
+    distill.main(["--import", str(tmp_path / "e.tar"), str(tmp_path / "rec.json")])
+    assert not list((tmp_path / "cache2" / ".tmp").iterdir())
+    bad = dict(rec, files={**rec["files"], "model/model.safetensors": {"size": 1, "sha256": "0"}})
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="model/model.safetensors does not match"):
+        distill.import_entry(tmp_path / "e.tar", tmp_path / "bad.json")
     enc = load_encoder(distill.ASSET_NAME, image_size=35)
     assert enc.provenance["name"] == distill.ASSET_NAME and set(enc.provenance["quality"]) >= {"cos_cls"}
     assert enc.tower.forward_features(torch.randn(1, 3, 35, 35)).shape == (1, 26, 32)

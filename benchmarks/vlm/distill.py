@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -520,7 +521,7 @@ def _build(out: Path, cfg: DistillConfig, dev: torch.device, sources: Any, teach
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
         "seconds": {"data": round(t_data, 1), "train": round(t_train, 1), "total": round(time.monotonic() - t0, 1)},
-        "quality": quality["mean"],
+        "quality": quality,
     }
     _write_json(out / PROVENANCE_JSON, prov)
     return prov
@@ -555,6 +556,29 @@ def load_distilled(name: str, image_size: int, cache_dir: str | None = None) -> 
 DISTILLED_ENCODERS = (ASSET_NAME,)
 
 
+def import_entry(tar_path: str | Path, record_path: str | Path, cache_dir: str | None = None) -> Path:
+    """Publish an entry built elsewhere (a GPU machine): ``tar_path`` holds ``entries/<name>/...``,
+    ``record_path`` its manifest record. Every file is checked against the record before publishing."""
+    import tarfile
+
+    from benchmarks.assets.cache import Cache, file_table
+
+    rec = json.loads(Path(record_path).read_text())
+    name = rec["name"]
+    cache = Cache(cache_dir)
+    with cache.build(name) as work:
+        with tarfile.open(tar_path) as tf:
+            tf.extractall(work, filter="data")
+        entry = work / "entries" / name
+        got = file_table(entry)
+        if got != rec["files"]:
+            bad = sorted(k for k in set(got) | set(rec["files"]) if got.get(k) != rec["files"].get(k))
+            raise ValueError(f"{tar_path}: {bad[0]} does not match its record in {record_path}")
+        dest = cache.publish(name, entry, rec)
+    shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.vlm.distill", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="output directory (omit with --publish)")
@@ -568,7 +592,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--eval-per-source", type=int, help="validation images per source in quality.json")
     ap.add_argument("--knn-bank-per-source", type=int, help="train images per source in the k-NN bank")
     ap.add_argument("--device")
+    ap.add_argument("--import", dest="import_", nargs=2, metavar=("TAR", "RECORD"),
+                    help="publish an entry built on another machine into this asset cache")
     args = ap.parse_args(argv)
+    if args.import_:
+        print(import_entry(*args.import_))
+        return 0
     over = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "lr": args.lr,
                               "image_size": args.image_size, "sources": args.sources,
                               "eval_per_source": args.eval_per_source,
@@ -583,7 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("--out DIR or --publish is required")
     cfg = DistillConfig.from_dict(over)
     prov = build_vit_s_swiglu(args.out, config=cfg, device=args.device)
-    print(json.dumps({"out": args.out, "quality": prov["quality"], "seconds": prov["seconds"]}))
+    print(json.dumps({"out": args.out, "quality": prov["quality"]["mean"], "seconds": prov["seconds"]}))
     return 0
 
 
