@@ -1,7 +1,8 @@
 """Resolve a model spec into towers: ``"ENCODER+LM"`` for the composed VLM, or one encoder for probes.
 
 Encoder names: an asset-cache image encoder (``dinov2-s``), ``timm:<model>`` (random weights: no
-gated pretrained vision tower installs offline), or ``tiny-dinov2`` / ``tiny-eva02``.
+gated pretrained vision tower installs offline), the distilled gated ``vit-s-swiglu``
+(``benchmarks.vlm.distill``), or ``tiny-dinov2`` / ``tiny-eva02`` / ``tiny-vit-swiglu``.
 LM names: an asset-cache causal LM (``smollm2-135m``, ``gemma3-270m``) or ``tiny-byte-llama`` (tests).
 """
 
@@ -59,6 +60,11 @@ def load_encoder(name: str, image_size: int | None = None) -> Encoder:
         cfg = tower.pretrained_cfg or {}
         transform = ImageTransform(size, cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225)))
         return Encoder(name, tower, transform, {"source": "timm random init", "timm": timm.__version__})
+    from benchmarks.vlm.distill import DISTILLED_ENCODERS, load_distilled
+
+    if name in DISTILLED_ENCODERS:  # timm towers built by distillation (benchmarks/vlm/distill.py)
+        tower, prov = load_distilled(name, size)
+        return Encoder(name, tower, ImageTransform(size), prov)
     from benchmarks.assets import load_model
 
     bundle = load_model(name)

@@ -55,5 +55,14 @@ def tiny_eva02(seed: int = 0) -> nn.Module:
                              patch_size=7, depth=2, embed_dim=32, num_heads=2, num_classes=0).eval()
 
 
-TINY_ENCODERS = {"tiny-dinov2": tiny_dinov2, "tiny-eva02": tiny_eva02}
+def tiny_vit_swiglu(seed: int = 0) -> nn.Module:
+    """A 2-layer random ``vit-s-swiglu`` (timm ViT, separate SwiGLU ``fc1_g``/``fc1_x``/``fc2``), 28 px, 7 px patches."""
+    from benchmarks.vlm.distill import StudentConfig, make_student
+
+    torch.manual_seed(seed)
+    cfg = StudentConfig(embed_dim=32, depth=2, num_heads=2, patch_size=7, mlp_hidden=48)
+    return make_student(cfg, TINY_IMAGE_SIZE).eval()
+
+
+TINY_ENCODERS = {"tiny-dinov2": tiny_dinov2, "tiny-eva02": tiny_eva02, "tiny-vit-swiglu": tiny_vit_swiglu}
 TINY_LMS = {"tiny-byte-llama": tiny_byte_llama}
