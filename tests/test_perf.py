@@ -334,7 +334,8 @@ def test_throughput_summary_of_two_result_folders(tmp_path):
 
     from benchmarks.perf import throughput
 
-    suite = write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("lr_grid: [1.0e-3]", "lr_grid: [1.0e-3, 3.0e-3]"))
+    suite = write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("lr_grid: [1.0e-3]", "lr_grid: [1.0e-3, 3.0e-3]").replace(
+        "lr_bounds: [1.0e-3, 1.0e-3]", "lr_bounds: [1.0e-3, 3.0e-3]"))
     for name, wall in (("eager", 40.0), ("improved", 10.0)):
         assert run(suite, tmp_path / name) == 0
         (tmp_path / name / "wall.json").write_text(json.dumps({"wall_s": wall, "gpus": 1, "device": "cpu"}))

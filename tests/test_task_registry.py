@@ -213,7 +213,9 @@ def test_readme_plugin_through_the_runner(tmp_path, clean_registry):
     assert cli(["run", "--suite", str(suite), "--include-path", str(plugins), "--out", str(out), "--no-progress"]) == 0
     recs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     assert sorted(r["config"]["method"] for r in recs) == ["lora", "nalora"]
-    assert all(r["status"] == "ok" and r["config"]["task"] == "sum-check" for r in recs), [r["error"] for r in recs]
+    # trained and evaluated through the runner (a tiny model after a few steps may be judged "collapsed": a result)
+    assert all(r["status"] in ("ok", "collapsed") and r["error"] is None and r["config"]["task"] == "sum-check"
+               for r in recs), [r["error"] for r in recs]
     assert cli(["report", "--results", str(out)]) == 0
     assert "sum-check" in (out / "leaderboard.csv").read_text()
 
@@ -397,7 +399,7 @@ def test_guide_language_plugin_with_local_files_through_the_runner(tmp_path, cle
     out = tmp_path / "results"
     assert cli(["run", "--suite", str(suite), "--include-path", str(plugins), "--out", str(out), "--no-progress"]) == 0
     recs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
-    assert len(recs) == 1 and recs[0]["status"] == "ok", recs[0].get("error")
+    assert len(recs) == 1 and recs[0]["status"] in ("ok", "collapsed") and recs[0]["error"] is None, recs[0].get("error")
     assert get_task("parity").describe()["chance"] == {"acc": 0.5}
 
 
