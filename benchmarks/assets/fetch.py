@@ -14,8 +14,11 @@ from .sources import obtain, package_version
 
 
 def _converter(ref: str):
+    """``module:function``; a bare module name is one of this package's, a dotted one is imported as named (a
+    converter that lives in a higher layer, e.g. the distilled encoder in ``benchmarks.vlm``, is looked up by
+    name like a plugin, so this layer never imports it)."""
     mod, fn = ref.split(":")
-    return getattr(importlib.import_module(f"{__package__}.{mod}"), fn)
+    return getattr(importlib.import_module(mod if "." in mod else f"{__package__}.{mod}"), fn)
 
 
 def _main_file(table: dict[str, dict]) -> str:

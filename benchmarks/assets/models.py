@@ -227,13 +227,6 @@ def convert_dinov2(files: dict[str, Path], out: Path, work: Path, tol: float = 1
             "params": sum(p.numel() for p in model.parameters()), "storage_dtype": "float32"}
 
 
-def convert_vit_s_swiglu(files: dict[str, Path], out: Path, work: Path) -> dict:
-    """Built by distillation from the cached ``dinov2-s`` (no download): see ``benchmarks.vlm.distill``."""
-    from benchmarks.vlm.distill import convert_asset
-
-    return convert_asset(out)
-
-
 # --- sanity ---------------------------------------------------------------------------------------
 def sanity_losses(model, tokenizer, text: str = SANITY_TEXT, seed: int = 0) -> dict:
     """Mean next-token loss on an English paragraph vs on uniformly random tokens of the same length.

