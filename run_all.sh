@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Reproduce the results from scratch: set up, fetch assets, run a suite, rebuild the report.
 #
-#   ./run_all.sh                          # `default` on a GPU machine, `smoke` on a CPU-only one,
-#                                         # into results/<suite>/ (runs/, leaderboard.csv, tables/, plots/)
-#   ./run_all.sh --suite hub              # another suite (name in benchmarks/suites/ or a YAML path)
+#   ./run_all.sh                          # `default` on a GPU machine; on a CPU-only one the `demo` suite
+#                                         # (a few minutes); into results/<suite>/ (runs/, leaderboard.csv,
+#                                         # tables/, plots/, index.html)
+#   ./run_all.sh --suite smoke            # another suite (name in benchmarks/suites/ or a YAML path)
 #   ./run_all.sh --methods lora,nalora --tasks sarcasm --seeds 0 --out results-sub --workers 4
-#   ./run_all.sh --suite my_suite.yaml --include-path my_tasks/   # a suite that names tasks of your own
+#   ./run_all.sh --tasks my-task --include-path my_tasks/   # any registered task, plugins included
+#   ./run_all.sh --models tiny-llama      # every task on other models (`nalora-bench list models`)
 #   ./run_all.sh --max-minutes 9          # stop cleanly before a time limit; run again to resume
+#   ./run_all.sh --dry-run                # list the runs and the assets a fetch would download; change nothing
 #
-# The flags above (and --retry-failed, --no-progress, --dry-run) go to `nalora-bench run`; anything else is
-# an error. Finished runs are never repeated (failures caused by the machine, e.g. a missing asset, are),
+# The flags above (and --retry-failed, --no-progress, --threads N) go to `nalora-bench run`; anything else
+# is an error. Finished runs are never repeated (failures caused by the machine, e.g. a missing asset, are),
 # so running this again after an interruption or a repair continues.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -22,13 +25,14 @@ need_value() {
   fi
 }
 
-SUITE="" OUT="" RUN_ARGS=()
+SUITE="" OUT="" DRY=0 RUN_ARGS=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --suite) need_value "$@"; SUITE="$2"; shift 2 ;;
     --out) need_value "$@"; OUT="$2"; shift 2 ;;
-    --methods|--tasks|--seeds|--include-path|--workers|--max-minutes) need_value "$@"; RUN_ARGS+=("$1" "$2"); shift 2 ;;
-    --retry-failed|--no-progress|--dry-run) RUN_ARGS+=("$1"); shift ;;
+    --methods|--tasks|--models|--seeds|--include-path|--workers|--max-minutes|--threads) need_value "$@"; RUN_ARGS+=("$1" "$2"); shift 2 ;;
+    --retry-failed|--no-progress) RUN_ARGS+=("$1"); shift ;;
+    --dry-run) DRY=1; RUN_ARGS+=("$1"); shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "run_all.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
@@ -45,21 +49,25 @@ fi
 if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
 BENCH=("$PY" -m benchmarks.cli)
 
-# 2. Which suite: default on a GPU, smoke otherwise (say which).
+# 2. Which suite: default on a GPU, the short demo otherwise (say which).
+CPU_DEMO=0
 if [[ -z "$SUITE" ]]; then
   if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     SUITE=default; echo "run_all.sh: GPU found ($("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))')): running suite 'default'"
   else
-    SUITE=smoke; echo "run_all.sh: no GPU: running suite 'smoke' (minutes on a CPU; numbers not meaningful)"
+    SUITE=demo CPU_DEMO=1
+    echo "run_all.sh: no GPU: running suite 'demo' (a few minutes on a CPU: every result kind, numbers not meaningful)"
   fi
 fi
 
 OUT=${OUT:-results/$(basename "$SUITE" .yaml)}  # results/default, results/smoke, ... unless --out
 echo "run_all.sh: results go to $OUT/"
 
-# 3. Assets the suite needs (models + datasets of its tasks); a cached asset is not fetched again.
-ASSETS=$("$PY" -m benchmarks.runner.assets_needed "$SUITE" "${RUN_ARGS[@]}")
-if [[ -n "$ASSETS" ]]; then
+# 3. Assets the suite needs (models + datasets of its tasks) and not yet cached; a dry run only names them.
+ASSETS=$("$PY" -m benchmarks.runner.assets_needed "$SUITE" --missing "${RUN_ARGS[@]}")
+if [[ $DRY -eq 1 ]]; then
+  echo "run_all.sh: dry run: would fetch: ${ASSETS:-nothing (every asset is cached)}"
+elif [[ -n "$ASSETS" ]]; then
   # shellcheck disable=SC2086
   "${BENCH[@]}" fetch $ASSETS
 fi
@@ -71,7 +79,14 @@ NALORA_BENCH_REPORT_FOLLOWS=1 "${BENCH[@]}" run --suite "$SUITE" --out "$OUT" "$
 rc=$?
 set -e
 if [[ $rc -ne 0 && $rc -ne 3 ]]; then exit $rc; fi
+if [[ $DRY -eq 1 ]]; then
+  echo "run_all.sh: dry run: nothing trained, fetched or rewritten"
+  exit 0
+fi
 "${BENCH[@]}" report --results "$OUT"
-echo "run_all.sh: leaderboard, tables and plots rebuilt in $OUT/"
+echo "run_all.sh: leaderboard, tables, plots and index.html rebuilt in $OUT/"
 if [[ $rc -eq 3 ]]; then echo "run_all.sh: time budget reached; run the same command again to continue"; fi
+if [[ $CPU_DEMO -eq 1 ]]; then
+  echo "run_all.sh: that was the CPU demo; for the real grid run \`./run_all.sh --suite default\` on a GPU machine"
+fi
 exit $rc

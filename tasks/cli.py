@@ -119,6 +119,10 @@ def _list_assets(kind: str, out=None) -> int:
          s.description]
         for s in SPECS.values() if s.kind == kind
     ]
+    if kind == "model":  # random test models: built in place, nothing to fetch
+        from benchmarks.runner.suite import tiny_model_names
+
+        rows += [[n, "built in", "", "-", "random tiny test model (no download)"] for n in tiny_model_names()]
     print(_table(["name", "status", "", "license", "description"], rows), file=out)
     return 0
 

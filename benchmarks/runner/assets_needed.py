@@ -1,6 +1,7 @@
 """Print the offline assets a suite needs (models and task datasets), space-separated, for ``fetch``.
 
-``python -m benchmarks.runner.assets_needed SUITE [--tasks a,b] [...]`` (other flags are ignored).
+``python -m benchmarks.runner.assets_needed SUITE [--tasks a,b] [--models m] [--missing] [...]`` (other flags are
+ignored); ``--missing`` prints only those not yet in the asset cache (what a fetch would download).
 """
 
 from __future__ import annotations
@@ -10,20 +11,20 @@ import sys
 
 
 def assets_needed(suite_name: str, tasks: list[str] | None = None, resolver=None,
-                  include_paths: list[str] | None = None) -> list[str]:
+                  include_paths: list[str] | None = None, models: list[str] | None = None) -> list[str]:
     """Asset-cache names of the suite's reported and dev tasks (``Task.assets``: models, datasets, what a
     composed VLM's connector is aligned on), without hub-only tasks and names the cache does not know
     (tiny test models)."""
     from benchmarks.assets import SPECS
-    from benchmarks.runner.execute import make_resolver
+    from benchmarks.runner.execute import make_resolver, resolve_task
     from benchmarks.runner.grid import _models_for
     from benchmarks.runner.suite import load_suite
 
-    suite = load_suite(suite_name, tasks=tasks, task_paths=include_paths)
+    suite = load_suite(suite_name, tasks=tasks, task_paths=include_paths, models=models)
     resolver = resolver or make_resolver(suite.task_paths)
     names: list[str] = list(suite.assets)
     for spec in suite.tasks + suite.dev_tasks:
-        task = resolver(spec.name)
+        task = resolve_task(resolver, {"task": spec.name, "task_options": spec.options})
         if getattr(task, "requires_network", False):
             continue
         for model in _models_for(suite, spec, task.family, task.default_model):
@@ -35,11 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("suite")
     p.add_argument("--tasks", default=None)
+    p.add_argument("--models", default=None)
     p.add_argument("--include-path", action="append", default=[])
+    p.add_argument("--missing", action="store_true")
     args, _ = p.parse_known_args(argv)
     try:
         names = assets_needed(args.suite, [t for t in (args.tasks or "").split(",") if t] or None,
-                              include_paths=args.include_path)
+                              include_paths=args.include_path,
+                              models=[m for m in (args.models or "").split(",") if m] or None)
+        if args.missing:
+            from benchmarks.assets import Cache
+
+            cache = Cache()
+            names = [n for n in names if not cache.has(n)]
     except (ValueError, KeyError) as err:
         print(f"run_all.sh: error: {err}", file=sys.stderr)
         return 2

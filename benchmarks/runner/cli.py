@@ -20,7 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", "--results", dest="out", default=None,
                         help="results folder (default: results/<suite name>)")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the suite's methods")
-    parser.add_argument("--tasks", default=None, help="comma-separated subset of the suite's reported tasks")
+    parser.add_argument("--tasks", default=None,
+                        help="comma-separated tasks: the suite's own or any registered task (plugins of --include-path "
+                             "included; a task not in the suite gets the suite's training settings)")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated models every task runs on instead of the suite's (asset names, test "
+                             "models such as tiny-llama, hub ids; `nalora-bench list models`)")
     parser.add_argument("--seeds", default=None, help="comma-separated subset of the suite's seeds")
     parser.add_argument("--include-path", action="append", default=[], metavar="DIR",
                         help="also load tasks from DIR (*.py / *.yaml task files); may be repeated")
@@ -31,7 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
     parser.add_argument("--dry-run", action="store_true",
                         help="list the runs of the current lr round and whether each is done; train nothing")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (training, evaluation, grid, and the weight-loading bars of transformers)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads of the in-process runner (--workers 0); default: the CPUs this "
+                             "process may use. Worker processes get an equal share each")
     parser.add_argument("--backend", choices=("pool", "ray"), default="pool",
                         help="pool: worker processes on this machine (default); ray: Ray tasks with fractional GPUs "
                              "(pip install 'nalora-bench[cluster]'); both write the same result store and resume alike")
@@ -44,8 +53,27 @@ def _split(value: str | None) -> list[str] | None:
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
+def quiet_progress() -> None:
+    """Silence the progress bars of the Hugging Face libraries (weight loading, downloads, datasets maps), in
+    this process and in the workers it spawns (they inherit the environment)."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by huggingface_hub and transformers at import
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers may already be imported: its flag is read at import
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        pass
+
+
 def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = None, tasks: list[str] | None = None,
-              seeds: list[int] | None = None, include_paths: list[str] | None = None, workers: int = 0, max_minutes: float | None = None, retry_failed: bool = False, dry_run: bool = False,
+              models: list[str] | None = None, threads: int | None = None, seeds: list[int] | None = None, include_paths: list[str] | None = None, workers: int = 0, max_minutes: float | None = None, retry_failed: bool = False, dry_run: bool = False,
               progress: bool = True, resolver: Callable[[str], Any] | None = None, injector: Callable | None = None,
               log: Callable[[str], None] = print, backend: str = "pool", address: str | None = None) -> int:
     """Tune (if the suite has ``tune``), then run the reported grid in lr-extension rounds.
@@ -58,23 +86,26 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
     import time
 
     from benchmarks.runner import grid
-    from benchmarks.runner.execute import make_resolver
+    from benchmarks.runner.execute import make_resolver, resolve_task
     from benchmarks.runner.pool import run_grid
     from benchmarks.runner.store import ResultStore, atomic_write_json
     from benchmarks.runner.suite import load_suite
 
     # Task folders are loaded before validation so plugin tasks and the methods they register are known.
+    if not progress:
+        quiet_progress()
     suite = load_suite(suite_name, methods=methods, tasks=tasks, seeds=seeds, task_paths=include_paths,
-                       resolver=resolver, check=False)
+                       resolver=resolver, check=False, models=models)
     resolver = resolver or make_resolver(suite.task_paths)
     from benchmarks.runner.suite import check_names
 
     check_names(suite, resolver)
     facts: dict[str, grid.TaskFacts] = {}
+    task_options = {t.name: t.options for t in suite.tasks + suite.dev_tasks}  # names are unique across both
 
     def info_of(name: str) -> grid.TaskFacts:
         if name not in facts:
-            t = resolver(name)
+            t = resolve_task(resolver, {"task": name, "task_options": task_options.get(name)})
             facts[name] = grid.TaskFacts(t.family, t.default_model, grid.task_fingerprint(t))
         return facts[name]
 
@@ -92,7 +123,8 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
                                    progress=progress, address=address)
         else:
             summary = run_grid(phase_specs, str(out), phase=phase, resolver=resolver, injector=injector,
-                               workers=workers, max_minutes=left(), retry_failed=retry_failed, progress=progress)
+                               workers=workers, max_minutes=left(), retry_failed=retry_failed, progress=progress,
+                               threads=threads)
         log(f"{phase}: {summary.line()}")
         for f in summary.failures:
             log(f"  failed: {f}")
@@ -183,10 +215,13 @@ def main(args: argparse.Namespace) -> int:
         seeds = [int(x) for x in _split(args.seeds)] if args.seeds is not None else None
     except ValueError:
         raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.address and args.backend != "ray":
         raise ValueError("--address needs --backend ray")
     out = args.out or str(Path("results") / Path(args.suite).stem)
-    return run_suite(args.suite, out, methods=_split(args.methods), tasks=_split(args.tasks), seeds=seeds,
+    return run_suite(args.suite, out, methods=_split(args.methods), tasks=_split(args.tasks),
+                     models=_split(args.models), threads=args.threads, seeds=seeds,
                      include_paths=args.include_path, workers=args.workers,
                      max_minutes=args.max_minutes, retry_failed=args.retry_failed, dry_run=args.dry_run,
                      progress=not args.no_progress, backend=args.backend, address=args.address)

@@ -107,12 +107,13 @@ class MethodEntry(Strict):
 
 
 class TaskEntry(Strict):
-    """A task name, optionally with its own models and training overrides."""
+    """A task name, optionally with its own models, training overrides and constructor options."""
 
     name: str
     model: str | None = None
     models: Annotated[list[str], Field(min_length=1)] | None = None
     training: Mapping = {}  # overrides, validated merged as TrainingConfig
+    options: Mapping = {}  # keyword arguments of the task's constructor (checked against its signature)
 
 
 class TuneConfig(Strict):

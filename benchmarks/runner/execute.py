@@ -26,13 +26,20 @@ RESULT_STATUSES = ("ok", "collapsed")  # what train_run may report; "diverged" c
 OPTIONAL_RESULT_KEYS = ("health", "per_example")
 
 
-def registry_resolver(name: str, task_paths: tuple[str, ...] = ()) -> Any:
-    """The task ``name`` from ``tasks.registry`` (user task folders loaded first)."""
+def registry_resolver(name: str, task_paths: tuple[str, ...] = (), **options: Any) -> Any:
+    """The task ``name`` from ``tasks.registry`` (user task folders loaded first), built with ``options``
+    (a suite's task ``options:``)."""
     from tasks import registry
 
     if task_paths:
         registry.load_tasks(include_paths=list(task_paths))
-    return registry.get_task(name)
+    return registry.get_task(name, **options)
+
+
+def resolve_task(resolver: TaskResolver, config: dict[str, Any]) -> Any:
+    """The task of a run config, built with its ``task_options`` (resolvers without options still work)."""
+    options = config.get("task_options") or {}
+    return resolver(config["task"], **options) if options else resolver(config["task"])
 
 
 def make_resolver(task_paths: list[str] | tuple[str, ...] = ()) -> TaskResolver:
@@ -108,7 +115,7 @@ def execute(spec: RunSpec, root: str, phase: str, resolver: TaskResolver, inject
     task_info: dict = {}
     task = None
     try:
-        task = resolver(spec.config["task"])
+        task = resolve_task(resolver, spec.config)
         task_info = task.describe()
         result = train_run(spec.config, task, injector=injector, deadline=deadline, progress=progress, position=position)
         status, error = result.get("status", "ok"), None

@@ -102,8 +102,30 @@ def watch_parent(parent_pid: int, interval_s: float = 0.5) -> threading.Thread:
     return t
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask / cgroup cpuset), else ``os.cpu_count()``."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def _threads_per_worker(workers: int, pools: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, workers * pools))
+    return max(1, available_cpus() // max(1, workers * pools))
+
+
+def cap_threads(threads: int | None = None) -> int:
+    """Cap torch's intra-op CPU threads of this process at ``threads`` (default: ``available_cpus()``).
+
+    torch starts one thread per core it sees, which may be more than the cores this process is allowed
+    (containers, affinity); oversubscribed threads make step times erratic on a loaded machine.
+    """
+    import torch
+
+    n = max(1, threads or available_cpus())
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
 
 
 def _gpu_ids() -> list[str]:
@@ -131,8 +153,10 @@ def _dedup(specs: list[RunSpec]) -> list[RunSpec]:
 
 def run_grid(specs: list[RunSpec], root: str, *, phase: str = "main", resolver: Callable[[str], Any],
              injector: Callable | None = None, workers: int = 0, max_minutes: float | None = None,
-             retry_failed: bool = False, progress: bool = True) -> GridSummary:
+             retry_failed: bool = False, progress: bool = True, threads: int | None = None) -> GridSummary:
     """Run every spec without a result JSON under ``root``; returns what happened.
+
+    ``threads``: torch CPU threads of the in-process runner (``workers`` 0; default ``available_cpus()``).
 
     With ``max_minutes``, no run starts once the budget minus a typical run time is used, and a run
     still going at the budget's end is abandoned unrecorded; the next invocation picks up there.
@@ -189,6 +213,8 @@ def run_grid(specs: list[RunSpec], root: str, *, phase: str = "main", resolver: 
         bar = tqdm(total=len(specs), initial=summary.skipped, desc=f"grid ({phase})", disable=not progress, position=0)
         try:
             if workers <= 0:
+                if todo:
+                    cap_threads(threads)
                 for i, spec in enumerate(todo):
                     if not may_start():
                         summary.remaining = len(todo) - i

@@ -11,6 +11,8 @@ before any run starts.
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -49,6 +51,8 @@ class TaskSpec:
     name: str
     training: TrainingConfig  # the suite's training with this task's overrides
     models: list[str] | None = None  # None: the suite's models for the task family (or its default)
+    options: dict[str, Any] = field(default_factory=dict)  # task constructor options (get_task(name, **options))
+    added: bool = False  # named by --tasks, not by the suite (it gets the suite's training settings)
 
 
 @dataclass
@@ -69,6 +73,7 @@ class Suite:
     task_paths: list[str]
     assets: list[str]
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    declared_tasks: list[str] = field(default_factory=list)  # the file's tasks and dev tasks, before any --tasks
 
     def models_for(self, spec: TaskSpec, family: str, default_model: str) -> list[str]:
         """The models ``spec`` runs on: its own, else the suite's for its family, else the task's default."""
@@ -182,7 +187,7 @@ def _task_specs(path: Path, where: str, entries: list, training: dict) -> list[T
             bad = str(err.errors()[0]["loc"][0])
             prefix = f"{where}.{entry.name}.training" if bad in entry.training else "training"
             raise _err(path, one_line(err, prefix)) from None
-        specs.append(TaskSpec(entry.name, TrainingConfig.model_validate(merged), models))
+        specs.append(TaskSpec(entry.name, TrainingConfig.model_validate(merged), models, dict(entry.options)))
     names = [s.name for s in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -250,7 +255,7 @@ def validate(raw: dict, path: Path) -> Suite:
         name=path.stem, path=str(path), description=cfg.description, models=models, tasks=tasks,
         dev_tasks=dev_tasks, methods=methods, seeds=list(cfg.seeds), adapter=adapter, training=training,
         lr_grid=list(cfg.lr_grid), lr_bounds=tuple(cfg.lr_bounds), tune=tune, task_paths=list(cfg.task_paths),
-        assets=list(cfg.assets), raw=raw,
+        assets=list(cfg.assets), raw=raw, declared_tasks=[t.name for t in tasks + dev_tasks],
     )
 
 
@@ -298,13 +303,14 @@ def resolve_method_options(method: str, options: dict[str, Any]) -> dict[str, An
     return dict(options)
 
 
-def check_model_name(name: str) -> None:
-    """``ValueError`` for a model name that cannot exist: not an asset, a tiny test model, a hub id or a folder.
+def did_you_mean(name: str, known: list[str] | set[str]) -> str:
+    """``" (did you mean a, b?)"`` for the registered names closest to a misspelt ``name``, else ``""``."""
+    near = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(near)}?)" if near else ""
 
-    Only cheap checks (no download, no cache access): names with ``/`` or ``hub:`` are left to the loader.
-    """
-    from benchmarks.assets.registry import SPECS
 
+def tiny_model_names() -> list[str]:
+    """The random test models the loaders build without any download (``tiny-llama``, tiny VLM parts)."""
     tiny: set[str] = set()
     try:
         from tasks.common import TINY_MODELS
@@ -315,15 +321,48 @@ def check_model_name(name: str) -> None:
         tiny |= set(TINY_ENCODERS) | set(TINY_LMS)
     except ImportError:  # pragma: no cover - optional vision stack
         pass
+    return sorted(tiny)
+
+
+def check_model_name(name: str) -> None:
+    """``ValueError`` for a model name that cannot exist: not an asset, a tiny test model, a hub id or a folder.
+
+    Only cheap checks (no download, no cache access): names with ``/`` or ``hub:`` are left to the loader.
+    """
+    from benchmarks.assets.registry import SPECS
+
+    tiny = set(tiny_model_names())
     for part in name.split("+"):
         if "/" in part or ":" in part or part in tiny or Path(part).expanduser().is_dir():
             continue
         spec = SPECS.get(part)
         if spec is None:
             known = sorted(n for n, s in SPECS.items() if s.kind == "model")
-            raise ValueError(f"unknown model {part!r} (asset models: {', '.join(known)}; or a hub id org/name)")
+            raise ValueError(f"unknown model {part!r}{did_you_mean(part, known + sorted(tiny))} (asset models: "
+                             f"{', '.join(known)}; test models: `nalora-bench list models`; or a hub id org/name)")
         if spec.kind != "model":
             raise ValueError(f"{part!r} is a dataset, not a model")
+
+
+def check_task_options(task_cls: type, options: dict[str, Any]) -> None:
+    """``ValueError`` naming the first option that ``task_cls``'s constructor does not accept."""
+    try:
+        params = inspect.signature(task_cls).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return  # takes **kwargs: the constructor itself judges them
+    accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in options:
+        if key not in accepted:
+            raise ValueError(f"{key}: not an option of task {getattr(task_cls, 'name', task_cls.__name__)!r}"
+                             f"{did_you_mean(key, accepted)} (accepts: {', '.join(accepted) or 'none'})")
+
+
+def _known_tasks(suite: Suite) -> list[str]:
+    from tasks import registry
+
+    return sorted(set(registry.list_tasks()) | set(suite.declared_tasks))
 
 
 def check_names(suite: Suite, resolver: Callable[[str], Any]) -> None:
@@ -362,8 +401,21 @@ def check_names(suite: Suite, resolver: Callable[[str], Any]) -> None:
         for spec in specs:
             try:
                 task = resolver(spec.name)
-            except KeyError as err:
-                raise _err(path, f"{where}: {_first_line(err)}") from None
+            except KeyError:
+                msg = f"unknown task {spec.name!r}{did_you_mean(spec.name, _known_tasks(suite))} (`nalora-bench list tasks` lists them)"
+                if spec.added:
+                    raise SuiteError(f"--tasks: {msg}") from None
+                raise _err(path, f"{where}: {msg}") from None
+            if spec.options:
+                key = f"{where}.{spec.name}.options"
+                try:
+                    check_task_options(type(task), spec.options)
+                except ValueError as err:
+                    raise _err(path, f"{key}.{err}") from None
+                try:
+                    task = resolver(spec.name, **spec.options)  # the constructor's own checks, before any run
+                except (ValueError, TypeError) as err:
+                    raise _err(path, f"{key}: {_first_line(err)}") from None
             for model in suite.models_for(spec, task.family, task.default_model):
                 try:
                     check_model_name(model)
@@ -378,16 +430,21 @@ def _first_line(err: BaseException) -> str:
 
 def load_suite(name_or_path: str | Path, *, methods: list[str] | None = None, tasks: list[str] | None = None,
                seeds: list[int] | None = None, task_paths: list[str] | None = None,
-               resolver: Callable[[str], Any] | None = None, check: bool = True) -> Suite:
-    """Load, merge and validate a suite; ``methods`` / ``tasks`` / ``seeds`` keep only the named entries,
+               resolver: Callable[[str], Any] | None = None, check: bool = True,
+               models: list[str] | None = None) -> Suite:
+    """Load, merge and validate a suite; ``methods`` / ``seeds`` keep only the named entries,
     ``task_paths`` add task folders (``--include-path``) to the suite's own.
+
+    ``tasks`` (``--tasks``) may name any registered task: the suite's own entries keep their settings, any
+    other task gets the suite's training settings and its family's models. ``models`` (``--models``)
+    replaces the models of every task (asset, test, hub or local models).
 
     With ``check`` (the default) names are checked too (``check_names``), with ``resolver(task) -> Task``
     (default: the task registry with the suite's task folders loaded).
     """
     raw, path = load_raw(name_or_path)
     suite = validate(raw, path)
-    for flag, given in (("--methods", methods), ("--tasks", tasks), ("--seeds", seeds)):
+    for flag, given in (("--methods", methods), ("--tasks", tasks), ("--seeds", seeds), ("--models", models)):
         if given is not None and not given:
             raise SuiteError(f"{flag}: empty; leave the flag out to keep every entry of suite {suite.name}")
     if methods:
@@ -396,10 +453,21 @@ def load_suite(name_or_path: str | Path, *, methods: list[str] | None = None, ta
             raise SuiteError(f"--methods: {unknown[0]!r} is not in suite {suite.name} (has: {', '.join(m.label for m in suite.methods)})")
         suite.methods = [m for m in suite.methods if m.label in methods]
     if tasks:
-        unknown = sorted(set(tasks) - {t.name for t in suite.tasks})
-        if unknown:
-            raise SuiteError(f"--tasks: {unknown[0]!r} is not in suite {suite.name} (has: {', '.join(t.name for t in suite.tasks)})")
-        suite.tasks = [t for t in suite.tasks if t.name in tasks]
+        dev = [n for n in tasks if n in {t.name for t in suite.dev_tasks}]
+        if dev:
+            raise SuiteError(f"--tasks: {dev[0]!r} is a dev task of suite {suite.name}; tuning must not see reported tasks")
+        own = {t.name for t in suite.tasks}
+        added = [TaskSpec(n, suite.training.model_copy(deep=True), added=True) for n in dict.fromkeys(tasks) if n not in own]
+        suite.tasks = [t for t in suite.tasks if t.name in tasks] + added
+    if models:
+        for name in models:
+            try:
+                check_model_name(name)
+            except ValueError as err:
+                raise SuiteError(f"--models: {err}") from None
+        suite.models = {"*": list(dict.fromkeys(models))}
+        for t in suite.tasks + suite.dev_tasks:
+            t.models = None
     if seeds is not None:
         every = sorted({s for m in suite.methods for s in m.seeds} | set(suite.seeds))
         unknown = sorted(set(seeds) - set(every))

@@ -55,13 +55,17 @@ def _mixed_precision(setting: str | None) -> str:
 
 
 def _evaluate(task: Task, setup: Any, model: torch.nn.Module, accelerator: Any, split: str, limit: int | None, bs: int,
-              per_example: bool = False) -> tuple[dict, dict | None]:
-    """``(metrics, per_example)``; per-example results (``Task.evaluate_examples``) only when asked and given."""
+              per_example: bool = False, progress: bool = False, position: int = 0) -> tuple[dict, dict | None]:
+    """``(metrics, per_example)``; per-example results (``Task.evaluate_examples``) only when asked and given.
+    ``progress``: a bar counting forward passes, so that a long evaluation is never silent."""
+    from benchmarks.runner.progress import eval_progress
+
     was_training = model.training
     model.eval()
     examples = None
     try:
-        with torch.no_grad(), accelerator.autocast(), eager_mode(model):
+        with torch.no_grad(), accelerator.autocast(), eager_mode(model), \
+                eval_progress(model, f"  eval {split}", progress, position + 1):
             fn = getattr(task, "evaluate_examples", None)
             if per_example and callable(fn):
                 out, examples = fn(setup, model, split, limit=limit, batch_size=bs)
@@ -231,7 +235,8 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
             loss_n = 0
         if eval_every and step % eval_every == 0 and step != steps and accelerator.is_main_process:
             t0 = time.time()
-            history["validation"].append([step, _evaluate(task, setup, unwrapped, accelerator, "validation", val_limit, eval_bs)[0]])
+            history["validation"].append([step, _evaluate(task, setup, unwrapped, accelerator, "validation", val_limit, eval_bs,
+                                                          progress=progress, position=position)[0]])
             eval_s += time.time() - t0
         if deadline is not None and time.time() > deadline:
             raise RunInterrupted(f"time budget ran out at step {step}/{steps}")
@@ -250,7 +255,8 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
         t0 = time.time()
         per_example: dict[str, dict] = {}
         for split, limit in (("validation", val_limit), ("test", test_limit)):
-            metrics[split], examples = _evaluate(task, setup, unwrapped, accelerator, split, limit, eval_bs, per_example=True)
+            metrics[split], examples = _evaluate(task, setup, unwrapped, accelerator, split, limit, eval_bs, per_example=True,
+                                                 progress=progress, position=position)
             if examples:
                 per_example[split] = health.compact(examples)
         history["validation"].append([steps, metrics["validation"]])

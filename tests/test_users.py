@@ -1,0 +1,246 @@
+"""Issue 14 (users): any registered task / model from the command line, task options in suites, a dry run
+that changes nothing, progress and thread caps, and the CPU demo suite. Fake tasks as in test_runner.py."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+
+import pytest
+import torch
+
+from tests.test_runner import (
+    BASE_SUITE,
+    REPO,
+    FakeTask,
+    fake_resolver,
+    load,
+    run,
+    runs,
+    tiny_llama,
+    write_suite,
+)
+
+
+@pytest.fixture(autouse=True)
+def _restore_progress_bars(monkeypatch):
+    """``run_suite(progress=False)`` silences the HF bars process-wide; give the next test them back."""
+    for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        monkeypatch.delenv(var, raising=False)
+    yield
+    for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        os.environ.pop(var, None)
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    datasets.enable_progress_bars()
+
+
+class OptTask(FakeTask):
+    """A task with a constructor option, as a plugin with ``data_dir=`` has."""
+
+    name = "fake-opt"
+
+    def __init__(self, tag: str = "none") -> None:
+        self.tag = tag
+
+    def describe(self) -> dict:
+        return {**super().describe(), "tag": self.tag}
+
+
+def opt_resolver(name: str, **options):
+    """``fake_resolver`` that also knows ``fake-opt`` and passes options to the constructor."""
+    return OptTask(**options) if name == "fake-opt" else fake_resolver(name, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. --tasks / --models name anything registered
+
+
+def test_tasks_flag_takes_a_task_outside_the_suite(tmp_path):
+    suite = write_suite(tmp_path / "s.yaml", BASE_SUITE)  # its only task is `fake`
+    assert run(suite, tmp_path / "r", tasks=["fake-dev"]) == 0
+    (rec,) = runs(tmp_path / "r").values()
+    # The suite supplies the settings: its training recipe, its methods, its lr.
+    assert rec["config"]["task"] == "fake-dev" and rec["status"] == "ok"
+    assert rec["config"]["training"]["steps"] == 3 and rec["config"]["method"] == "lora"
+    assert rec["config"]["model"] == "tiny-llama"  # the task's family default (the suite names no models)
+
+
+def test_tasks_flag_mixes_own_and_other_tasks(tmp_path):
+    s = load(write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("tasks: [fake]", "tasks: [{name: fake, training: {steps: 2}}]")),
+             tasks=["fake", "fake-dev"])
+    by = {t.name: t for t in s.tasks}
+    assert by["fake"].training.steps == 2 and not by["fake"].added  # its own entry keeps its override
+    assert by["fake-dev"].training.steps == 3 and by["fake-dev"].added
+
+
+def test_unknown_task_or_model_suggests_close_names(tmp_path):
+    from benchmarks.runner.suite import SuiteError
+
+    suite = write_suite(tmp_path / "s.yaml", BASE_SUITE)
+    with pytest.raises(SuiteError) as e:
+        load(suite, tasks=["fak"])
+    assert str(e.value).startswith("--tasks: unknown task 'fak' (did you mean fake") and "\n" not in str(e.value)
+    with pytest.raises(SuiteError) as e:
+        load(suite, models=["tiny-lama"])
+    assert str(e.value).startswith("--models: unknown model 'tiny-lama' (did you mean tiny-llama")
+    assert "\n" not in str(e.value)
+    with pytest.raises(SuiteError) as e:  # a real registry name, misspelt
+        load(suite, tasks=["sarcsm"])
+    assert "did you mean sarcasm" in str(e.value)
+
+
+def test_models_flag_replaces_the_suites_models(tmp_path):
+    suite = write_suite(tmp_path / "s.yaml", BASE_SUITE + "models: [smollm2-135m]\n")
+    assert load(suite).models_for(load(suite).tasks[0], "llm", "x") == ["smollm2-135m"]
+    assert run(suite, tmp_path / "r", models=["tiny-llama"]) == 0
+    (rec,) = runs(tmp_path / "r").values()
+    assert rec["config"]["model"] == "tiny-llama"
+
+
+def test_list_models_shows_test_models():
+    from tasks.cli import _list_assets
+
+    buf = io.StringIO()
+    _list_assets("model", out=buf)
+    lines = {line.split()[0] for line in buf.getvalue().splitlines()[2:] if line.strip()}
+    assert {"tiny-llama", "smollm2-135m"} <= lines
+
+
+def test_run_all_passes_models():
+    text = (REPO / "run_all.sh").read_text()
+    assert "--models" in text.split("case")[1]  # parsed, not "unknown argument"
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Task options in suites
+
+
+OPT_SUITE = BASE_SUITE.replace("tasks: [fake]", "tasks: [{name: fake-opt, options: {tag: blue}}]")
+
+
+def test_task_options_reach_the_constructor_and_the_run_id(tmp_path):
+    assert run(write_suite(tmp_path / "s.yaml", OPT_SUITE), tmp_path / "r", resolver=opt_resolver) == 0
+    (rec,) = runs(tmp_path / "r").values()
+    assert rec["config"]["task_options"] == {"tag": "blue"} and rec["task_info"]["tag"] == "blue"
+    assert run(write_suite(tmp_path / "t.yaml", OPT_SUITE.replace("blue", "red")), tmp_path / "r",
+               resolver=opt_resolver) == 0
+    recs = runs(tmp_path / "r")
+    assert len(recs) == 2 and {r["task_info"]["tag"] for r in recs.values()} == {"blue", "red"}
+    # Without options the config has no task_options key: ids of existing runs do not change.
+    assert run(write_suite(tmp_path / "u.yaml", BASE_SUITE), tmp_path / "q") == 0
+    assert "task_options" not in next(iter(runs(tmp_path / "q").values()))["config"]
+
+
+def test_unknown_task_option_is_a_load_error(tmp_path):
+    from benchmarks.runner.suite import SuiteError, load_suite
+
+    with pytest.raises(SuiteError) as e:
+        load_suite(write_suite(tmp_path / "bad.yaml", OPT_SUITE.replace("tag: blue", "tagg: blue")), resolver=opt_resolver)
+    msg = str(e.value)
+    assert msg.startswith("suite bad.yaml: tasks.fake-opt.options.tagg: not an option of task 'fake-opt'")
+    assert "did you mean tag" in msg and "\n" not in msg
+
+
+def test_registry_resolver_passes_options():
+    from benchmarks.runner.execute import registry_resolver
+
+    assert registry_resolver("sarcasm", data_dir="/nowhere").data_dir == "/nowhere"
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. A dry run changes nothing
+
+
+def test_run_all_dry_run_fetches_and_writes_nothing(tmp_path):
+    cache, out = tmp_path / "cache", tmp_path / "new-folder"
+    env = {**os.environ, "NALORA_BENCH_CACHE": str(cache), "PYTHONPATH": str(REPO)}
+    p = subprocess.run(["./run_all.sh", "--suite", "smoke", "--tasks", "sarcasm", "--methods", "lora",
+                        "--models", "tiny-llama", "--out", str(out), "--dry-run", "--no-progress"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "would fetch: sarcasm" in p.stdout and "todo" in p.stdout
+    assert not out.exists()  # no report, no run folder
+    assert not any(cache.glob("entries/*"))  # nothing downloaded
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Progress and threads
+
+
+def test_eval_progress_counts_forward_passes_and_removes_its_hook(capsys):
+    from benchmarks.runner.progress import eval_progress
+
+    model = tiny_llama()
+    x = torch.randint(1, 32, (2, 8))
+    with eval_progress(model, "eval validation", True) as bar:
+        model(input_ids=x)
+        model(input_ids=x)
+        assert bar.n == 2
+    assert not model._forward_pre_hooks
+    with eval_progress(model, "quiet", False) as bar:
+        model(input_ids=x)
+    assert bar is None and not model._forward_pre_hooks
+
+
+def test_evaluation_shows_progress_unless_told_not_to(tmp_path, capsys):
+    from benchmarks.runner.cli import run_suite
+    from tests.test_runner import stand_in_inject
+
+    suite = write_suite(tmp_path / "s.yaml", BASE_SUITE)
+    run_suite(str(suite), tmp_path / "a", resolver=fake_resolver, injector=stand_in_inject, log=lambda s: None,
+              progress=True)
+    assert "eval test" in capsys.readouterr().err
+    run_suite(str(suite), tmp_path / "b", resolver=fake_resolver, injector=stand_in_inject, log=lambda s: None,
+              progress=False)
+    assert "eval" not in capsys.readouterr().err
+
+
+def test_no_progress_silences_weight_loading_bars(tmp_path, monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    assert run(write_suite(tmp_path / "s.yaml", BASE_SUITE), tmp_path / "r") == 0  # run() passes progress=False
+    assert not hf_logging.is_progress_bar_enabled()
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"  # inherited by spawned workers
+
+
+def test_in_process_runner_caps_torch_threads(tmp_path, monkeypatch):
+    from benchmarks.runner import pool
+
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)  # torch's default on a big host
+    assert run(write_suite(tmp_path / "s.yaml", BASE_SUITE), tmp_path / "r", threads=1) == 0
+    assert calls == [1]
+    assert run(write_suite(tmp_path / "s.yaml", BASE_SUITE), tmp_path / "q") == 0
+    assert calls == [1, pool.available_cpus()]
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The CPU demo
+
+
+def test_demo_suite_is_small_and_run_all_picks_it_on_a_cpu():
+    from benchmarks.runner.suite import load_suite
+
+    demo = load_suite("demo")
+    assert [t.name for t in demo.tasks] == ["sarcasm"] and {m.label for m in demo.methods} == {"lora", "nalora"}
+    assert demo.models["llm"] == ["smollm2-135m"] and demo.seeds == [0]
+    assert all(len(m.lr_grid) == 1 and m.lr_bounds == (m.lr_grid[0],) * 2 for m in demo.methods)  # no lr rounds
+    tr = demo.tasks[0].training
+    assert tr.steps <= 50 and tr.eval_limit <= 64 and tr.test_limit <= 64
+    text = (REPO / "run_all.sh").read_text()
+    closing = next(line for line in text.splitlines() if "that was the CPU demo" in line)
+    assert "SUITE=demo" in text and "./run_all.sh --suite default" in closing and "on a GPU" in closing
+    # smoke stays the broader CPU check
+    assert len(load_suite("smoke").tasks) > len(demo.tasks)
+
+
+def test_shipped_demo_needs_only_cached_kinds_of_assets():
+    from benchmarks.runner.assets_needed import assets_needed
+
+    assert assets_needed("demo") == ["sarcasm", "smollm2-135m"]
