@@ -120,7 +120,7 @@ def _list_assets(kind: str, out=None) -> int:
         for s in SPECS.values() if s.kind == kind
     ]
     if kind == "model":  # random test models: built in place, nothing to fetch
-        from benchmarks.runner.suite import tiny_model_names
+        from tasks.common import tiny_model_names
 
         rows += [[n, "built in", "", "-", "random tiny test model (no download)"] for n in tiny_model_names()]
     print(_table(["name", "status", "", "license", "description"], rows), file=out)

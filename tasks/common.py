@@ -267,3 +267,16 @@ def final_number(text: str) -> str | None:
         text = text.split("####")[-1]
     found = _NUMBER.findall(text)
     return normalize_number(found[-1]) if found else None
+
+
+def tiny_model_names() -> list[str]:
+    """The random test models the loaders build without any download (``tiny-llama``, tiny VLM parts)."""
+    tiny: set[str] = set()
+    try:
+        tiny |= set(TINY_MODELS)
+        from benchmarks.vlm.tiny import TINY_ENCODERS, TINY_LMS
+
+        tiny |= set(TINY_ENCODERS) | set(TINY_LMS)
+    except ImportError:  # pragma: no cover - optional vision stack
+        pass
+    return sorted(tiny)

@@ -309,27 +309,13 @@ def did_you_mean(name: str, known: list[str] | set[str]) -> str:
     return f" (did you mean {', '.join(near)}?)" if near else ""
 
 
-def tiny_model_names() -> list[str]:
-    """The random test models the loaders build without any download (``tiny-llama``, tiny VLM parts)."""
-    tiny: set[str] = set()
-    try:
-        from tasks.common import TINY_MODELS
-
-        tiny |= set(TINY_MODELS)
-        from benchmarks.vlm.tiny import TINY_ENCODERS, TINY_LMS
-
-        tiny |= set(TINY_ENCODERS) | set(TINY_LMS)
-    except ImportError:  # pragma: no cover - optional vision stack
-        pass
-    return sorted(tiny)
-
-
 def check_model_name(name: str) -> None:
     """``ValueError`` for a model name that cannot exist: not an asset, a tiny test model, a hub id or a folder.
 
     Only cheap checks (no download, no cache access): names with ``/`` or ``hub:`` are left to the loader.
     """
     from benchmarks.assets.registry import SPECS
+    from tasks.common import tiny_model_names
 
     tiny = set(tiny_model_names())
     for part in name.split("+"):
