@@ -104,7 +104,7 @@ def test_ray_backend_rejects_zero_workers(tmp_path):
 # multi-GPU assignment of the local pool (benchmarks/runner/pool.py)
 
 
-def _fake_execute(spec, root, phase, resolver, injector=None, deadline=None, progress=True, position=0):
+def _fake_execute(spec, ctx, position=0):
     """Stands in for execute in the spawned workers: records which GPU the worker was pinned to."""
     import time
 
@@ -114,7 +114,7 @@ def _fake_execute(spec, root, phase, resolver, injector=None, deadline=None, pro
     time.sleep(0.3)  # long enough that every worker gets work
     rec = make_record(spec.config, spec.meta, spec.run_id, status="ok", result={"perf": {"wall_s": 0.3}})
     rec["gpu_seen"] = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ResultStore(root, phase).write(rec)
+    ResultStore(ctx.root, ctx.phase).write(rec)
     return {"run_id": spec.run_id, "status": "ok", "message": "", "seconds": 0.3}
 
 

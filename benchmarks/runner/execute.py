@@ -15,6 +15,7 @@ import gc
 import os
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from benchmarks.runner.grid import RunSpec
@@ -99,10 +100,25 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
-def execute(spec: RunSpec, root: str, phase: str, resolver: TaskResolver, injector: Callable | None = None,
-            deadline: float | None = None, progress: bool = True, position: int = 0) -> dict[str, Any]:
-    """Train ``spec`` and write its record under ``root``; returns a short summary for the grid bar."""
+@dataclass(frozen=True)
+class RunContext:
+    """What every run of one grid invocation shares, built once by the backend and passed to each run (it
+    pickles, so it crosses into spawned workers and Ray tasks)."""
+
+    root: str  # results folder
+    phase: str  # "main" | "tune"
+    resolver: TaskResolver  # task name (+ options) -> Task
+    injector: Callable | None = None  # nalora.inject's signature; None: nalora.inject
+    deadline: float | None = None  # time.time() after which a run stops unrecorded (time budget)
+    progress: bool = True
+
+
+def execute(spec: RunSpec, ctx: RunContext, position: int = 0) -> dict[str, Any]:
+    """Train ``spec`` and write its record under ``ctx.root``; returns a short summary for the grid bar."""
     import torch
+
+    root, phase, resolver, injector, deadline, progress = (ctx.root, ctx.phase, ctx.resolver, ctx.injector,
+                                                           ctx.deadline, ctx.progress)
 
     from benchmarks.runner import provenance
     from benchmarks.runner.train import RunInterrupted, train_run

@@ -163,7 +163,7 @@ def run_grid(specs: list[RunSpec], root: str, *, phase: str = "main", resolver: 
     """
     from tqdm.auto import tqdm
 
-    from benchmarks.runner.execute import execute
+    from benchmarks.runner.execute import RunContext, execute
 
     store = ResultStore(root, phase)
     store.check_writable()  # before any training: a run whose record cannot be written is wasted
@@ -210,6 +210,7 @@ def run_grid(specs: list[RunSpec], root: str, *, phase: str = "main", resolver: 
             bar.update(1)
             bar.set_postfix(ok=summary.ok, failed=summary.failed)
 
+        ctx = RunContext(str(root), phase, resolver, injector, deadline, progress)  # one context for every run
         bar = tqdm(total=len(specs), initial=summary.skipped, desc=f"grid ({phase})", disable=not progress, position=0)
         try:
             if workers <= 0:
@@ -219,24 +220,27 @@ def run_grid(specs: list[RunSpec], root: str, *, phase: str = "main", resolver: 
                     if not may_start():
                         summary.remaining = len(todo) - i
                         break
-                    account(execute(spec, str(root), phase, resolver, injector, deadline, progress, 1), spec)
+                    account(execute(spec, ctx, 1), spec)
             else:
-                _run_pools(todo, str(root), phase, resolver, injector, workers, deadline, progress, may_start, account, summary)
+                _run_pools(todo, ctx, workers, may_start, account, summary)
         finally:
             bar.close()
         return summary
 
 
-def _run_pools(todo, root, phase, resolver, injector, workers, deadline, progress, may_start, account, summary) -> None:
+def _run_pools(todo: list[RunSpec], ctx: Any, workers: int, may_start: Callable[[], bool],
+               account: Callable[[dict, RunSpec], None], summary: GridSummary) -> None:
+    """``workers`` spawned processes per visible GPU (one pool per GPU), each run through ``execute(spec, ctx)``;
+    a dead worker's runs are retried once, then recorded failed."""
     import multiprocessing as mp
 
     from benchmarks.runner.execute import execute
 
     gpus = _gpu_ids() or [None]  # CPU-only machine: one pool
-    ctx = mp.get_context("spawn")  # fork after CUDA init is unsafe
+    spawn = mp.get_context("spawn")  # fork after CUDA init is unsafe
     threads = _threads_per_worker(workers, len(gpus))
     initargs = {g: (g, threads, os.getpid()) for g in gpus}
-    pools = {g: ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=initargs[g])
+    pools = {g: ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_worker, initargs=initargs[g])
              for g in gpus}
     free_slots = {g: list(range(workers)) for g in gpus}
     running: dict[Future, tuple[RunSpec, Any, int, ProcessPoolExecutor]] = {}
@@ -249,7 +253,7 @@ def _run_pools(todo, root, phase, resolver, injector, workers, deadline, progres
                     spec = queue.pop(0)
                     slot = free_slots[g].pop(0)
                     position = 1 + gpus.index(g) * workers + slot
-                    fut = pools[g].submit(execute, spec, root, phase, resolver, injector, deadline, progress, position)
+                    fut = pools[g].submit(execute, spec, ctx, position)
                     running[fut] = (spec, g, slot, pools[g])
             if not running:
                 break
@@ -265,13 +269,13 @@ def _run_pools(todo, root, phase, resolver, injector, workers, deadline, progres
                     # tell which run did it, so each is retried once and recorded failed on a second death.
                     deaths[spec.run_id] = deaths.get(spec.run_id, 0) + 1
                     if deaths[spec.run_id] >= 2:
-                        _record_dead_worker(spec, root, phase)
+                        _record_dead_worker(spec, ctx.root, ctx.phase)
                         account({"status": "failed", "message": "worker process died twice", "seconds": 0.0}, spec)
                     else:
                         queue.insert(0, spec)
                     if pools[g] is pool:  # the first of its runs to report: replace the broken pool once
                         pools[g].shutdown(wait=False, cancel_futures=True)
-                        pools[g] = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                        pools[g] = ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_worker,
                                                        initargs=initargs[g])
         summary.remaining = len(queue)
     finally:

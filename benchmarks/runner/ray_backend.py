@@ -24,9 +24,9 @@ from benchmarks.runner.store import ResultStore
 def _execute_task(spec: RunSpec, root: str, phase: str, resolver: Callable, injector: Callable | None,
                   deadline: float | None) -> dict[str, Any]:
     """Body of the Ray task: one run through the shared ``execute`` (imported in the worker)."""
-    from benchmarks.runner.execute import execute
+    from benchmarks.runner.execute import RunContext, execute
 
-    return execute(spec, root, phase, resolver, injector, deadline, False, 0)
+    return execute(spec, RunContext(root, phase, resolver, injector, deadline, progress=False))
 
 
 def _start_ray(address: str | None, workers: int, num_cpus: int | None, max_retries: int) -> bool:
