@@ -202,7 +202,10 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
     t_train = time.time()
     for step in range(1, steps + 1):
         for micro in range(ga):
-            batch = _to_device(pad_to_bucket(next(data), tr["seq_bucket"]), device)
+            host_batch = pad_to_bucket(next(data), tr["seq_bucket"])
+            # Counted on the host copy: on the device, Task.units' .sum() would synchronise every step.
+            units += task.units(host_batch)
+            batch = _to_device(host_batch, device)
             if unit is None:  # what Task.units counts (its default: real tokens if there is a mask, else images)
                 unit = getattr(task, "unit", None) or ("tokens" if isinstance(batch, dict) and "attention_mask" in batch else "images")
             # Gradients are all-reduced only on the last micro-batch of an optimiser step.
@@ -211,7 +214,6 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
                 loss = task.loss(setup, model, batch) / ga
                 accelerator.backward(loss)
             loss_sum += loss.detach().float()
-            units += task.units(batch)
         loss_n += 1
         # max_norm inf (max_grad_norm null) clips nothing but still gives the total norm for the check.
         total_norm = accelerator.clip_grad_norm_(params, max_norm)
