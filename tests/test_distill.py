@@ -51,9 +51,9 @@ def _teacher():
     return tiny_dinov2(seed=5), {"name": "tiny-dinov2", "main_file": {"sha256": "ab" * 32}}
 
 
-def _build(out, seed=0, sources=None, steps=3):
+def _build(out, seed=0, sources=None, steps=3, **over):
     cfg = DistillConfig(steps=steps, batch_size=4, seed=seed, image_size=28, eval_per_source=5,
-                        knn_bank_per_source=8, knn_k=3, student=TINY_STUDENT)
+                        knn_bank_per_source=8, knn_k=3, student=TINY_STUDENT, **over)
     return distill.build_vit_s_swiglu(out, config=cfg, device="cpu", sources=sources or _sources(), teacher=_teacher,
                                       log=lambda *_: None)
 
@@ -150,6 +150,16 @@ def test_distillation_moves_student_towards_teacher(tmp_path):
     prov = _build(tmp_path / "a", steps=30)
     hist = prov["loss_history"]
     assert hist[-1]["loss"] < hist[0]["loss"]
+
+
+def test_time_budget_stops_training_and_is_recorded(tmp_path, monkeypatch):
+    """A build that would overrun a GPU command's wall-clock limit stops and says how far it got."""
+    clock = iter(range(0, 10_000, 10))  # every call to the clock advances it by 10 s
+    monkeypatch.setattr(distill.time, "monotonic", lambda: float(next(clock)))
+    prov = _build(tmp_path / "a", steps=30, max_minutes=0.5)
+    assert 0 < prov["steps_done"] < 30 and prov["config"]["max_minutes"] == 0.5
+    assert prov["loss_history"][-1]["step"] == prov["steps_done"] - 1
+    assert _build(tmp_path / "b", steps=5)["steps_done"] == 5
 
 
 def test_bad_options_fail_before_work(tmp_path):

@@ -69,6 +69,7 @@ class DistillConfig:
     eval_per_source: int = 1000  # validation images per source for the quality record
     knn_bank_per_source: int = 5000  # train images per source as the k-NN reference bank
     knn_k: int = 20
+    max_minutes: float | None = None  # safety stop of the training loop (the provenance records the steps done)
     student: StudentConfig = field(default_factory=StudentConfig)
 
     @classmethod
@@ -319,7 +320,12 @@ def train_student(student: nn.Module, teacher: nn.Module, pools: dict[str, torch
                              {"params": other, "weight_decay": 0.0}], lr=cfg.lr)
     history = []
     every = max(1, cfg.steps // 20)
+    deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else None
     for step in range(cfg.steps):
+        if deadline is not None and time.monotonic() > deadline:
+            # A one-command GPU visit has a hard wall-clock limit: stop and record it rather than lose the build.
+            log(f"  distill: time budget of {cfg.max_minutes} min reached after {step} of {cfg.steps} steps")
+            break
         src = torch.randint(len(names), (cfg.batch_size,), generator=gen)
         batch = []
         for j, n in enumerate(names):
@@ -344,6 +350,11 @@ def train_student(student: nn.Module, teacher: nn.Module, pools: dict[str, torch
         if step % every == 0 or step == cfg.steps - 1:
             history.append({"step": step, "loss": round(float(loss.detach()), 5), **{k: round(v, 5) for k, v in parts.items()}})
             log(f"  distill step {step}/{cfg.steps}: loss {float(loss.detach()):.4f}")
+    else:
+        step = cfg.steps
+    if step > 0 and history[-1]["step"] != step - 1:
+        history.append({"step": step - 1, "loss": round(float(loss.detach()), 5),
+                        **{k: round(v, 5) for k, v in parts.items()}})
     return history
 
 
@@ -517,6 +528,7 @@ def _build(out: Path, cfg: DistillConfig, dev: torch.device, sources: Any, teach
         "teacher_params": sum(p.numel() for p in t_model.parameters()),
         "weights_sha256": hashlib.sha256((out / WEIGHTS).read_bytes()).hexdigest(),
         "loss_history": history,
+        "steps_done": history[-1]["step"] + 1 if history else 0,
         "code": code_version(),
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
@@ -597,6 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--eval-per-source", type=int, help="validation images per source in quality.json")
     ap.add_argument("--knn-bank-per-source", type=int, help="train images per source in the k-NN bank")
     ap.add_argument("--device")
+    ap.add_argument("--max-minutes", type=float, help="stop training after this many minutes (steps done are recorded)")
     ap.add_argument("--import", dest="import_", nargs=2, metavar=("TAR", "RECORD"),
                     help="publish an entry built on another machine into this asset cache")
     args = ap.parse_args(argv)
@@ -606,7 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     over = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "lr": args.lr,
                               "image_size": args.image_size, "sources": args.sources,
                               "eval_per_source": args.eval_per_source,
-                              "knn_bank_per_source": args.knn_bank_per_source}.items() if v is not None}
+                              "knn_bank_per_source": args.knn_bank_per_source,
+                              "max_minutes": args.max_minutes}.items() if v is not None}
     if args.publish:
         from benchmarks.assets.fetch import fetch
 
