@@ -1,4 +1,4 @@
-"""The ``nalora-bench`` command: ``fetch``, ``list``, ``run``, ``report``, ``steptime``.
+"""The ``nalora-bench`` command: ``fetch``, ``list``, ``run``, ``report``, ``compact``, ``steptime``.
 
 Each subcommand lives with the code it drives; this file only wires them together, importing lazily so
 that ``nalora-bench --help`` stays fast.
@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "list": ("tasks.cli", "list tasks, methods, models or datasets"),
     "run": ("benchmarks.runner.cli", "run a suite (method x task x seed grid)"),
     "report": ("benchmarks.report.cli", "rebuild leaderboard, tables and plots from run JSONs"),
+    "compact": ("benchmarks.runner.compact", "rewrite run records in compact form (histories to gzip side files)"),
     "steptime": ("benchmarks.perf.step_time", "time one training step per method (NA-LoRA's overhead vs LoRA)"),
 }
 

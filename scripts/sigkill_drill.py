@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.runner.sidefile import SIDE_SUFFIX, read_full
+
 REPO = Path(__file__).resolve().parents[1]
 COMPARED = ("status", "config", "metrics", "history", "trainable_params", "total_params", "nalora", "diagnostics")
 SUITE = """\
@@ -44,7 +46,7 @@ def records(out: Path) -> dict[str, dict]:
     """run id -> record; raises if any file in runs/ is not a complete JSON record."""
     recs = {}
     for p in sorted((out / "runs").glob("*.json")):
-        rec = json.loads(p.read_text())  # a truncated file would raise here
+        rec = read_full(p)  # a truncated file (or a record whose side file is missing or damaged) raises here
         if not isinstance(rec, dict) or rec.get("run_id") != p.stem:
             raise ValueError(f"{p} is not a complete run record")
         recs[p.stem] = rec
@@ -178,7 +180,7 @@ def main() -> int:
             return 1
     rc, secs = invocation(suite, out / "drill", args.workers, None)
     final = records(out / "drill")
-    leftover = [p.name for p in (out / "drill" / "runs").iterdir() if not p.name.endswith(".json")]
+    leftover = [p.name for p in (out / "drill" / "runs").iterdir() if not p.name.endswith((".json", SIDE_SUFFIX))]
     same = [rid for rid in ref if rid in final and all(final[rid].get(k) == ref[rid].get(k) for k in COMPARED)]
     differ = {rid: [k for k in COMPARED if final.get(rid, {}).get(k) != ref[rid].get(k)] for rid in ref if rid not in same}
     summary = {"runs": total, "reference_s": round(ref_s, 1), "startup_s": round(overhead, 1), "kills": kills, "final_exit": rc,

@@ -20,6 +20,7 @@ import pytest
 import test_runner as tr
 
 from benchmarks.assets.cache import AssetError, Cache, file_table
+from benchmarks.runner.sidefile import read_full, side_path
 from benchmarks.runner.store import ResultStore, StoreError
 
 HERE = Path(__file__).resolve().parent
@@ -113,8 +114,8 @@ def test_disk_full_at_write_keeps_the_record_and_the_next_run_adopts_it(tmp_path
     assert len(err) == 1 and "No space left on device" in err[0]
     kept = Path(err[0].split("kept at ")[1].split(" ")[0])
     assert kept.is_file() and kept.is_relative_to(tmp_path / "orphans")
-    orphan = json.loads(kept.read_text())
-    assert orphan["status"] == "ok" and orphan["metrics"]["test"]
+    orphan = read_full(kept)  # the side file is kept next to it (the fake run has adapted modules)
+    assert orphan["status"] == "ok" and orphan["metrics"]["test"] and orphan["adapted_modules"]
     assert not list((out / "runs").glob("*.json"))
     # Room again: the kept record is adopted (not retrained) and the grid finishes.
     inject = Counting()
@@ -122,7 +123,7 @@ def test_disk_full_at_write_keeps_the_record_and_the_next_run_adopts_it(tmp_path
     assert rc == 0 and inject.n == 1
     recs = tr.runs(out)
     assert len(recs) == 2 and recs[orphan["run_id"]] == orphan
-    assert not kept.exists()
+    assert not kept.exists() and not side_path(kept).exists()
 
 
 def test_files_get_the_umasks_mode(tmp_path, src_dir):

@@ -189,8 +189,11 @@ def load(path, **kw):
 
 
 def runs(out: Path, phase: str = "runs") -> dict[str, dict]:
+    """run id -> the whole record (side file attached)."""
+    from benchmarks.runner.sidefile import read_full
+
     d = out / phase
-    return {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))}
+    return {p.stem: read_full(p) for p in sorted(d.glob("*.json"))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,7 +445,10 @@ def test_resume_after_kill(tmp_path):
     assert len(final) == 6  # nothing lost, nothing duplicated
     assert all(final[n] == b for n, b in first.items())  # completed JSONs untouched
     assert sorted(json.loads(b)["config"]["seed"] for b in final.values()) == [0, 1, 2, 3, 4, 5]
-    assert not [p for p in (out / "runs").iterdir() if p.suffix != ".json"]
+    from benchmarks.runner.sidefile import SIDE_SUFFIX, read_full
+
+    assert not [p for p in (out / "runs").iterdir() if not p.name.endswith((".json", SIDE_SUFFIX))]  # no temp files
+    assert all(read_full(p)["adapted_modules"] for p in (out / "runs").glob("*.json"))  # side files intact
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmarks.runner import sidefile
 from benchmarks.runner.grid import select_settings, setting_key
 from benchmarks.runner.record import LEADERBOARD_COLUMNS, leaderboard_row
 from benchmarks.runner.store import atomic_write_text
@@ -35,7 +36,9 @@ def load_records(results: str | Path, phase: str = "main") -> list[dict]:
     """Every run JSON of ``phase`` under ``results`` (``main``: ``runs/``; tuning runs are never reported).
 
     A file that is not a run record (``[]``, ``null``, truncated JSON, no config) is skipped with a
-    one-line warning naming it on stderr: one bad file must not hide every other result.
+    one-line warning naming it on stderr: one bad file must not hide every other result. A compact record's
+    side file (per-layer histories, predictions) is attached; when it is missing or damaged the record is
+    kept without those parts (tables unchanged, the mask-dynamics plot skips it) and one line says so.
     """
     runs = Path(results) / ("runs" if phase == "main" else "tune/runs")
     out = []
@@ -51,6 +54,10 @@ def load_records(results: str | Path, phase: str = "main") -> list[dict]:
         if why:
             print(f"report: skipping {p}: {why}", file=sys.stderr)
             continue
+        try:
+            sidefile.attach(rec, p)
+        except sidefile.SideFileError as err:
+            print(f"report: {p}: {err}; its per-layer histories are left out of the plots", file=sys.stderr)
         out.append(rec)
     return out
 

@@ -27,6 +27,9 @@ A record is a plain dict::
     per_example       {"validation": {"n", "ids_sha256", "correct": "0110...", "pred": [...]}, "test": {...}}
                       (absent for tasks that give no per-example results)
     provenance        git{commit,dirty}, packages{...}, hardware{python,gpu,cuda}, assets{name: provenance}
+    side              on disk only: {"file", "sha256", "keys"} naming the gzip side file that holds nalora.history,
+                      diagnostics.selection_misalignment.per_layer, adapted_modules and per_example.*.pred
+                      (``sidefile.py``; the store writes it, the report attaches it)
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Layout under a results root::
 
-    runs/<run_id>.json          reported runs
+    runs/<run_id>.json          reported runs (compact: see sidefile.py)
+    runs/<run_id>.hist.json.gz  the run's per-layer histories and predictions, written before the record
     tune/runs/<run_id>.json     development-task tuning runs (never in the leaderboard)
     tune/chosen.json            the option values the tuning chose (then used by the reported runs)
     .nalora-bench.lock          held (flock) by the one runner writing here; names its pid
@@ -28,7 +29,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.fileio import TEMP_SUFFIX, atomic_write_text, pid_alive, writer_pid
+from benchmarks.fileio import TEMP_SUFFIX, atomic_write_bytes, atomic_write_text, pid_alive, writer_pid
+from benchmarks.runner import sidefile
 
 __all__ = ["ResultStore", "StoreError", "atomic_write_json", "atomic_write_text", "dump_json", "results_lock",
            "to_jsonable"]
@@ -69,6 +71,14 @@ def dump_json(obj: Any) -> str:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, dump_json(obj))
+
+
+def write_compact(path: Path, text: str, side: bytes | None) -> None:
+    """Write a compact record's side file (if any) and then the record, each atomically: a crash between
+    the two leaves an orphaned side file (harmless, replaced by the rerun), never a record without one."""
+    if side is not None:
+        atomic_write_bytes(sidefile.side_path(path), side)
+    atomic_write_text(path, text)
 
 
 _warned: set[tuple[str, int]] = set()
@@ -144,18 +154,21 @@ class ResultStore:
         return not (retry_failed and rec.get("status") == "failed")
 
     def write(self, record: dict) -> Path:
-        """Write ``record``; if the results folder is full or read-only, keep it in an orphan folder
-        (adopted by the next ``adopt_orphans``), print one line saying where, and return that path."""
+        """Write ``record`` in compact form: its side file first, then the record (each atomic), so a record
+        on disk never names a side file that was not written. If the results folder is full or read-only,
+        keep both in an orphan folder (adopted by the next ``adopt_orphans``), print one line saying where,
+        and return that path."""
         p = self.path(record["run_id"])
-        text = dump_json(record)
+        main, side = sidefile.compact(to_jsonable(record))
+        text = dump_json(main)
         try:
-            atomic_write_text(p, text)
+            write_compact(p, text, side)
             return p
         except OSError as err:
             if err.errno not in _UNWRITABLE:
                 raise
             reason = err.strerror or str(err)
-        kept = self._keep_orphan(record["run_id"], text)
+        kept = self._keep_orphan(record["run_id"], text, side)
         print(f"could not write {p} ({reason}); the finished record is kept at {kept} and is moved into "
               f"{self.runs_dir} by the next `nalora-bench run` on it (or copy it there yourself)", file=sys.stderr)
         return kept
@@ -164,13 +177,13 @@ class ResultStore:
     def _orphan_key(self) -> str:
         return hashlib.sha256(str(self.runs_dir.resolve()).encode()).hexdigest()[:12]
 
-    def _keep_orphan(self, run_id: str, text: str) -> Path:
+    def _keep_orphan(self, run_id: str, text: str, side: bytes | None) -> Path:
         errors = []
         for base in orphan_dirs():
             folder = base / self._orphan_key()
             try:
                 atomic_write_text(folder / "destination.txt", f"{self.runs_dir.resolve()}\n")
-                atomic_write_text(folder / f"{run_id}.json", text)
+                write_compact(folder / f"{run_id}.json", text, side)
                 return folder / f"{run_id}.json"
             except OSError as err:
                 errors.append(f"{base}: {err.strerror or err}")
@@ -187,9 +200,12 @@ class ResultStore:
                 rec = read_record(p)
                 if rec is None or rec.get("run_id") != p.stem:
                     continue
+                side = sidefile.side_path(p)
                 if self.load(p.stem) is None:
-                    atomic_write_json(self.path(p.stem), rec)
+                    # the record's bytes as kept (they carry the side file's sha256); side file first
+                    write_compact(self.path(p.stem), p.read_text(), side.read_bytes() if side.exists() else None)
                     n += 1
+                side.unlink(missing_ok=True)
                 p.unlink()
         if n:
             print(f"recovered {n} finished run record(s) kept after an earlier failed write", file=sys.stderr)
