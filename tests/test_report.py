@@ -126,7 +126,8 @@ def test_paired_ci(tmp_path):
     report(tmp_path)
     text = (tmp_path / "tables/paired_m.md").read_text()
     # old records (no per-example results): seed-level t interval; nalora - lora = +3 points on every seed
-    assert "| nalora | t1 | 3 | +3.00 | [3.00, 3.00] | t | 0.00 | yes |" in text
+    # these records carry no chance level: the header says so instead of leaving it out
+    assert "| nalora | t1 (chance —) | 3 | +3.00 | [3.00, 3.00] | t | 0.00 | yes |" in text
 
 
 def test_plots_written(tmp_path):
