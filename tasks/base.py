@@ -35,6 +35,9 @@ class TaskSetup:
     """Fixed learning rate of ``trainable`` for methods that bring their own adapters (None: the run's lr).
     A shared full-rank module (the VLM connector) trained at an adapter's lr is a confound: its lr grid would
     measure the module, not the method. ``head`` / ``full`` train it at the run's lr (it is their method)."""
+    files: list[str] = field(default_factory=list)
+    """Weight files loaded from outside the asset cache (the aligned VLM connector); the run record lists
+    them with their sha256 next to the cached models' files."""
 
 
 class Task(ABC):
@@ -164,6 +167,15 @@ class Task(ABC):
             return [inspect.getfile(type(self))]
         except (TypeError, OSError):
             return []
+
+    def data_paths(self) -> list[str]:
+        """The local files this task's data is read from (``data_dir`` / ``data_files``, or the image files
+        a loaded split points to, as ``imagefolder`` leaves them); the run record lists each with its sha256.
+        Cached and hub datasets are not local files here (the record names the cached asset's files).
+        Override when your ``load_splits`` / ``load_source`` reads files these rules do not see."""
+        from tasks.identity import local_data_paths
+
+        return [str(p) for p in local_data_paths(self)]
 
     def data_identity(self) -> dict[str, Any]:
         """What identifies this task's data, without loading it: the hashes of local data files (``data_dir``),

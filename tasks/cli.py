@@ -115,15 +115,15 @@ def _list_assets(kind: str, out=None) -> int:
         raise RuntimeError(f"the asset cache (benchmarks.assets) is not importable: {err}") from err
     cache = Cache()
     rows = [
-        [s.name, "fetched" if cache.has(s.name) else "not fetched", "heavy" if s.heavy else "", s.license,
+        [s.name, "fetched" if cache.has(s.name) else "not fetched", "yes (not in --all)" if s.heavy else "no", s.license,
          s.description]
         for s in SPECS.values() if s.kind == kind
     ]
     if kind == "model":  # random test models: built in place, nothing to fetch
         from tasks.common import tiny_model_names
 
-        rows += [[n, "built in", "", "-", "random tiny test model (no download)"] for n in tiny_model_names()]
-    print(_table(["name", "status", "", "license", "description"], rows), file=out)
+        rows += [[n, "built in", "no", "-", "random tiny test model (no download)"] for n in tiny_model_names()]
+    print(_table(["name", "status", "heavy", "license", "description"], rows), file=out)
     return 0
 
 

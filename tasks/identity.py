@@ -7,7 +7,6 @@ manifest records, hub datasets by id and revision, in-memory splits by ``dataset
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +14,13 @@ DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
 def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes (``missing:<name>`` if it cannot be read, so the caller still gets a value)."""
+    """Hex sha256 of a file's bytes, hashed once per process per file version (``missing:<name>`` if it
+    cannot be read, so the caller still gets a value)."""
+    from benchmarks.assets.cache import sha256_cached
+
     p = Path(path)
     try:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
+        return sha256_cached(p)
     except OSError:
         return f"missing:{p.name}"
 
@@ -54,6 +52,42 @@ def data_dir_files(data_dir: str | Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(f for f in folder.iterdir() if f.suffix in DATA_SUFFIXES)
+
+
+def declared_data_files(task: Any) -> list[Path]:
+    """The files a task declares as its data: ``data_files`` (YAML tasks; a path, a list, or a split map of
+    either) or the ``<split>.*`` files of its ``data_dir``; ``[]`` if it declares none."""
+    data_files = getattr(task, "data_files", None)
+    if data_files:
+        return [Path(p) for v in (data_files.values() if isinstance(data_files, dict) else [data_files])
+                for p in ([v] if isinstance(v, (str, Path)) else v)]
+    data_dir = getattr(task, "data_dir", None)
+    return data_dir_files(data_dir) if data_dir is not None else []
+
+
+def image_files(splits: Any) -> list[Path]:
+    """Local image files that loaded splits read lazily (``imagefolder`` keeps a path, not the bytes)."""
+    import datasets
+
+    out: set[Path] = set()
+    for name in splits:
+        ds = splits[name]
+        for col, feat in ds.features.items():
+            if isinstance(feat, datasets.Image):
+                for cell in ds.cast_column(col, datasets.Image(decode=False))[col]:
+                    if cell and not cell.get("bytes") and cell.get("path") and Path(cell["path"]).is_file():
+                        out.add(Path(cell["path"]))
+    return sorted(out)
+
+
+def local_data_paths(task: Any) -> list[Path]:
+    """What ``Task.data_paths`` returns by default: declared data files, else the image files of the splits
+    the task has already loaded (never loads data: a run has loaded them by the time it is recorded)."""
+    declared = declared_data_files(task)
+    if declared:
+        return declared
+    splits = getattr(task, "_splits", None)
+    return image_files(splits) if splits is not None else []
 
 
 def asset_identity(name: str) -> dict[str, Any] | None:
@@ -92,14 +126,9 @@ def splits_identity(splits: Any) -> dict[str, str]:
 
 def data_identity(task: Any) -> dict[str, Any]:
     """The data identity of ``task`` (see ``Task.data_identity``); never loads the data."""
-    data_files = getattr(task, "data_files", None)
-    if data_files:
-        paths = [p for v in (data_files.values() if isinstance(data_files, dict) else [data_files])
-                 for p in ([v] if isinstance(v, (str, Path)) else v)]
-        return {"files": local_files_identity(paths)}
-    data_dir = getattr(task, "data_dir", None)
-    if data_dir is not None:
-        return {"files": local_files_identity(data_dir_files(data_dir))}
+    declared = declared_data_files(task)
+    if declared or getattr(task, "data_dir", None) is not None:
+        return {"files": local_files_identity(declared)}
     options = task.options() if hasattr(task, "options") else {}
     if options.get("splits") is not None:
         return {"splits": splits_identity(options["splits"])}

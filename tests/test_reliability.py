@@ -473,7 +473,7 @@ def test_verification_hashes_once_per_process_but_sees_edits(tiny_model_cache, m
     tok.write_text(tok.read_text().replace("{", "{ ", 1)[:-1])  # same size, new content, new mtime
     with pytest.raises(AssetError, match="tokenizer_config.json fails its sha256 check"):
         c.require("smollm2-135m")
-    assert calls == [tok]
+    assert [Path(p) for p in calls] == [tok.resolve()]  # hashed by its real path
 
 
 def test_runs_write_no_cache_files_into_the_asset_cache(tmp_path, src_dir, monkeypatch):

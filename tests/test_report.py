@@ -126,7 +126,8 @@ def test_paired_ci(tmp_path):
     report(tmp_path)
     text = (tmp_path / "tables/paired_m.md").read_text()
     # old records (no per-example results): seed-level t interval; nalora - lora = +3 points on every seed
-    assert "| nalora | t1 | 3 | +3.00 | [3.00, 3.00] | t | 0.00 | yes |" in text
+    # these records carry no chance level: the header says so instead of leaving it out
+    assert "| nalora | t1 (chance —) | 3 | +3.00 | [3.00, 3.00] | t | 0.00 | yes |" in text
 
 
 def test_plots_written(tmp_path):
@@ -155,3 +156,34 @@ def test_stale_tables_removed(tmp_path):
     (tmp_path / "tables/main_old-model.md").write_text("stale")
     report(tmp_path)
     assert not (tmp_path / "tables/main_old-model.md").exists()
+
+
+def test_plots_keep_points_and_lines_apart_and_show_seed_spread(tmp_path, monkeypatch):
+    """Issue 14's plot complaints: Pareto labels piled on one point, clipped x label / wide margins, identical
+    curves hiding each other, no seed spread. Checked on the figures themselves before they are saved."""
+    import json
+
+    from matplotlib.container import ErrorbarContainer
+
+    from benchmarks.report import plots
+
+    figs: dict[str, object] = {}
+    real_save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (figs.setdefault(path.name, fig), real_save(fig, path))[1])
+    make_results(tmp_path)
+    for p in (tmp_path / "runs").glob("*.json"):  # LoRA and NA-LoRA train the same parameters: one x on the plot
+        rec = json.loads(p.read_text())
+        if rec.get("trainable_params") and rec["config"]["method"] in ("lora", "nalora"):
+            p.write_text(json.dumps({**rec, "trainable_params": 1000}))
+    report(tmp_path, plots=True)
+    assert plots.SAVE["bbox_inches"] == "tight"  # the saved image is cut to its content: no clipped label, no margin
+    ax = figs["pareto_m.png"].axes[0]
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    xs = [float(c.lines[0].get_xdata()[0]) for c in bars]
+    assert len(bars) >= 3 and len(set(xs)) == len(xs)  # equal parameter counts (lora, nalora) spread apart
+    assert all(c.has_yerr for c in bars)  # 3 seeds: error bars of the seed spread
+    assert not ax.texts and any("seeds=3" in t.get_text() for t in ax.get_legend().get_texts())  # legend, not labels
+    curves = figs["curves_m_t1.png"].axes[1]
+    marks = [(line.get_marker(), line.get_color()) for line in curves.get_lines() if line.get_label()[:1] != "_"]
+    assert len(marks) >= 2 and len(set(marks)) == len(marks)  # own marker per method: identical lines stay visible
+    assert curves.collections  # seed band (min..max) behind each curve

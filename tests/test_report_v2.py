@@ -108,17 +108,26 @@ def test_v2_report_intervals_and_uninformative(tmp_path):
     paired = (tmp_path / "tables/paired_m.md").read_text()
     row = next(line for line in paired.splitlines() if line.startswith("| nalora | easy"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1] == "easy (n=600)" and cells[2] == "5" and cells[5] == "bootstrap"
+    assert cells[1] == "easy (n=600, chance 50.0)" and cells[2] == "5" and cells[5] == "bootstrap"
     lo, hi = (float(x) for x in cells[4].strip("[]").split(","))
     assert lo > 0 and lo < float(cells[3]) < hi and cells[7] == "yes"
     assert float(cells[6]) > 0  # MDE reported
-    assert "| nalora | hard (n=200) (uninformative) |" in paired
+    assert "| nalora | hard (n=200, chance 25.0) (uninformative) |" in paired
     pooled = next(line for line in paired.splitlines() if line.startswith("| nalora | **pooled**"))
     assert "(1 task(s) not marked uninformative)" in pooled and cells[3] in pooled  # pooled = easy alone
     main = (tmp_path / "tables/main_m.md").read_text()
-    assert "hard (n=200) (uninformative)" in main and "Avg over the 1 informative task(s)" in main
+    assert "hard (n=200, chance 25.0) (uninformative)" in main and "Avg over the 1 informative task(s)" in main
     findings = (tmp_path / "findings.md").read_text()
     assert "Uninformative at this model size" in findings and "hard (best p" in findings
+    # chance in every per-task table and in the leaderboard: from each record's task_info
+    sel = [line.split("|") for line in (tmp_path / "tables/selection.md").read_text().splitlines()]
+    head = [c.strip() for c in sel[4]]
+    chances = {row[head.index("task")].strip(): row[head.index("chance")].strip() for row in sel[6:]}
+    assert chances == {"easy": "0.5000", "hard": "0.2500"}
+    import pandas as pd
+
+    lb = pd.read_csv(tmp_path / "leaderboard.csv")
+    assert dict(lb.groupby("task")["chance"].first()) == {"easy": 0.5, "hard": 0.25}
 
 
 def test_edge_and_bound_marks(tmp_path):

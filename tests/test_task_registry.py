@@ -192,7 +192,11 @@ def test_list_methods_models_datasets(capsys):
     cli.add_arguments(parser)
     for what, expect in (("methods", r"^lora$"), ("models", r"^smollm2-135m\s"), ("datasets", r"^socialiqa\s")):
         assert cli.main(parser.parse_args([what])) == 0
-        assert re.search(expect, capsys.readouterr().out, re.MULTILINE), what
+        text = capsys.readouterr().out
+        assert re.search(expect, text, re.MULTILINE), what
+        if what != "methods":  # every column has a header; heavy assets (left out of `fetch --all`) say so
+            assert text.splitlines()[0].split() == ["name", "status", "heavy", "license", "description"]
+    assert re.search(r"^cifar10\s+(not fetched|fetched)\s+yes \(not in --all\)", text, re.MULTILINE)
     with pytest.raises(SystemExit):
         parser.parse_args(["widgets"])
 
@@ -383,7 +387,30 @@ def _guide_block(lang: str, after: str) -> str:
     return re.search(rf"```{lang}\n(.*?)```", text[text.index(after):], re.DOTALL).group(1)
 
 
-def test_guide_language_plugin_with_local_files_through_the_runner(tmp_path, clean_registry):
+def _guide_command(after: str, out: Path) -> list[str]:
+    """The guide's `nalora-bench run ...` command of the section ``after``, as CLI arguments, writing to ``out``."""
+    import shlex
+
+    argv = shlex.split(_guide_block("bash", after))
+    assert argv[:2] == ["nalora-bench", "run"] and "--tasks" in argv and "--include-path" in argv, argv
+    return [*argv[1:], "--out", str(out), "--no-progress"]
+
+
+def _sha256(path: str | Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _files_by_path(rec: dict) -> dict[str, dict]:
+    files = rec["provenance"]["files"]
+    for f in files:  # every listed file with the sha256 of its bytes now (hashed here independently)
+        assert f["sha256"] == _sha256(f["path"]) and f["bytes"] == Path(f["path"]).stat().st_size, f
+    return {f["path"]: f for f in files}
+
+
+def test_guide_language_plugin_with_local_files_through_the_runner(tmp_path, clean_registry, monkeypatch):
+    """The guide's YAML plugin on local JSONL, run by the guide's own `run --tasks parity --include-path` command."""
     from benchmarks.cli import main as cli
 
     plugins = tmp_path / "my_tasks"
@@ -391,26 +418,44 @@ def test_guide_language_plugin_with_local_files_through_the_runner(tmp_path, cle
     (plugins / "parity.yaml").write_text(_guide_block("yaml", "## A language task on local files"))
     for split, ns in (("train", range(0, 16)), ("val", range(16, 20)), ("test", range(20, 26))):
         (plugins / f"parity_{split}.jsonl").write_text("".join(json.dumps({"n": n, "label": int(n % 2 == 0)}) + "\n" for n in ns))
-    suite = tmp_path / "suite.yaml"
-    suite.write_text(
-        "models: {llm: [tiny-llama]}\ntasks: [parity]\nmethods: [lora]\nseeds: [0]\nlr_grid: [1.0e-3]\n"
-        "training: {steps: 2, batch_size: 4, eval_every: 0, eval_limit: 4, test_limit: 4, log_every: 1, diag_batches: 1}\n"
-    )
     out = tmp_path / "results"
-    assert cli(["run", "--suite", str(suite), "--include-path", str(plugins), "--out", str(out), "--no-progress"]) == 0
+    monkeypatch.chdir(tmp_path)  # the guide's relative `--include-path my_tasks`
+    assert cli(_guide_command("## A language task on local files", out)) == 0
     recs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
-    assert len(recs) == 1 and recs[0]["status"] in ("ok", "collapsed") and recs[0]["error"] is None, recs[0].get("error")
-    assert get_task("parity").describe()["chance"] == {"acc": 0.5}
+    assert sorted(r["config"]["method"] for r in recs) == ["lora", "nalora"]
+    assert all(r["status"] in ("ok", "collapsed") and r["error"] is None and r["config"]["task"] == "parity"
+               for r in recs), [r["error"] for r in recs]
+    assert recs[0]["task_info"]["chance"] == {"acc": 0.5}
+    # Provenance: exactly the three local data files, each with its sha256 (tiny-llama has no weight files).
+    files = _files_by_path(recs[0])
+    assert sorted(files) == [str((plugins / f"parity_{s}.jsonl").resolve()) for s in ("test", "train", "val")]
+    assert {f["role"] for f in files.values()} == {"data"}
 
 
-def test_guide_vision_plugin_with_local_images(tmp_path, clean_registry):
+def _cache_with(tmp_path: Path, names: tuple[str, ...]) -> Path:
+    """An asset cache under ``tmp_path`` holding the real cache's ``names`` (linked, not copied), so a test's
+    aligned connector is written here and not into the user's cache."""
+    from benchmarks.assets import cache_dir
+
+    real = cache_dir()
+    root = tmp_path / "cache"
+    (root / "entries").mkdir(parents=True)
+    manifest = json.loads((real / "manifest.json").read_text())
+    (root / "manifest.json").write_text(json.dumps({n: manifest[n] for n in names}))
+    for n in names:
+        (root / "entries" / n).symlink_to(real / "entries" / n)
+    return root
+
+
+def _shapes_plugin(plugins: Path) -> list[Path]:
+    """The guide's vision plugin and its PNG files (two classes that differ in brightness)."""
     import numpy as np
     from PIL import Image
 
-    plugins = tmp_path / "my_tasks"
     plugins.mkdir()
     (plugins / "shapes.py").write_text(_guide_block("python", "## A vision task on local images"))
     rng = np.random.default_rng(0)
+    pngs = []
     for split, n in (("train", 6), ("validation", 2), ("test", 3)):
         for cls, value in (("circle", 40), ("square", 200)):
             folder = plugins / "shapes_data" / split / cls
@@ -418,6 +463,49 @@ def test_guide_vision_plugin_with_local_images(tmp_path, clean_registry):
             for i in range(n):
                 arr = (rng.random((28, 28)) * 30 + value).astype("uint8")
                 Image.fromarray(arr).convert("RGB").save(folder / f"{i}.png")
+                pngs.append((folder / f"{i}.png").resolve())
+    return pngs
+
+
+def test_guide_vision_plugin_through_the_runner_records_every_file(tmp_path, clean_registry, monkeypatch, capfd):
+    """The guide's vision plugin run by its own `run --tasks shapes --include-path` command on the tiny composed
+    VLM, connector aligned as in a real run: the record lists every weight and data file with a correct sha256,
+    and `--no-progress` leaves stderr free of progress bars (alignment, weight loading, training, evaluation)."""
+    from conftest import require_assets
+
+    from benchmarks.cli import main as cli
+
+    require_assets("fashion-mnist", "emoji")  # the connector's default alignment data
+    cache = _cache_with(tmp_path, ("fashion-mnist", "emoji"))
+    monkeypatch.setenv("NALORA_BENCH_CACHE", str(cache))
+    monkeypatch.setenv("NALORA_BENCH_NO_PROGRESS", "0")  # progress on: --no-progress itself must silence it
+    pngs = _shapes_plugin(tmp_path / "my_tasks")
+    out = tmp_path / "results"
+    monkeypatch.chdir(tmp_path)
+    capfd.readouterr()
+    assert cli(_guide_command("## A vision task on local images", out)) == 0
+    err = capfd.readouterr().err
+    assert not re.search(r"\d+%\||it/s\]|s/it\]|step/s\]|fwd/s\]", err), err[-2000:]
+    recs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    assert len(recs) == 1 and recs[0]["error"] is None and recs[0]["status"] in ("ok", "collapsed"), recs[0]["error"]
+    assert recs[0]["config"]["task"] == "shapes" and recs[0]["task_info"]["chance"] == {"acc": 0.5, "acc_norm": 0.5}
+    files = _files_by_path(recs[0])
+    connector = sorted((cache / "vlm-connectors").glob("tiny-dinov2+tiny-byte-llama-*/connector.safetensors"))
+    assert len(connector) == 1 and files[str(connector[0].resolve())]["role"] == "weights"
+    assert {str(p) for p in pngs} <= set(files) and all(files[str(p)]["role"] == "data" for p in pngs)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    for name in ("fashion-mnist", "emoji"):  # what the connector was aligned on: every file of both entries
+        want = {str((cache / "entries" / name / rel).resolve()): f["sha256"] for rel, f in manifest[name]["files"].items()}
+        assert {p: files[p]["sha256"] for p in want} == want
+    assert len(files) == 1 + len(pngs) + sum(len(manifest[n]["files"]) for n in ("fashion-mnist", "emoji"))
+
+
+def test_guide_vision_plugin_with_local_images(tmp_path, clean_registry):
+    import numpy as np
+    from PIL import Image
+
+    plugins = tmp_path / "my_tasks"
+    _shapes_plugin(plugins)
     assert load_tasks(include_paths=[plugins], builtin=False, entry_points=False) == []
     task = get_task("shapes", align=False)
     assert task.classes() == ["circle", "square"] and task.chance() == {"acc": 0.5, "acc_norm": 0.5}

@@ -26,10 +26,10 @@ from tests.test_runner import (
 @pytest.fixture(autouse=True)
 def _restore_progress_bars(monkeypatch):
     """``run_suite(progress=False)`` silences the HF bars process-wide; give the next test them back."""
-    for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+    for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "NALORA_BENCH_NO_PROGRESS"):
         monkeypatch.delenv(var, raising=False)
     yield
-    for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+    for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "NALORA_BENCH_NO_PROGRESS"):
         os.environ.pop(var, None)
     import datasets
     from transformers.utils import logging as hf_logging
@@ -244,3 +244,114 @@ def test_shipped_demo_needs_only_cached_kinds_of_assets():
     from benchmarks.runner.assets_needed import assets_needed
 
     assert assets_needed("demo") == ["sarcasm", "smollm2-135m"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Provenance: every weight and data file with its sha256, each file hashed once per process
+
+
+def test_files_are_hashed_once_per_file_version(tmp_path, monkeypatch):
+    from benchmarks.assets import cache as cache_mod
+
+    reads: list[str] = []
+    real = cache_mod.sha256_file
+    monkeypatch.setattr(cache_mod, "sha256_file", lambda p, *a: reads.append(str(p)) or real(p, *a))
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"weights v1")
+    first = cache_mod.sha256_cached(f)
+    assert cache_mod.sha256_cached(f) == first and len(reads) == 1  # a second run: no second read
+    f.write_bytes(b"weights v2!")  # edited in place: another size/mtime, hashed again
+    assert cache_mod.sha256_cached(f) != first and len(reads) == 2
+    assert cache_mod.sha256_cached(f, fresh=True) and len(reads) == 3
+
+
+def test_builtin_composed_vlm_record_names_every_tower_data_and_connector_file(tmp_path, monkeypatch):
+    """A built-in composed-VLM task (dinov2-s+smollm2-135m on fashion-mnist): the record's files are every
+    file of both towers' and both alignment datasets' cache entries, plus the connector, each with its sha256.
+    A stand-in cache (small files under the real asset names) keeps it cheap."""
+    import hashlib
+    import json
+
+    from benchmarks.runner.execute import _used
+    from tasks.registry import get_task
+
+    root = tmp_path / "cache"
+    manifest = {}
+    for name, kind, rels in (("dinov2-s", "model", ["model/model.safetensors", "model/config.json"]),
+                             ("smollm2-135m", "model", ["model/model.safetensors", "model/tokenizer.json"]),
+                             ("fashion-mnist", "dataset", ["data/train/data-00000-of-00001.arrow"]),
+                             ("emoji", "dataset", ["data/test/data-00000-of-00001.arrow"])):
+        files = {}
+        for rel in rels:
+            p = root / "entries" / name / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(f"{name}/{rel}".encode())
+            files[rel] = {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        manifest[name] = {"kind": kind, "files": files, "main_file": rels[0], "sources": [], "license": "x",
+                          "converted_at": "t", "converter_version": 1}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("NALORA_BENCH_CACHE", str(root))
+    connector = tmp_path / "connector.safetensors"
+    connector.write_bytes(b"aligned")
+
+    assets, files = _used("dinov2-s+smollm2-135m", get_task("fashion-mnist"), [str(connector)])
+    assert set(assets) >= {"dinov2-s", "smollm2-135m", "fashion-mnist", "emoji"}
+    want = {str((root / "entries" / n / rel).resolve()): (f["sha256"], "weights" if m["kind"] == "model" else "data")
+            for n, m in manifest.items() for rel, f in m["files"].items()}
+    want[str(connector.resolve())] = (hashlib.sha256(b"aligned").hexdigest(), "weights")
+    assert {f["path"]: (f["sha256"], f["role"]) for f in files} == want
+    from benchmarks.runner.provenance import asset_provenance
+
+    assert set(asset_provenance(assets)) == {"dinov2-s", "smollm2-135m", "fashion-mnist", "emoji"}  # each part found
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Nothing long is silent: connector alignment and set-up
+
+
+def test_alignment_shows_progress_unless_no_progress(capfd, monkeypatch):
+    from PIL import Image
+
+    from benchmarks.progress_env import quiet_progress
+    from benchmarks.vlm import AlignConfig, build_vlm
+    from benchmarks.vlm.align import align_connector
+
+    build = build_vlm("tiny-dinov2+tiny-byte-llama", align=False)
+    pairs = [(Image.new("RGB", (28, 28), (v, v, v)), f"a picture of a {c}") for v, c in ((20, "circle"), (230, "square"))]
+    cfg = AlignConfig(steps=3, batch_size=2)
+    monkeypatch.setenv("NALORA_BENCH_NO_PROGRESS", "0")
+    capfd.readouterr()
+    align_connector(build.model, build.io.transform, build.io.tokenizer, pairs, pairs, cfg)
+    err = capfd.readouterr().err
+    assert "align connector" in err and "/3 [" in err  # a bar counting the 3 steps
+    quiet_progress()  # what --no-progress does (the fixture restores the environment)
+    align_connector(build.model, build.io.transform, build.io.tokenizer, pairs, pairs, cfg)
+    assert "align connector" not in capfd.readouterr().err
+
+
+def test_setup_prints_a_line_per_step_and_lets_pip_speak(tmp_path):
+    """scripts/setup.sh on a stand-in python: a timed line before each step, no `pip -q`, pins used."""
+    import shutil
+
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(REPO / "scripts/setup.sh", tmp_path / "scripts/setup.sh")
+    for name in ("pyproject.toml", "constraints.txt"):
+        shutil.copy(REPO / name, tmp_path / name)
+    log = tmp_path / "calls.log"
+    fake = tmp_path / "fakepy"
+    fake.write_text(f'#!/usr/bin/env bash\nif [ "$2" = venv ]; then mkdir -p .venv/bin; cp "$0" .venv/bin/python; exit 0; fi\n'
+                    f'echo "$*" >> {log}\necho "pip output for: $*"\n')
+    fake.chmod(0o755)
+    out = subprocess.run(["bash", "scripts/setup.sh"], cwd=tmp_path, env={**os.environ, "PYTHON": str(fake)},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    calls = log.read_text().splitlines()
+    assert len(calls) == 3 and all(c.startswith("-m pip install") for c in calls)
+    assert not any(" -q" in c or "--quiet" in c for c in calls)  # pip shows what it collects and installs
+    assert all("-c constraints.txt" in c for c in calls[1:])
+    steps = [line for line in out.stderr.splitlines() if line.startswith("setup [")]
+    assert [s.split("/")[0] for s in steps] == ["setup [1", "setup [2", "setup [3", "setup [4"]
+    assert "setup: done in" in out.stderr and out.stdout.count("pip output for") == 3
+    again = subprocess.run(["bash", "scripts/setup.sh"], cwd=tmp_path, env={**os.environ, "PYTHON": str(fake)},
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and again.stderr == "" and len(log.read_text().splitlines()) == 3  # idempotent

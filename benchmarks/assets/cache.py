@@ -68,9 +68,23 @@ def _umask_modes(root: Path) -> None:
             p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
-# Entries whose files were hashed in this process: (entry dir, converted_at) -> {file: (size, mtime_ns, inode)}.
-# A later ``require`` re-hashes only files whose stat changed, so verification costs one read per process.
-_verified: dict[tuple[str, str], dict[str, tuple[int, int, int]]] = {}
+# Files hashed in this process: real path -> ((size, mtime_ns, inode), sha256). An in-place edit changes the
+# mtime and a replacement the inode, so a file is re-read only when it changed: verification and run
+# provenance together cost one read of each file per process.
+_digests: dict[str, tuple[tuple[int, int, int], str]] = {}
+
+
+def sha256_cached(path: str | os.PathLike, *, fresh: bool = False) -> str:
+    """``sha256_file(path)``, hashed once per process per version of the file (``fresh``: hash now)."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    sig = (st.st_size, st.st_mtime_ns, st.st_ino)
+    hit = _digests.get(real)
+    if hit is not None and hit[0] == sig and not fresh:
+        return hit[1]
+    digest = sha256_file(real)
+    _digests[real] = (sig, digest)
+    return digest
 
 
 def _read_json(path: Path) -> dict:
@@ -227,9 +241,8 @@ class Cache:
         """Return (entry dir, record) after checking every file of the entry against the manifest;
         raise ``AssetError`` naming the file and the fix.
 
-        Each file is hashed once per process; later calls compare size, mtime and inode with the
-        hashed version (an in-place edit changes the mtime) and re-hash only what changed. ``full``
-        re-hashes everything now."""
+        Each file is hashed once per process (``sha256_cached``): later calls re-hash only what changed.
+        ``full`` re-hashes everything now."""
         rec = self.record(name)
         if rec is None:
             raise AssetError(f"asset {name!r} is not in the cache {self.root}; run `nalora-bench fetch {name}`")
@@ -237,21 +250,15 @@ class Cache:
         files = rec.get("files") or {}
         if not files or rec.get("main_file") not in files:
             raise AssetError(f"the manifest record of {name!r} in {self.manifest_path} lists no files; {fix_hint(name)}")
-        seen = _verified.setdefault((str(path), str(rec.get("converted_at"))), {})
         for rel, want in files.items():
             f = path / rel
             try:
-                st = f.stat()
+                size = f.stat().st_size
             except FileNotFoundError:
                 raise AssetError(f"cached asset {name!r} is missing {rel} ({f}); {fix_hint(name)}") from None
-            sig = (st.st_size, st.st_mtime_ns, st.st_ino)
-            if not full and seen.get(rel) == sig:
-                continue
-            if st.st_size != want["size"] or sha256_file(f) != want["sha256"]:
-                seen.pop(rel, None)
+            if size != want["size"] or sha256_cached(f, fresh=full) != want["sha256"]:
                 raise AssetError(f"cached asset {name!r} is corrupted: {rel} fails its sha256 check ({f}); "
                                  f"{fix_hint(name)}")
-            seen[rel] = sig
         return path, rec
 
 

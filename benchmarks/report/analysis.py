@@ -14,6 +14,7 @@ import numpy as np
 
 from benchmarks.report import stats
 from benchmarks.runner.grid import select_settings, setting_key
+from benchmarks.runner.record import record_chance
 
 BASELINE = "lora"
 # Mechanism controls and NA-LoRA component ablations (by registered method): ablation/control table, not main.
@@ -135,20 +136,7 @@ def cells(records: list[dict]) -> dict[tuple[str, str, str], Cell]:
 
 
 def _chance(records: list[dict], metric: str) -> float | None:
-    for rec in records:
-        info = rec.get("task_info") or {}
-        ch = info.get("chance")
-        if isinstance(ch, dict) and isinstance(ch.get(metric), (int, float)):
-            return float(ch[metric])
-        if isinstance(ch, (int, float)) and not isinstance(ch, bool):
-            return float(ch)
-        for k in ("num_choices", "n_choices"):
-            if isinstance(info.get(k), int) and info[k] > 0:
-                return 1.0 / info[k]
-        for k in ("choices", "labels", "classes"):
-            if isinstance(info.get(k), list) and info[k]:
-                return 1.0 / len(info[k])
-    return None
+    return next((c for c in (record_chance(r, metric) for r in records) if c is not None), None)
 
 
 def task_infos(records: list[dict], cs: dict[tuple[str, str, str], Cell]) -> dict[tuple[str, str], TaskInfo]:

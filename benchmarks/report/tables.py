@@ -72,10 +72,17 @@ def cell_text(cell: Cell | None, scale: float) -> str:
     return body + mark(cell)
 
 
+def chance_text(chance: float | None, scale: float) -> str:
+    """A chance level on the table's scale (percent for accuracies)."""
+    return DASH if chance is None else f"{chance * scale:.1f}" if scale == 100 else f"{chance:.4g}"
+
+
 def task_header(an: Analysis, model: str, task: str) -> str:
+    """``task (n=..., chance ...)``: test size and chance level in every table's task column or header."""
     info = an.tasks[(model, task)]
-    n = f" (n{'≈' if info.n_source == 'inferred' else '='}{info.n})" if info.n else ""
-    return f"{task}{n}" + (" (uninformative)" if info.informative is False else "")
+    parts = ([f"n{'≈' if info.n_source == 'inferred' else '='}{info.n}"] if info.n else [])
+    parts.append(f"chance {chance_text(info.chance, scale_of(an, model))}")
+    return f"{task} ({', '.join(parts)})" + (" (uninformative)" if info.informative is False else "")
 
 
 def iv_text(iv: stats.Interval, scale: float) -> str:
@@ -116,7 +123,8 @@ def score_table(an: Analysis, lb: pd.DataFrame, model: str, methods: list[str], 
             "validation (mean over seeds, `ok` runs only), mean ± std over seeds (n). "
             f"Avg over the {len(common)} informative task(s) every listed method finished"
             + (f" (left out: {', '.join(left)})" if left else "") + "; Rank by Avg, 1 = best. "
-            "n in a task header = test examples (n≈: inferred from the scores, for records without per-example results). "
+            "n in a task header = test examples (n≈: inferred from the scores, for records without per-example results); "
+            "chance = the score of uniform guessing (`Task.chance()`, — when the records do not give it). "
             + ("§ options tuned on the dev task(s) (tuning.md). " if tuned & set(methods) else "")
             + LEGEND + "\n")
     return f"## {title}\n\n{note}\n" + _md(header, rows)
@@ -222,15 +230,18 @@ def selection_table(an: Analysis) -> str:
         if c.runs:
             o = next(iter(c.runs.values()))["config"].get("options") or {}
             opts = ";".join(f"{k}={v}" for k, v in sorted(o.items()))
+        chance = an.tasks[(model, task)].chance if (model, task) in an.tasks else None
         rows.append([model, task, method, DASH if c.selected_lr is None else f"{c.selected_lr:g}", grid, edge,
-                     _fmt(c.val_mean, 4), str(len(c.runs)), counts, opts or DASH])
+                     _fmt(c.val_mean, 4), _fmt(chance, 4), str(len(c.runs)), counts, opts or DASH])
     note = ("The setting with the best mean validation score over its `ok` seeds (settings where a seed was not ok rank "
             "after complete ones; ties go to the smaller lr); only its test score is reported. `edge`: the selected lr "
             "is the smallest (low) or largest (high) lr run; `at bound` when that is the documented limit "
             "(`meta.lr_bounds`). `ok seeds` = seeds of the selected setting that finished ok; `not ok` counts every run "
-            "of the cell that collapsed, diverged or failed.\n")
+            "of the cell that collapsed, diverged or failed. `chance`: the score of uniform guessing on the task's "
+            "reported metric.\n")
     return "## Selected hyperparameters\n\n" + note + "\n" + _md(
-        ["model", "task", "method", "selected lr", "lrs run", "edge", "val mean", "ok seeds", "not ok", "options"], rows)
+        ["model", "task", "method", "selected lr", "lrs run", "edge", "val mean", "chance", "ok seeds", "not ok", "options"],
+        rows)
 
 
 def tuning_table(chosen: dict) -> str:

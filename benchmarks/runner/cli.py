@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from benchmarks.progress_env import quiet_progress
+
 EXIT_MORE_TO_DO = 3  # the time budget stopped the grid; run the same command again to continue
 EXIT_RUNS_FAILED = 4  # the grid is done but some runs raised exceptions (recorded "failed"); see docs/protocol.md
 
@@ -51,25 +53,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _split(value: str | None) -> list[str] | None:
     """None when the flag is absent; an empty list for ``--tasks ""`` (an error, not "every task")."""
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
-
-
-def quiet_progress() -> None:
-    """Silence the progress bars of the Hugging Face libraries (weight loading, downloads, datasets maps), in
-    this process and in the workers it spawns (they inherit the environment)."""
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by huggingface_hub and transformers at import
-    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # transformers may already be imported: its flag is read at import
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
-    try:
-        import datasets
-
-        datasets.disable_progress_bars()
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        pass
 
 
 def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = None, tasks: list[str] | None = None,

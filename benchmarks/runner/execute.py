@@ -100,6 +100,21 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
+def _used(model: str, task: Any, weights: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The assets a run used (every part of a composed model, its dataset, the connector's alignment data)
+    and every weight and data file with its sha256 (``provenance.run_files``). Never raises: a problem is
+    recorded in place of the files, so the run's own result is still written."""
+    from benchmarks.runner import provenance
+
+    if task is None:
+        return [model], []
+    try:
+        assets = list(task.assets(model))
+        return assets, provenance.run_files(assets, weights, task.data_paths())
+    except Exception as err:  # noqa: BLE001 - a plugin's assets()/data_paths() or a vanished file
+        return [model], [{"error": _one_line(err)}]
+
+
 @dataclass(frozen=True)
 class RunContext:
     """What every run of one grid invocation shares, built once by the backend and passed to each run (it
@@ -145,9 +160,9 @@ def execute(spec: RunSpec, ctx: RunContext, position: int = 0) -> dict[str, Any]
         result = {}
         status = "diverged" if isinstance(err, diverged) else "failed"
         error = {"type": _classify(err), "message": _one_line(err), "traceback": traceback.format_exc(limit=8)}
-    assets = [spec.config["model"], getattr(task, "dataset", "") if task is not None else ""]
+    assets, files = _used(spec.config["model"], task, result.get("weight_files") or [])
     rec = make_record(spec.config, spec.meta, rid, status=status, task_info=task_info, result=result,
-                      error=error, provenance=provenance.collect(assets))
+                      error=error, provenance=provenance.collect(assets, files))
     # Optional results of train_run (run record interface of docs/fault_model.md), stored as they come.
     rec.update({k: result[k] for k in OPTIONAL_RESULT_KEYS if result.get(k) is not None})
     written = None

@@ -1,4 +1,5 @@
-"""Provenance written into every run: code version, package versions, hardware, assets."""
+"""Provenance written into every run: code version, package versions, hardware, assets, and every weight
+and data file the run used with its sha256 (``files``)."""
 
 from __future__ import annotations
 
@@ -60,13 +61,14 @@ def hardware() -> dict[str, Any]:
 def asset_provenance(names: list[str]) -> dict[str, Any]:
     """``benchmarks.assets.provenance`` for each asset, when the asset layer is there and knows it."""
     try:
-        from benchmarks.assets import provenance
+        from benchmarks.assets import SPECS, provenance
     except ImportError:
         return {}
+
     out: dict[str, Any] = {}
     for name in names:
-        if not name:
-            continue
+        if not name or (name not in SPECS and "/" not in name):
+            continue  # not an asset: a tiny random test model or a plugin's local data (see "files")
         try:
             out[name] = provenance(name)
         except Exception as err:  # noqa: BLE001 - hub models/datasets are not in the cache: say so
@@ -74,9 +76,45 @@ def asset_provenance(names: list[str]) -> dict[str, Any]:
     return out
 
 
-def collect(assets: list[str]) -> dict[str, Any]:
-    """Everything needed to say which code, packages, hardware and data produced a run."""
+def file_entry(path: str | Path, role: str, source: str) -> dict[str, Any]:
+    """One used file: absolute path, sha256 (hashed once per process per file version), size, role
+    (``weights`` | ``data``) and where it belongs (an asset name, ``connector``, ``task data``)."""
+    from benchmarks.assets.cache import sha256_cached
+
+    p = Path(path).resolve()
+    return {"path": str(p), "sha256": sha256_cached(p), "bytes": p.stat().st_size, "role": role, "source": source}
+
+
+def asset_files(name: str) -> list[dict[str, Any]]:
+    """Every file of the cached asset ``name`` (models: weights, config, tokenizer; datasets: their data);
+    ``[]`` when ``name`` is not in the cache (tiny test models, hub ids)."""
+    from benchmarks.assets import Cache
+
+    cache = Cache()
+    rec = cache.record(name)
+    if rec is None:
+        return []
+    role = "weights" if rec.get("kind") == "model" else "data"
+    entry = cache.entry_path(name)
+    return [file_entry(entry / rel, role, name) for rel in sorted(rec.get("files") or {})]
+
+
+def run_files(assets: list[str], weights: list[str | Path] = (), data: list[str | Path] = ()) -> list[dict[str, Any]]:
+    """Every file a run used, each once, sorted by path: the cached ``assets``' files, ``weights`` loaded
+    from elsewhere (the aligned connector) and the task's local ``data`` files."""
+    out: dict[str, dict[str, Any]] = {}
+    entries = [e for name in dict.fromkeys(a for a in assets if a) for e in asset_files(name)]
+    entries += [file_entry(p, "weights", "connector") for p in weights]
+    entries += [file_entry(p, "data", "task data") for p in data]
+    for e in entries:
+        out.setdefault(e["path"], e)
+    return [out[k] for k in sorted(out)]
+
+
+def collect(assets: list[str], files: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Everything needed to say which code, packages, hardware and data produced a run: ``files`` is
+    ``run_files(...)`` (every weight and data file with its sha256)."""
     from datetime import datetime, timezone
 
     return {"git": git_state(), "packages": package_versions(), "hardware": hardware(), "assets": asset_provenance(assets),
-            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "files": list(files or []), "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}

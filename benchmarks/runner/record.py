@@ -26,7 +26,9 @@ A record is a plain dict::
                       "val_vs_chance_p", "chance", "final_train_loss", "uniform_entropy", ...}
     per_example       {"validation": {"n", "ids_sha256", "correct": "0110...", "pred": [...]}, "test": {...}}
                       (absent for tasks that give no per-example results)
-    provenance        git{commit,dirty}, packages{...}, hardware{python,gpu,cuda}, assets{name: provenance}
+    provenance        git{commit,dirty}, packages{...}, hardware{python,gpu,cuda}, assets{name: provenance},
+                      files [{path, sha256, bytes, role: "weights"|"data", source: asset | "connector" | "task data"}]
+                      (every weight and data file the run used; provenance.run_files)
     side              on disk only: {"file", "sha256", "keys"} naming the gzip side file that holds nalora.history,
                       diagnostics.selection_misalignment.per_layer, adapted_modules and per_example.*.pred
                       (``sidefile.py``; the store writes it, the report attaches it)
@@ -42,7 +44,7 @@ RECORD_SCHEMA = 2
 LEADERBOARD_COLUMNS = [
     "run_id", "status", "error_type", "model", "task", "family", "method", "base_method", "ablation",
     "seed", "lr", "selected", "options", "targets", "rank", "alpha", "dropout", "steps", "batch_size",
-    "grad_accum", "selection_metric", "val_score", "report_metric", "test_score", "protocol",
+    "grad_accum", "selection_metric", "val_score", "report_metric", "test_score", "chance", "protocol",
     "trainable_params", "total_params", "trainable_pct", "peak_gpu_mem_mib", "wall_s", "step_time_s",
     "units_per_s", "unit", "misalignment_mean_ds", "misalignment_regime_flip", "git_commit", "gpu", "suite",
 ]
@@ -94,6 +96,24 @@ def _misalignment(rec: dict, *names: str) -> float | None:
     return None
 
 
+def record_chance(rec: dict, metric: str) -> float | None:
+    """The chance level of ``metric`` for a record's task: ``task_info.chance`` (``Task.chance()``), else, for
+    records written before it was recorded, ``1 / number of choices`` when the task info gives that count."""
+    info = rec.get("task_info") or {}
+    ch = info.get("chance")
+    if isinstance(ch, dict) and isinstance(ch.get(metric), (int, float)):
+        return float(ch[metric])
+    if isinstance(ch, (int, float)) and not isinstance(ch, bool):
+        return float(ch)
+    for k in ("num_choices", "n_choices"):
+        if isinstance(info.get(k), int) and info[k] > 0:
+            return 1.0 / info[k]
+    for k in ("choices", "labels", "classes"):
+        if isinstance(info.get(k), list) and info[k]:
+            return 1.0 / len(info[k])
+    return None
+
+
 def leaderboard_row(rec: dict, selected: bool) -> dict[str, Any]:
     """The leaderboard row of one record (columns in ``LEADERBOARD_COLUMNS``)."""
     c, info, perf = rec["config"], rec.get("task_info", {}), rec.get("perf", {})
@@ -125,6 +145,7 @@ def leaderboard_row(rec: dict, selected: bool) -> dict[str, Any]:
         "val_score": metrics.get("validation", {}).get(sel_metric),
         "report_metric": rep_metric,
         "test_score": metrics.get("test", {}).get(rep_metric),
+        "chance": record_chance(rec, rep_metric),
         "protocol": info.get("protocol", ""),
         "trainable_params": trainable,
         "total_params": total,

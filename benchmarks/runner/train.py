@@ -247,7 +247,8 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
         torch.cuda.synchronize()
     train_s = time.time() - t_train - eval_s
 
-    result: dict[str, Any] = {"trainable_params": trainable, "total_params": total, "adapted_modules": list(adapted.report)}
+    result: dict[str, Any] = {"trainable_params": trainable, "total_params": total, "adapted_modules": list(adapted.report),
+                              "weight_files": list(setup.files)}  # for the record's provenance (execute.py)
     if adapted.controller is not None:
         result["nalora"] = {"history": adapted.controller.history()}
     adapted.finalize()  # NA-LoRA folds its mask: what is evaluated is exactly the adapter that is saved

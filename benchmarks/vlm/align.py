@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.progress_env import progress_enabled
 from benchmarks.vlm.composed import ComposedVLM
 from benchmarks.vlm.encoders import ImageTransform, patch_tokens, pool_grid
 from benchmarks.vlm.io import text_batch
@@ -122,8 +123,15 @@ def _caption_loss(vlm: ComposedVLM, feats: torch.Tensor, text: dict, idx: torch.
 
 def align_connector(vlm: ComposedVLM, transform: ImageTransform, tokenizer: Any,
                     train_pairs: Sequence[tuple[Image.Image, str]],
-                    eval_pairs: Sequence[tuple[Image.Image, str]], cfg: AlignConfig) -> dict[str, Any]:
-    """Train ``vlm.connector`` in place on caption pairs (towers frozen); returns the loss record."""
+                    eval_pairs: Sequence[tuple[Image.Image, str]], cfg: AlignConfig,
+                    progress: bool | None = None) -> dict[str, Any]:
+    """Train ``vlm.connector`` in place on caption pairs (towers frozen); returns the loss record.
+
+    Shows a bar (encoding, then steps with the loss) unless ``progress`` is False or, when it is None,
+    ``--no-progress`` is in effect: on a CPU with real towers this takes a minute, which must not be silent.
+    """
+    from tqdm.auto import tqdm
+
     if not train_pairs:
         raise ValueError("alignment needs at least one image-caption pair")
     device = next(vlm.parameters()).device
@@ -147,9 +155,12 @@ def align_connector(vlm: ComposedVLM, transform: ImageTransform, tokenizer: Any,
                   for i in range(0, feats.shape[0], 32)]
         return float(np.mean(losses))
 
+    bar = tqdm(total=cfg.steps, desc="align connector: encoding images", unit="step", leave=False,
+               disable=not (progress_enabled() if progress is None else progress))
     train_feats, train_text = prep(train_pairs)
     eval_feats, eval_text = prep(eval_pairs) if eval_pairs else (torch.zeros(0), {})
     encode_s = time.time() - t0
+    bar.set_description("align connector")
     before = eval_loss(eval_feats, eval_text)
     opt = torch.optim.AdamW(vlm.connector.parameters(), lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -162,6 +173,9 @@ def align_connector(vlm: ComposedVLM, transform: ImageTransform, tokenizer: Any,
         opt.step()
         opt.zero_grad(set_to_none=True)
         history.append(float(loss.detach()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{history[-1]:.3f}", refresh=False)
+    bar.close()
     after = eval_loss(eval_feats, eval_text)
     for n_, p in vlm.named_parameters():
         p.requires_grad_(req[n_])
@@ -206,7 +220,7 @@ def load_or_align(vlm: ComposedVLM, transform: ImageTransform, tokenizer: Any, *
         device = next(vlm.connector.parameters()).device
         vlm.connector.load_state_dict(load_file(str(weights), device=str(device)))
         record = json.loads(record_path.read_text())
-        record["cached"] = True
+        record.update(cached=True, path=str(weights))
         return record
     train_pairs, eval_pairs = pairs if pairs is not None else (
         alignment_pairs(cfg, "train"), alignment_pairs(cfg, "validation"))
@@ -219,5 +233,5 @@ def load_or_align(vlm: ComposedVLM, transform: ImageTransform, tokenizer: Any, *
     _atomic_write(weights, lambda tmp: save_file(state, tmp))
     # The record is written last: its presence marks a complete entry.
     _atomic_write(record_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
-    record["cached"] = False
+    record.update(cached=False, path=str(weights))  # where the weights are: not stored, the cache may move
     return record

@@ -85,7 +85,9 @@ class VisionQATask(Task):
         build = build_vlm(model_name, device, image_size=self.image_size, grid=self.grid, align=self.align,
                           align_config=self.align_config, cache_root=self.cache_root)
         trainable = getattr(build.io, "trainable", ["connector"])
+        connector = (build.alignment or {}).get("path")
         return TaskSetup(model=build.model, trainable=list(trainable), trainable_lr=self.connector_lr,
+                         files=[connector] if connector else [],
                          extras={"io": build.io, "classes": self.classes(), "alignment": build.alignment,
                                  "provenance": build.provenance, "spec": build.spec})
 
