@@ -278,6 +278,21 @@ def test_collapse_rule_b_needs_the_answer_nll_and_adapts_to_validation_size():
         pe = _per_example([i % 10 for i in range(n)], [i % 100 < 13 for i in range(n)], [math.log(10)] * n, 10)
         h = assess(val_metrics={"acc": 0.13}, selection_metric="acc", chance={"acc": 0.1}, per_example=pe)
         assert h["collapsed"] is collapsed, (n, h["val_vs_chance_p"])
+    # The uniform-answer band: 5% of mean ln K on either side.
+    preds, correct = [i % 10 for i in range(200)], [i % 10 == 0 for i in range(200)]
+    for factor, collapsed in ((1.04, True), (0.96, True), (1.06, False), (0.94, False)):
+        pe = _per_example(preds, correct, [factor * math.log(10)] * 200, 10)
+        h = assess(val_metrics={"acc": 0.1}, selection_metric="acc", chance={"acc": 0.1}, per_example=pe)
+        assert h["collapsed"] is collapsed, factor
+
+
+def test_compact_keeps_the_answer_level_means():
+    from benchmarks.runner.health import compact
+
+    pe = compact({"id": ["a", "b"], "pred": [0, 1], "correct": [True, False], "answer_nll": [0.5, 1.5],
+                  "n_choices": [2, 4]})
+    assert pe["answer_nll"] == pytest.approx(1.0) and pe["uniform_nll"] == pytest.approx((math.log(2) + math.log(4)) / 2)
+    assert "answer_nll" not in compact({"id": ["a"], "pred": ["7"], "correct": [True]})  # free text: no choices
 
 
 def test_rule_version_of_records():
