@@ -18,7 +18,10 @@ import torch
 from torch import nn
 
 PerExample = dict[str, list]
-"""``{"id": [str, ...], "pred": [int | str, ...], "correct": [bool, ...]}``: one entry per evaluated example."""
+"""``{"id": [str, ...], "pred": [int | str, ...], "correct": [bool, ...]}``: one entry per evaluated example.
+Tasks with choices add ``"answer_nll": [float, ...]`` (``-log softmax`` over the choices' scores of the gold
+choice, ``tasks.scoring.answer_nll``) and ``"n_choices": [int, ...]``: the collapse rule's answer-level loss
+(``benchmarks.runner.health``); without them only its prediction-share clause applies."""
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 from pathlib import Path
 
@@ -288,7 +289,13 @@ def test_evaluate_examples_agrees_with_evaluate(name, tiny):
     setup = task.setup_from(*tiny)
     metrics, per = task.evaluate_examples(setup, setup.model, "test", limit=3, batch_size=3)
     assert metrics == task.evaluate(setup, setup.model, "test", limit=3, batch_size=3)
-    assert set(per) == {"id", "pred", "correct"} and len(per["id"]) == len(per["pred"]) == len(per["correct"]) == 3
+    # Choice tasks add the collapse rule's answer-level loss; free-text tasks have no choices.
+    choice_keys = {"answer_nll", "n_choices"} if task.answer_format != "free_text" else set()
+    assert set(per) == {"id", "pred", "correct"} | choice_keys
+    assert len(per["id"]) == len(per["pred"]) == len(per["correct"]) == 3
+    if choice_keys:
+        assert per["n_choices"] == [len(task.doc_to_choices(ex)) for ex in task.examples("test", limit=3)]
+        assert all(math.isfinite(v) and v >= 0 for v in per["answer_nll"])
     assert len(set(per["id"])) == 3 and all(isinstance(i, str) for i in per["id"])
     assert sum(per["correct"]) / 3 == pytest.approx(metrics[task.report_metric])
     # The ids name the evaluated rows: the same examples come back from examples().
@@ -307,6 +314,10 @@ def test_evaluate_examples_predictions_follow_the_scores(monkeypatch, tiny):
     metrics, per = task.evaluate_examples(setup, setup.model, "test")
     golds = [task.doc_to_label(ex) for ex in task.examples("test")]
     assert per["pred"] == [0] * len(golds) and per["correct"] == [g == 0 for g in golds]
+    # answer NLL = -log softmax over the choice scores of the gold choice
+    ks = [len(task.doc_to_choices(ex)) for ex in task.examples("test")]
+    assert per["answer_nll"] == pytest.approx([(0.0 if g == 0 else 5.0) + math.log(1 + (k - 1) * math.exp(-5.0))
+                                               for g, k in zip(golds, ks)])
     assert metrics["acc"] == pytest.approx(sum(g == 0 for g in golds) / len(golds))
 
 

@@ -138,10 +138,37 @@ def test_binomial_tail():
     assert binom_sf(0, 10, 0.3) == 1.0 and binom_sf(11, 10, 0.3) == 0.0
 
 
-def _per_example(preds, correct):
+def _per_example(preds, correct, nll=None, k=None):
     from benchmarks.runner.health import compact
 
-    return compact({"id": [str(i) for i in range(len(preds))], "pred": preds, "correct": correct})
+    extra = {} if nll is None else {"answer_nll": nll, "n_choices": [k] * len(preds)}
+    return compact({"id": [str(i) for i in range(len(preds))], "pred": preds, "correct": correct, **extra})
+
+
+def _old_rule_collapsed(value: float, n: int, chance: float, final_train_loss: float) -> bool:
+    """Clause (b) of collapse rule v1, for contrast: binomial test plus the per-token train loss at ln(1/chance)."""
+    from benchmarks.runner.health import binom_sf
+
+    entropy = math.log(1 / chance)
+    return binom_sf(round(value * n), n, chance) >= 0.05 and abs(final_train_loss - entropy) <= 0.05 * entropy
+
+
+def _choice_scores(lls_rows, labels):
+    """Synthetic per-example outputs of a K-way choice task through the one scoring module."""
+    from tasks.scoring import score_choices
+
+    k = len(lls_rows[0])
+    return score_choices(lls_rows, [[f"class {j}" for j in range(k)]] * len(lls_rows), labels)
+
+
+def _assess_scores(scores, final_train_loss=None):
+    from benchmarks.runner.health import assess, compact
+
+    pe = compact(scores.per_example([str(i) for i in range(len(scores.gold))]))
+    acc = scores.metrics(norm=False)["acc"]
+    k = scores.n_choices[0]
+    return assess(val_metrics={"acc": acc}, selection_metric="acc", chance={"acc": 1 / k}, per_example=pe,
+                  final_train_loss=final_train_loss), acc
 
 
 def test_collapse_when_one_answer_dominates():
@@ -150,26 +177,131 @@ def test_collapse_when_one_answer_dominates():
     pe = _per_example([3] * 95 + [1] * 5, [True] * 60 + [False] * 40)
     h = assess(val_metrics={"acc": 0.6}, selection_metric="acc", chance={"acc": 0.25}, per_example=pe,
                final_train_loss=0.3)
-    assert h["collapsed"] and h["top_pred_share"] == pytest.approx(0.95) and "95%" in h["reasons"][0]
+    assert h["collapsed"] and h["top_pred_share"] == pytest.approx(0.95)
+    assert h["reasons"][0].startswith("(a) prediction share: 95.0% of 100") and h["clauses"]["a"] == "fired"
     pe = _per_example([3] * 89 + [1] * 11, [True] * 60 + [False] * 40)
     h = assess(val_metrics={"acc": 0.6}, selection_metric="acc", chance={"acc": 0.25}, per_example=pe,
                final_train_loss=0.3)
-    assert not h["collapsed"]  # 89% < 90%
+    assert not h["collapsed"] and h["clauses"]["a"] == "not fired"  # 89% < 90%
 
 
-def test_collapse_at_chance_with_loss_at_uniform_entropy():
+def test_answer_nll_is_ln_k_for_a_uniform_choice_distribution():
+    from tasks.scoring import answer_nll
+
+    # Equal choice scores, however many tokens each choice has (their sums are what is compared).
+    assert answer_nll([-7.5] * 10, 3) == pytest.approx(math.log(10))
+    assert answer_nll([0.0, math.log(3)], 0) == pytest.approx(math.log(4))  # p(gold) = 1/4
+    assert answer_nll([-1e4, -1e4 - math.log(3)], 1) == pytest.approx(math.log(4))  # stable far from 0
+    assert math.isnan(answer_nll([float("-inf"), 0.0], 1))
+
+
+def test_collapse_a_one_token_answers_at_chance():
+    """(a) One-token answers, a collapsed run: uniform choice distribution up to noise, argmax spread, at chance."""
+    rng = torch.Generator().manual_seed(0)
+    k, n = 10, 400
+    labels = [i % k for i in range(n)]
+    lls = (math.log(1 / k) + 1e-3 * torch.randn(n, k, generator=rng)).tolist()  # log p of one answer token
+    h, acc = _assess_scores(_choice_scores(lls, labels), final_train_loss=math.log(k))
+    assert h["collapsed"] and h["clauses"] == {"a": "not fired", "b": "fired"}
+    assert h["answer_nll"] == pytest.approx(math.log(k), abs=0.01) and h["uniform_nll"] == pytest.approx(math.log(k))
+    assert h["val_vs_chance_p"] >= 0.05 and h["reasons"][0].startswith("(b) chance with uniform answers")
+    assert f"answer NLL {h['answer_nll']:.3f}" in h["reasons"][0] and f"p = {h['val_vs_chance_p']:.3g}" in h["reasons"][0]
+    assert _old_rule_collapsed(acc, n, 1 / k, math.log(k))  # the one case rule v1 got right
+
+
+def test_collapse_b_multi_token_answers_with_low_per_token_loss():
+    """(b) Class names of three tokens: the collapsed model spreads its first token uniformly and then copies the
+    easy continuation tokens, so its per-token train loss is ln(10)/3, far below ln(10): rule v1 said ok."""
+    rng = torch.Generator().manual_seed(1)
+    k, n, tokens = 10, 400, 3
+    labels = [i % k for i in range(n)]
+    # Summed log-likelihood of each choice: log(1/k) on the first token, ~0 on the two continuation tokens.
+    lls = (math.log(1 / k) + 1e-3 * torch.randn(n, k, generator=rng) - 1e-4 * (tokens - 1)).tolist()
+    per_token_loss = math.log(k) / tokens
+    h, acc = _assess_scores(_choice_scores(lls, labels), final_train_loss=per_token_loss)
+    assert h["collapsed"] and h["clauses"]["b"] == "fired" and h["top_pred_share"] < 0.9  # spread predictions
+    assert h["final_train_loss"] == per_token_loss
+    assert not _old_rule_collapsed(acc, n, 1 / k, per_token_loss)  # what rule v1 recorded: ok
+
+
+def test_collapse_c_a_good_run_is_ok():
+    k, n = 10, 400
+    labels = [i % k for i in range(n)]
+    # Gold gets most of the mass on 80% of the examples; wrong but unsure elsewhere.
+    lls = [[0.0 if j == y else -4.0 for j in range(k)] if i % 5 else [0.0 if j == (y + 1) % k else -1.0 for j in range(k)]
+           for i, y in enumerate(labels)]
+    h, acc = _assess_scores(_choice_scores(lls, labels))
+    assert acc == pytest.approx(0.8) and not h["collapsed"] and h["reasons"] == []
+    assert h["clauses"] == {"a": "not fired", "b": "not fired"} and h["answer_nll"] < 0.5 * math.log(k)
+
+
+def test_collapse_d_confidently_wrong_at_chance_is_not_collapsed():
+    """(d) A task beyond the model: at chance, but each input gets a confident (random) answer, so the answer NLL
+    is far above ln K. The model is not degenerate: the run is ok, and the report's chance test marks the task
+    uninformative when no method beats chance."""
+    k, n = 4, 400
+    labels = [i % k for i in range(n)]
+    picks = [(y + i // k) % k for i, y in enumerate(labels)]  # an input-dependent answer, right 1 time in k
+    lls = [[0.0 if j == p else -6.0 for j in range(k)] for p in picks]
+    h, acc = _assess_scores(_choice_scores(lls, labels))
+    assert acc == 1 / k and h["val_vs_chance_p"] >= 0.05 and h["top_pred_share"] == 1 / k  # at chance, spread
+    assert h["answer_nll"] > 2 * math.log(k) and not h["collapsed"] and h["clauses"]["b"] == "not fired"
+
+
+def test_collapse_e_generation_task_uses_the_prediction_share_only():
+    """(e) Free-text answers (gsm8k, exact match): no choices, chance 0, no answer NLL. Clause (b) is not
+    applicable and says why; clause (a) still catches a model that always answers the same."""
     from benchmarks.runner.health import assess
 
-    preds = [i % 10 for i in range(200)]  # spread answers: rule (a) does not fire
-    pe = _per_example(preds, [i % 10 == 0 for i in range(200)])
-    at_chance = {"val_metrics": {"acc": 0.105}, "selection_metric": "acc", "chance": {"acc": 0.1}, "per_example": pe}
-    h = assess(**at_chance, final_train_loss=math.log(10) * 1.02)
-    assert h["collapsed"] and h["val_vs_chance_p"] > 0.05 and h["uniform_entropy"] == pytest.approx(math.log(10))
-    # The train loss moved off the uniform entropy: not collapsed (a hard task, not a degenerate run).
-    assert not assess(**at_chance, final_train_loss=math.log(10) * 0.9)["collapsed"]
-    # Clearly above chance (p < 0.05) with the same loss: not collapsed.
-    above = dict(at_chance, val_metrics={"acc": 0.2})
-    assert not assess(**above, final_train_loss=math.log(10))["collapsed"]
+    spread = _per_example([str(i) for i in range(100)], [False] * 100)
+    h = assess(val_metrics={"exact_match": 0.0}, selection_metric="exact_match", chance={"exact_match": 0.0},
+               per_example=spread, final_train_loss=0.5)
+    assert not h["collapsed"] and h["clauses"]["a"] == "not fired"
+    assert h["clauses"]["b"].startswith("not applicable: chance of 'exact_match' is 0.0 (free-text")
+    same = _per_example([""] * 95 + ["3"] * 5, [False] * 100)
+    h = assess(val_metrics={"exact_match": 0.0}, selection_metric="exact_match", chance={"exact_match": 0.0},
+               per_example=same, final_train_loss=0.5)
+    assert h["collapsed"] and h["reasons"] == ["(a) prediction share: 95.0% of 100 validation predictions are '' (>= 90%)"]
+
+
+def test_collapse_rule_b_needs_the_answer_nll_and_adapts_to_validation_size():
+    from benchmarks.runner.health import assess
+
+    preds = [i % 10 for i in range(200)]
+    # A plugin with per-example predictions but no answer NLL: clause (b) is not applicable (a per-token train
+    # loss at ln K proves nothing for answers of several tokens).
+    h = assess(val_metrics={"acc": 0.1}, selection_metric="acc", chance={"acc": 0.1},
+               per_example=_per_example(preds, [p == 0 for p in preds]), final_train_loss=math.log(10))
+    assert not h["collapsed"] and "no finite answer NLL" in h["clauses"]["b"]
+    # The chance band is a binomial test: 13% is at chance on 200 examples, above chance on 2000.
+    for n, collapsed in ((200, True), (2000, False)):
+        pe = _per_example([i % 10 for i in range(n)], [i % 100 < 13 for i in range(n)], [math.log(10)] * n, 10)
+        h = assess(val_metrics={"acc": 0.13}, selection_metric="acc", chance={"acc": 0.1}, per_example=pe)
+        assert h["collapsed"] is collapsed, (n, h["val_vs_chance_p"])
+    # The uniform-answer band: 5% of mean ln K on either side.
+    preds, correct = [i % 10 for i in range(200)], [i % 10 == 0 for i in range(200)]
+    for factor, collapsed in ((1.04, True), (0.96, True), (1.06, False), (0.94, False)):
+        pe = _per_example(preds, correct, [factor * math.log(10)] * 200, 10)
+        h = assess(val_metrics={"acc": 0.1}, selection_metric="acc", chance={"acc": 0.1}, per_example=pe)
+        assert h["collapsed"] is collapsed, factor
+
+
+def test_compact_keeps_the_answer_level_means():
+    from benchmarks.runner.health import compact
+
+    pe = compact({"id": ["a", "b"], "pred": [0, 1], "correct": [True, False], "answer_nll": [0.5, 1.5],
+                  "n_choices": [2, 4]})
+    assert pe["answer_nll"] == pytest.approx(1.0) and pe["uniform_nll"] == pytest.approx((math.log(2) + math.log(4)) / 2)
+    assert "answer_nll" not in compact({"id": ["a"], "pred": ["7"], "correct": [True]})  # free text: no choices
+
+
+def test_rule_version_of_records():
+    from benchmarks.runner.health import RULE_VERSION, assess, rule_version
+
+    h = assess(val_metrics={"acc": 0.5}, selection_metric="acc", chance={"acc": 0.5}, per_example=None)
+    assert rule_version(h) == RULE_VERSION == 2 and h["clauses"]["a"].startswith("not applicable")
+    assert rule_version({"collapsed": False, "rule": {"top_share": 0.9, "alpha": 0.05, "loss_tol": 0.05}}) == 1
+    assert rule_version(None) is None
 
 
 class ConstantAnswerTask(tr.FakeTask):
@@ -334,6 +466,6 @@ def test_protocol_doc_states_the_code_constants():
     from benchmarks.runner.cli import EXIT_MORE_TO_DO, EXIT_RUNS_FAILED
 
     text = (tr.REPO / "docs/protocol.md").read_text()
-    for needle in (f">= {health.TOP_SHARE}", f"p < {health.ALPHA}", f"{round(100 * health.LOSS_TOL)}%", "lr_bounds",
+    for needle in (f">= {health.TOP_SHARE}", f"p < {health.ALPHA}", f"{round(100 * health.NLL_TOL)}%", "lr_bounds",
                    f"exit code {EXIT_RUNS_FAILED}", f"exit code {EXIT_MORE_TO_DO}"):
         assert needle in text, needle

@@ -219,3 +219,18 @@ def test_per_example_mismatch_falls_back_to_t(tmp_path):
     row = next(line for line in paired.splitlines() if line.startswith("| nalora | easy"))
     assert "| t (per-example results on different test examples) |" in row
     assert json.loads((tmp_path / "runs" / f"{recs[0]['run_id']}.json").read_text())["per_example"]
+
+
+def test_runs_judged_by_an_older_collapse_rule_are_named_not_rejudged(tmp_path):
+    """A record keeps the status its collapse rule gave; findings say how many were judged by rule v1."""
+    from benchmarks.runner.health import assess
+
+    rng = np.random.default_rng(5)
+    v1 = v2_record("m", "easy", "lora", 3e-3, 0, _bits(rng, np.full(600, 0.25)), val=0.25)
+    v1["health"] = {"collapsed": False, "reasons": [], "rule": {"top_share": 0.9, "alpha": 0.05, "loss_tol": 0.05}}
+    v2 = v2_record("m", "easy", "lora", 1e-2, 0, _bits(rng, np.full(600, 0.25)), val=0.25)
+    v2["health"] = assess(val_metrics={"acc": 0.25}, selection_metric="acc", chance={"acc": 0.5}, per_example=None)
+    make_v2(tmp_path, seeds=(0,), extra=[v1, v2])
+    build_report(tmp_path, plots=False)
+    text = (tmp_path / "findings.md").read_text()
+    assert "1 of these runs were judged by an older collapse rule" in text and "keep that status" in text

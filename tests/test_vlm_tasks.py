@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -238,6 +240,8 @@ def test_evaluate_examples_agrees_with_evaluate(name, spec, splits):
     assert sum(per["correct"]) / 7 == pytest.approx(metrics["acc"])
     labels = task.load_splits()["test"]["label"]
     assert per["correct"] == [p == labels[int(i)] for p, i in zip(per["pred"], per["id"])]
+    # The answer-level loss of the collapse rule, one scoring path for QA and probe: -log p(gold) over the classes.
+    assert per["n_choices"] == [3] * 7 and all(math.isfinite(v) and v >= 0 for v in per["answer_nll"])
     assert task.describe()["chance"] == {"acc": pytest.approx(1 / 3), **({} if "probe" in name else {"acc_norm": pytest.approx(1 / 3)})}
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from benchmarks.report import tables as T
 from benchmarks.report.analysis import BAD_STATUSES, BASELINE, Analysis, method_order
+from benchmarks.runner.health import RULE_VERSION, rule_version
 from benchmarks.runner.store import atomic_write_text
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -38,9 +39,14 @@ def _runs_line(records: list[dict]) -> str:
     seeds = sorted({int(r["config"]["seed"]) for r in records})
     steps = sorted({(r["config"].get("training") or {}).get("steps") for r in records} - {None})
     batch = sorted({(r["config"].get("training") or {}).get("batch_size") for r in records} - {None})
+    # A status is never re-derived here: a record keeps the verdict of the collapse rule that judged it.
+    versions = [rule_version(r.get("health")) for r in records]
+    older = sum(1 for v in versions if v is not None and v < RULE_VERSION)
     return (f"{len(records)} reported runs: " + ", ".join(f"{v} {k}" for k, v in counts.items())
             + f"; seeds {', '.join(map(str, seeds))}; {'/'.join(map(str, steps))} optimiser steps of batch "
-            f"{'/'.join(map(str, batch))}; hardware: {', '.join(gpus)}.")
+            f"{'/'.join(map(str, batch))}; hardware: {', '.join(gpus)}."
+            + (f" {older} of these runs were judged by an older collapse rule (v1: per-token train loss, blind to "
+               f"collapse on answers of several tokens; docs/protocol.md) and keep that status." if older else ""))
 
 
 def model_findings(an: Analysis, model: str) -> list[str]:

@@ -22,10 +22,14 @@ A record is a plain dict::
     diagnostics       {"selection_misalignment": {...} | {"error": str}, "source": str} for gate-touching methods
                       (source "validation": the task's held-out batches; "train-stream-fallback": a plugin
                       without ``heldout_batches``, fresh training batches instead)
-    health            benchmarks.runner.health.assess: {"collapsed": bool, "reasons": [str], "top_pred_share",
-                      "val_vs_chance_p", "chance", "final_train_loss", "uniform_entropy", ...}
-    per_example       {"validation": {"n", "ids_sha256", "correct": "0110...", "pred": [...]}, "test": {...}}
-                      (absent for tasks that give no per-example results)
+    health            benchmarks.runner.health.assess: {"collapsed": bool, "reasons": [str, one per clause fired],
+                      "clauses": {"a", "b"}, "top_pred", "top_pred_share", "val_vs_chance_p", "chance",
+                      "answer_nll", "uniform_nll", "final_train_loss", "rule": {"version", constants}}
+                      (rule version 1, before ``rule.version`` existed: clause (b) used the per-token train loss
+                      and ``uniform_entropy``; such records keep the status they were judged with)
+    per_example       {"validation": {"n", "ids_sha256", "correct": "0110...", "pred": [...], "answer_nll",
+                      "uniform_nll"}, "test": {...}} (absent for tasks that give no per-example results;
+                      answer_nll / uniform_nll only for tasks with choices)
     provenance        git{commit,dirty}, packages{...}, hardware{python,gpu,cuda}, assets{name: provenance},
                       files [{path, sha256, bytes, role: "weights"|"data", source: asset | "connector" | "task data"}]
                       (every weight and data file the run used; provenance.run_files)

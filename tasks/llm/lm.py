@@ -322,8 +322,7 @@ class ChoiceTask(LMTask):
         metrics = self.metrics_from(lls, choices, labels)
         # Per-example predictions follow the reported metric (acc unless a task reports acc_norm).
         key = self.report_metric if self.report_metric in ("acc", "acc_norm") else "acc"
-        ids = [str(i) for i in self.example_indices(split, limit)]
-        return metrics, {"id": ids, "pred": scores.predictions(key), "correct": scores.correct(key)}
+        return metrics, scores.per_example(self.example_indices(split, limit), key)
 
     def evaluate(
         self, setup: TaskSetup, model: nn.Module, split: str, limit: int | None = None, batch_size: int = 16

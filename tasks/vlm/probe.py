@@ -18,6 +18,7 @@ from benchmarks.vlm.composed import VLMOutput
 from benchmarks.vlm.encoders import hidden_size, pooled_feature
 from tasks.base import PerExample, Task, TaskSetup
 from tasks.registry import register_task
+from tasks.scoring import score_choices
 from tasks.vlm.data import SOURCES, cap_train, class_names, epochs, eval_order, to_device
 
 
@@ -112,19 +113,21 @@ class VisionProbeTask(Task):
         order = eval_order(len(data), limit)
         was_training, device = model.training, device_of(model)
         model.eval()
-        preds: list[int] = []
+        lls: list[list[float]] = []
         gold: list[int] = []
         try:
             for i in range(0, len(order), batch_size):
                 rows = data.select(order[i : i + batch_size])
                 logits = model(pixel_values=transform.stack(rows["image"]).to(device)).logits
-                preds.extend(int(p) for p in logits.argmax(-1).cpu())
+                # Class log-probabilities: the head's choice scores, scored like every choice task (tasks.scoring).
+                lls.extend(torch.log_softmax(logits.float(), -1).cpu().tolist())
                 gold.extend(int(y) for y in rows["label"])
         finally:
             model.train(was_training)
-        correct = [p == g for p, g in zip(preds, gold)]
-        acc = sum(correct) / len(correct) if correct else float("nan")
-        return {"acc": acc, "n": float(len(order))}, {"id": [str(i) for i in order], "pred": preds, "correct": correct}
+        if not lls:
+            return {"acc": float("nan"), "n": 0.0}, {"id": [], "pred": [], "correct": []}
+        scored = score_choices(lls, [setup.extras["classes"]] * len(lls), gold)
+        return {"acc": scored.metrics(norm=False)["acc"], "n": float(len(order))}, scored.per_example(order, "acc")
 
     def chance(self) -> dict[str, float]:
         return {"acc": 1.0 / len(self.classes())}

@@ -144,7 +144,7 @@ class VisionQATask(Task):
         result = scored.metrics(norm=True)
         result["n"] = float(len(order))
         key = self.report_metric if self.report_metric in ("acc", "acc_norm") else "acc"
-        return result, {"id": [str(i) for i in order], "pred": scored.predictions(key), "correct": scored.correct(key)}
+        return result, scored.per_example(order, key)
 
     @staticmethod
     def _scores(model: nn.Module, io: Any, images: list, choices: list[str], device: Any) -> torch.Tensor:
