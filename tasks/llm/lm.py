@@ -292,9 +292,12 @@ class ChoiceTask(LMTask):
         )
 
     def score(
-        self, setup: TaskSetup, model: nn.Module, split: str, limit: int | None = None, batch_size: int = 16
+        self, setup: TaskSetup, model: nn.Module, split: str, limit: int | None = None, batch_size: int = 16,
+        share_context: bool = True,
     ) -> tuple[list[list[float]], list[list[str]], list[int]]:
-        """Per example: the log-likelihood of each choice, the choice texts and the gold index."""
+        """Per example: the log-likelihood of each choice, the choice texts and the gold index.
+        ``share_context``: an example's choices share one forward of its context (``loglikelihoods``); False
+        scores one sequence per choice (the reference the fast path is tested and timed against)."""
         data = self.examples(split, limit)
         flat, spans, choices, labels = [], [], [], []
         for ex in data:
@@ -306,7 +309,7 @@ class ChoiceTask(LMTask):
         with _EvalMode(model):
             lls = loglikelihoods(
                 model, setup.extras["tokenizer"], flat, batch_size=batch_size, max_length=self.max_length,
-                add_bos=setup.extras.get("add_bos", False),
+                add_bos=setup.extras.get("add_bos", False), share_context=share_context,
             )
         return [lls[a:b] for a, b in spans], choices, labels
 
