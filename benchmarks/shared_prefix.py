@@ -75,5 +75,7 @@ def score_continuations(
         lm, None, input_ids=inputs, attention_mask=torch.cat([mask[rows], cont_mask], dim=1),
         past_key_values=cache, position_ids=start + torch.arange(width, device=device), use_cache=False,
     ).logits
-    tail = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    # log_softmax gathered at the targets without a second (rows, width, vocab) tensor
+    logits = logits.float()
+    tail = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     return logp + (tail * cont_mask).sum(dim=1)

@@ -203,8 +203,10 @@ def loglikelihoods(
     """Summed log-probability of each continuation given its context (lm-eval ``loglikelihood``).
 
     Requests with the same context tokens (the choices of one example) run that context once and share its
-    KV cache (``benchmarks.shared_prefix``; ``batch_size`` contexts per forward); the others, and all with
-    ``share_context=False``, run one left-padded sequence each (``batch_size`` per forward), keeping logits
+    KV cache (``benchmarks.shared_prefix``): a forward runs ``batch_size`` contexts, then their continuations
+    (the cache repeated once per continuation: up to ``k x`` the rows for ``k`` choices, over the continuation
+    tokens only). The others, and all with ``share_context=False``, run one left-padded sequence each
+    (``batch_size`` per forward). Both keep logits
     of the last ``max(len(continuation))`` positions only: memory stays small with a 256k vocabulary.
     Both give lm-eval's numbers: the model sees ``context + continuation`` as ``_encode_pair`` splits it.
     """
