@@ -129,3 +129,17 @@ def test_real_model_scores_and_metrics_unchanged(name):
     slow, _, _ = task.score(setup, setup.model, "validation", limit=24, batch_size=8, share_context=False)
     assert [x for row in fast for x in row] == pytest.approx([x for row in slow for x in row], abs=1e-3)
     assert task.metrics_from(fast, choices, labels) == task.metrics_from(slow, choices, labels)
+
+
+def test_eval_time_script_compares_the_two_scorings(tiny):
+    """benchmarks/perf/eval_time.py's scoring measurement on a fixture task: both modes timed, same numbers."""
+    from pathlib import Path
+
+    from benchmarks.perf.eval_time import measure_scoring
+    from tasks.registry import get_task, load_tasks
+
+    load_tasks()
+    task = get_task("hellaswag", data_dir=Path(__file__).parent / "fixtures" / "tasks" / "hellaswag")
+    rec = measure_scoring(task, task.setup_from(*tiny), limit=4, batch_size=2, rounds=2)
+    assert set(rec["s_per_example"]) == {"per_choice", "shared"} and rec["speedup"]["n"] == 2
+    assert rec["max_abs_ll_diff"] < 1e-3 and rec["metrics"]["per_choice"] == rec["metrics"]["shared"]
