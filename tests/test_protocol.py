@@ -362,7 +362,7 @@ def test_curve_limit_cheapens_periodic_evaluations_only_and_null_keeps_run_ids(t
 
     assert [curve_examples(500, 100), curve_examples(64, 100), curve_examples(None, 100), curve_examples(500, None)] == \
         [100, 64, 100, 500]
-    old = tr.load(tr.write_suite(tmp_path / "old.yaml", tr.BASE_SUITE))
+    old = tr.load(tr.write_suite(tmp_path / "old.yaml", tr.BASE_SUITE.replace("eval_limit: 8", "eval_limit: 8, curve_limit: null")))
     (old_spec,) = expand(old, lambda n: ("llm", "tiny-llama"))
     assert "curve_limit" not in old_spec.config["training"]  # null: the config (and id) of runs before the key
     new = tr.load(tr.write_suite(tmp_path / "new.yaml", tr.BASE_SUITE.replace("eval_limit: 8", "eval_limit: 8, curve_limit: 3")))
