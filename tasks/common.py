@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from benchmarks.shared_prefix import forward_keep, score_continuations
 from tasks.scoring import choice_metrics  # noqa: F401 - public re-export (one scoring module)
 
 IGNORE_INDEX = -100
@@ -157,48 +158,86 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 # log-likelihood scoring
 
 
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices ``0..len(lengths)-1`` in batches of at most ``batch_size``, longest first (ties keep their
+    order): batches of similar length pad less (lm-eval sorts the same way). Callers write each result back
+    at its index, so the caller's order is restored."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def _left_padded(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of ``seqs`` padded on the left to the longest."""
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        input_ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[r, width - len(s) :] = 1
+    return input_ids, mask
+
+
+def _shared_groups(encoded: Sequence[tuple[list[int], list[int]]], max_length: int) -> tuple[list[list[int]], list[int]]:
+    """Requests that can share one forward of their context (groups of >= 2 with equal context tokens and no
+    truncation: a truncated request loses context tokens from the left, differently per continuation), and
+    the rest, scored one sequence each."""
+    by_ctx: dict[tuple[int, ...], list[int]] = {}
+    single = []
+    for i, (ctx, cont) in enumerate(encoded):
+        if ctx and len(ctx) + len(cont) - 1 <= max_length:
+            by_ctx.setdefault(tuple(ctx), []).append(i)
+        else:
+            single.append(i)
+    groups = [g for g in by_ctx.values() if len(g) > 1]
+    single += [g[0] for g in by_ctx.values() if len(g) == 1]
+    return groups, sorted(single)
+
+
 @torch.no_grad()
 def loglikelihoods(
     model: nn.Module, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 16,
-    max_length: int = 1024, add_bos: bool = False,
+    max_length: int = 1024, add_bos: bool = False, share_context: bool = True,
 ) -> list[float]:
     """Summed log-probability of each continuation given its context (lm-eval ``loglikelihood``).
 
-    Sequences are left-padded (explicit position ids) so that only the last ``max(len(continuation))``
-    positions need logits: memory stays small even with a 256k vocabulary.
+    Requests with the same context tokens (the choices of one example) run that context once and share its
+    KV cache (``benchmarks.shared_prefix``): a forward runs ``batch_size`` contexts, then their continuations
+    (the cache repeated once per continuation: up to ``k x`` the rows for ``k`` choices, over the continuation
+    tokens only). The others, and all with ``share_context=False``, run one left-padded sequence each
+    (``batch_size`` per forward). Both keep logits
+    of the last ``max(len(continuation))`` positions only: memory stays small with a 256k vocabulary.
+    Both give lm-eval's numbers: the model sees ``context + continuation`` as ``_encode_pair`` splits it.
     """
     device = model_device(model)
     pad = _pad_id(tokenizer)
     encoded = [encode_pair(tokenizer, c, x, add_bos) for c, x in requests]
-    # Longest first: batches of similar length pad less (lm-eval sorts the same way).
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]) - len(encoded[i][1]))
+    for _, cont in encoded:
+        if len(cont) > max_length:
+            raise ValueError(f"continuation of {len(cont)} tokens exceeds max_length={max_length}")
+    groups, single = _shared_groups(encoded, max_length) if share_context else ([], list(range(len(encoded))))
     out = [0.0] * len(encoded)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        seqs, conts = [], []
-        for i in idx:
-            ctx, cont = encoded[i]
-            if len(cont) > max_length:
-                raise ValueError(f"continuation of {len(cont)} tokens exceeds max_length={max_length}")
-            # The model sees context + continuation minus the last token; keep the right end.
-            seqs.append((ctx + cont)[-(max_length + 1) :][:-1])
-            conts.append(cont)
-        width = max(len(s) for s in seqs)
+    for batch in length_sorted_batches([len(encoded[g[0]][0]) for g in groups], batch_size):
+        input_ids, mask = _left_padded([encoded[groups[b][0]][0] for b in batch], pad)
+        logp = score_continuations(
+            model, {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)},
+            [[encoded[i][1] for i in groups[b]] for b in batch],
+        ).tolist()
+        for i, value in zip((i for b in batch for i in groups[b]), logp):
+            out[i] = value
+    lengths = [len(encoded[i][0]) + len(encoded[i][1]) for i in single]
+    for batch in length_sorted_batches(lengths, batch_size):
+        idx = [single[b] for b in batch]
+        # The model sees context + continuation minus the last token; keep the right end.
+        seqs = [(encoded[i][0] + encoded[i][1])[-(max_length + 1) :][:-1] for i in idx]
+        conts = [encoded[i][1] for i in idx]
         keep = max(len(c) for c in conts)
-        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, s in enumerate(seqs):
-            input_ids[r, width - len(s) :] = torch.tensor(s)
-            mask[r, width - len(s) :] = 1
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        input_ids, mask = _left_padded(seqs, pad)
         kwargs = dict(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                      position_ids=position_ids.to(device))
-        try:
-            logits = model(**kwargs, logits_to_keep=keep).logits
-        except TypeError:  # a model without logits_to_keep: slice afterwards
-            logits = model(**kwargs).logits
-        logits = logits[:, -keep:].float()
-        logprobs = torch.log_softmax(logits, dim=-1)
+                      position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device))
+        logits = forward_keep(model, keep, **kwargs).logits
+        logprobs = torch.log_softmax(logits[:, -keep:].float(), dim=-1)
         for r, (i, cont) in enumerate(zip(idx, conts)):
             target = torch.tensor(cont, device=logprobs.device)
             lp = logprobs[r, keep - len(cont) :].gather(-1, target[:, None]).squeeze(-1)
@@ -215,34 +254,29 @@ def greedy_generate(
     model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 16,
     stop: Sequence[str] = ("\n\n",), max_length: int = 1024, add_bos: bool = False,
 ) -> list[str]:
-    """Greedy continuations of ``prompts`` (left-padded batches), cut at the first ``stop`` string."""
+    """Greedy continuations of ``prompts`` (left-padded, length-sorted batches; returned in the prompts' order),
+    cut at the first ``stop`` string."""
     device = model_device(model)
     pad = _pad_id(tokenizer)
-    texts = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        enc = []
-        for p in chunk:
-            ids = tokenizer(p, add_special_tokens=False)["input_ids"]
-            if add_bos and tokenizer.bos_token_id is not None:
-                ids = [tokenizer.bos_token_id] + ids
-            enc.append(ids[-(max_length - max_new_tokens) :])
-        width = max(len(e) for e in enc)
-        input_ids = torch.full((len(enc), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(enc), width), dtype=torch.long)
-        for r, e in enumerate(enc):
-            input_ids[r, width - len(e) :] = torch.tensor(e)
-            mask[r, width - len(e) :] = 1
+    enc = []
+    for p in prompts:
+        ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+        if add_bos and tokenizer.bos_token_id is not None:
+            ids = [tokenizer.bos_token_id] + ids
+        enc.append(ids[-(max_length - max_new_tokens) :])
+    texts = [""] * len(enc)
+    for batch in length_sorted_batches([len(e) for e in enc], batch_size):
+        input_ids, mask = _left_padded([enc[i] for i in batch], pad)
         gen = model.generate(
             input_ids=input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
             stop_strings=list(stop) or None, tokenizer=tokenizer,
         )
-        for row in gen[:, width:]:
+        for i, row in zip(batch, gen[:, input_ids.shape[1] :]):
             text = tokenizer.decode(row, skip_special_tokens=True)
             for s in stop:
                 text = text.split(s)[0]
-            texts.append(text)
+            texts[i] = text
     return texts
 
 

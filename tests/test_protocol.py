@@ -469,3 +469,38 @@ def test_protocol_doc_states_the_code_constants():
     for needle in (f">= {health.TOP_SHARE}", f"p < {health.ALPHA}", f"{round(100 * health.NLL_TOL)}%", "lr_bounds",
                    f"exit code {EXIT_RUNS_FAILED}", f"exit code {EXIT_MORE_TO_DO}"):
         assert needle in text, needle
+
+
+class LimitRecordingTask(tr.FakeTask):
+    """Records the (split, limit) of every evaluation the runner asks for."""
+
+    name = "fake-limits"
+
+    def __init__(self):
+        super().__init__()
+        self.asked = []
+
+    def evaluate_examples(self, setup, model, split, limit=None, batch_size=16):
+        self.asked.append((split, limit))
+        n = limit or 16
+        return {"acc": 0.5}, {"id": [str(i) for i in range(n)], "pred": [i % 2 for i in range(n)], "correct": [i % 2 == 0 for i in range(n)]}
+
+    evaluate = lambda self, *a, **k: self.evaluate_examples(*a, **k)[0]  # noqa: E731
+
+
+def test_curve_limit_cheapens_periodic_evaluations_only_and_null_keeps_run_ids(tmp_path):
+    from benchmarks.runner.grid import expand
+    from benchmarks.runner.train import curve_examples, train_run
+
+    assert [curve_examples(500, 100), curve_examples(64, 100), curve_examples(None, 100), curve_examples(500, None)] == \
+        [100, 64, 100, 500]
+    old = tr.load(tr.write_suite(tmp_path / "old.yaml", tr.BASE_SUITE))
+    (old_spec,) = expand(old, lambda n: ("llm", "tiny-llama"))
+    assert "curve_limit" not in old_spec.config["training"]  # null: the config (and id) of runs before the key
+    new = tr.load(tr.write_suite(tmp_path / "new.yaml", tr.BASE_SUITE.replace("eval_limit: 8", "eval_limit: 8, curve_limit: 3")))
+    (spec,) = expand(new, lambda n: ("llm", "tiny-llama"))
+    assert spec.config["training"]["curve_limit"] == 3 and spec.run_id != old_spec.run_id
+    task = LimitRecordingTask()
+    train_run(spec.config, task, injector=tr.stand_in_inject, progress=False)
+    # steps 3, eval_every 2: one periodic evaluation (curve subset), then the final validation and test in full.
+    assert task.asked == [("validation", 3), ("validation", 8), ("test", 8)]

@@ -65,6 +65,9 @@ class TrainingConfig(Strict):
     max_grad_norm: Annotated[Number, Field(gt=0)] | None
     eval_every: NonNegInt
     eval_limit: PosInt | None
+    # Periodic (curve) evaluations use the first curve_limit of the eval_limit examples; null = all of them.
+    # Left out of the run config (and so of the run id) when null: runs from before the key keep their ids.
+    curve_limit: PosInt | None
     test_limit: PosInt | None
     eval_batch_size: PosInt
     log_every: PosInt

@@ -76,6 +76,14 @@ def _evaluate(task: Task, setup: Any, model: torch.nn.Module, accelerator: Any, 
     return {k: float(v) for k, v in out.items()}, examples
 
 
+def curve_examples(eval_limit: int | None, curve_limit: int | None) -> int | None:
+    """Validation examples of a periodic evaluation: ``curve_limit`` capped at ``eval_limit`` (None = all).
+    Tasks take the first ``limit`` of one fixed permutation, so the curve subset is nested in the final one."""
+    if curve_limit is None:
+        return eval_limit
+    return curve_limit if eval_limit is None else min(curve_limit, eval_limit)
+
+
 def _heldout_batches(task: Task, setup: Any, n: int, batch_size: int, seed: int) -> tuple[list, str]:
     """A few batches for the misalignment diagnostic: the task's held-out batches when it offers them."""
     fn = getattr(task, "heldout_batches", None)
@@ -186,6 +194,7 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
     trainable, total = adapted.num_trainable(), sum(p.numel() for p in unwrapped.parameters())
 
     val_limit, test_limit = tr["eval_limit"], tr["test_limit"]
+    curve_limit = curve_examples(val_limit, tr.get("curve_limit"))  # absent: a run config from before the key
     eval_bs, eval_every, log_every = tr["eval_batch_size"], tr["eval_every"], tr["log_every"]
     # Gradient norms are checked on every step but synchronised with the host only at log steps (and the last).
     # Under fp16 the loss scaler skips steps with inf gradients by design, so only the loss is checked there.
@@ -237,7 +246,7 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
             loss_n = 0
         if eval_every and step % eval_every == 0 and step != steps and accelerator.is_main_process:
             t0 = time.time()
-            history["validation"].append([step, _evaluate(task, setup, unwrapped, accelerator, "validation", val_limit, eval_bs,
+            history["validation"].append([step, _evaluate(task, setup, unwrapped, accelerator, "validation", curve_limit, eval_bs,
                                                           progress=progress, position=position)[0]])
             eval_s += time.time() - t0
         if deadline is not None and time.time() > deadline:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from benchmarks.shared_prefix import score_continuations
 from benchmarks.vlm.encoders import hidden_size, patch_tokens, pool_grid
 
 
@@ -125,25 +126,6 @@ class ComposedVLM(nn.Module):
         prompt = torch.tensor(prompt_ids, device=pixel_values.device).expand(b, -1)
         text_embeds = lm.get_input_embeddings()(prompt)
         prefix = torch.cat([image_embeds.to(text_embeds.dtype), text_embeds], dim=1)
-        out = lm(inputs_embeds=prefix, use_cache=True)
-        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each choice's first token
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(k)
-        width = max(len(c) for c in choice_ids)
-        ids = torch.zeros((k, width), dtype=torch.long, device=prefix.device)
-        mask = torch.zeros_like(ids)
-        for j, c in enumerate(choice_ids):
-            ids[j, : len(c)] = torch.tensor(c)
-            mask[j, : len(c)] = 1
-        ids, mask = ids.repeat(b, 1), mask.repeat(b, 1)  # rows: image-major, as the cache
-        n = prefix.shape[1]
-        full_mask = torch.cat([mask.new_ones(b * k, n), mask], dim=1)
-        positions = torch.arange(n, n + width, device=prefix.device).expand(b * k, -1)
-        rest = torch.log_softmax(
-            lm(input_ids=ids, attention_mask=full_mask, past_key_values=cache, position_ids=positions,
-               use_cache=False).logits[:, :-1].float(), dim=-1)
-        logp = first.repeat_interleave(k, dim=0).gather(1, ids[:, :1]).squeeze(1)
-        if width > 1:
-            tail = rest.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) * mask[:, 1:]
-            logp = logp + tail.sum(dim=1)
+        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        logp = score_continuations(lm, {"inputs_embeds": prefix, "attention_mask": mask}, [choice_ids] * b)
         return logp.view(b, k)

@@ -261,6 +261,9 @@ class ChoiceTask(LMTask):
     target_delimiter: str = " "
     num_choices: int | None = None
     """Fixed number of choices (chance = 1/num_choices); ``None``: computed from the test split."""
+    share_context: bool = True
+    """Score an example's choices after one shared forward of its context (same numbers; False: one sequence
+    per choice, the reference that ``benchmarks/perf/eval_time.py`` times it against)."""
 
     def doc_to_text(self, example: dict) -> str:
         raise NotImplementedError
@@ -292,9 +295,11 @@ class ChoiceTask(LMTask):
         )
 
     def score(
-        self, setup: TaskSetup, model: nn.Module, split: str, limit: int | None = None, batch_size: int = 16
+        self, setup: TaskSetup, model: nn.Module, split: str, limit: int | None = None, batch_size: int = 16,
+        share_context: bool | None = None,
     ) -> tuple[list[list[float]], list[list[str]], list[int]]:
-        """Per example: the log-likelihood of each choice, the choice texts and the gold index."""
+        """Per example: the log-likelihood of each choice, the choice texts and the gold index.
+        ``share_context``: see the class attribute (None: use it)."""
         data = self.examples(split, limit)
         flat, spans, choices, labels = [], [], [], []
         for ex in data:
@@ -307,6 +312,7 @@ class ChoiceTask(LMTask):
             lls = loglikelihoods(
                 model, setup.extras["tokenizer"], flat, batch_size=batch_size, max_length=self.max_length,
                 add_bos=setup.extras.get("add_bos", False),
+                share_context=self.share_context if share_context is None else share_context,
             )
         return [lls[a:b] for a, b in spans], choices, labels
 

@@ -1,0 +1,161 @@
+"""Evaluation cost before / after shared-context scoring, as ratios (interleaved rounds on one machine).
+
+Two measurements, each alternating the two setups round by round so that a shared or drifting machine
+affects both alike:
+
+* ``scoring``: seconds per example of ``ChoiceTask.score`` on a validation subset, one sequence per choice
+  (before) vs one shared forward of each context (after), at each ``--batch-size``; also the largest
+  log-likelihood difference and whether ``acc`` / ``acc_norm`` agree.
+* ``--runs``: the share of a short run's wall time spent evaluating (``perf.eval_s / perf.wall_s`` of
+  ``train_run``): before = per-choice scoring and periodic evaluations on all ``eval_limit`` examples
+  (``curve_limit`` null), after = shared contexts and the suite's ``curve_limit`` (or ``--curve-limit``).
+
+``python3 -m benchmarks.perf.eval_time --model smollm2-135m --task sarcasm --limit 64 --rounds 5
+[--batch-size 16 64] [--runs 2 --suite demo --steps 20] [--out results/perf/eval_time.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODES = ("per_choice", "shared")
+
+
+def _spread(xs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _interleaved(rounds: int) -> list[tuple[str, ...]]:
+    """Round r runs the two modes in alternating order (ABBA...), so neither always goes first."""
+    return [MODES if r % 2 == 0 else MODES[::-1] for r in range(rounds)]
+
+
+def measure_scoring(task: Any, setup: Any, *, limit: int, batch_size: int, rounds: int) -> dict[str, Any]:
+    """Seconds per example of ``task.score`` per mode (median over rounds) and the per-round ratio."""
+    model = setup.model.eval()
+    dev = next(model.parameters()).device
+    autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    secs: dict[str, list[float]] = {m: [] for m in MODES}
+    out: dict[str, Any] = {}
+    with torch.no_grad(), autocast:
+        for m in MODES:  # warm-up (allocator, kernels, tokenizer caches) and the outputs to compare
+            out[m] = task.score(setup, model, "validation", limit, batch_size, share_context=m == "shared")
+        for order in _interleaved(rounds):
+            for m in order:
+                _sync()
+                t0 = time.perf_counter()
+                task.score(setup, model, "validation", limit, batch_size, share_context=m == "shared")
+                _sync()
+                secs[m].append((time.perf_counter() - t0) / limit)
+    (a, choices, labels), (b, _, _) = out["per_choice"], out["shared"]
+    diff = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+    return {
+        "batch_size": batch_size, "examples": limit,
+        "s_per_example": {m: _spread(v) for m, v in secs.items()},
+        "speedup": _spread([p / s for p, s in zip(secs["per_choice"], secs["shared"])]),
+        "max_abs_ll_diff": diff,
+        "metrics": {m: task.metrics_from(out[m][0], choices, labels) for m in MODES},
+    }
+
+
+def measure_runs(suite_name: str, task_name: str, model: str, *, rounds: int, steps: int | None,
+                 curve_limit: int | None) -> dict[str, Any]:
+    """``eval_s / wall_s`` of one short run per mode and round (the suite's first lora run of the task)."""
+    from benchmarks.runner import grid
+    from benchmarks.runner.execute import make_resolver, resolve_task
+    from benchmarks.runner.suite import load_suite
+    from benchmarks.runner.train import train_run
+
+    suite = load_suite(suite_name, methods=["lora"], tasks=[task_name], seeds=[0], models=[model])
+    resolver = make_resolver(suite.task_paths)
+
+    def info_of(name: str) -> grid.TaskFacts:
+        t = resolve_task(resolver, {"task": name})
+        return grid.TaskFacts(t.family, t.default_model, grid.task_fingerprint(t))
+
+    base = grid.expand(suite, info_of)[0].config
+    if steps is not None:
+        base["training"]["steps"] = steps
+    after_curve = curve_limit if curve_limit is not None else base["training"].get("curve_limit")
+    shares: dict[str, list[float]] = {m: [] for m in MODES}
+    walls: dict[str, list[float]] = {m: [] for m in MODES}
+    for order in _interleaved(rounds):
+        for m in order:
+            config = json.loads(json.dumps(base))
+            config["training"]["curve_limit"] = after_curve if m == "shared" else None
+            task = resolve_task(resolver, config)
+            task.share_context = m == "shared"
+            perf = train_run(config, task, progress=False)["perf"]
+            shares[m].append(perf["eval_s"] / perf["wall_s"])
+            walls[m].append(perf["wall_s"])
+    t = base["training"]
+    return {
+        "suite": suite_name, "task": task_name, "model": model, "method": "lora",
+        "training": {k: t[k] for k in ("steps", "batch_size", "eval_every", "eval_limit", "test_limit", "eval_batch_size")},
+        "curve_limit_after": after_curve,
+        "eval_share": {m: _spread(v) for m, v in shares.items()},
+        "wall_s": {m: _spread(v) for m, v in walls.items()},
+        "share_ratio": _spread([b / a for b, a in zip(shares["per_choice"], shares["shared"])]),
+    }
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--task", default="sarcasm", help="a choice task (ChoiceTask)")
+    p.add_argument("--limit", type=int, default=64, help="validation examples scored per round")
+    p.add_argument("--batch-size", type=int, nargs="+", default=[16])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--runs", type=int, default=0, help="rounds of the run-level measurement (0: skip it)")
+    p.add_argument("--suite", default="demo", help="suite whose training settings the short runs use")
+    p.add_argument("--steps", type=int, default=None, help="override the suite's steps for the short runs")
+    p.add_argument("--curve-limit", type=int, default=None, help="curve_limit of the 'after' runs (default: the suite's)")
+    p.add_argument("--out", default=None, help="write the JSON here")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    a = p.parse_args(argv)
+    if a.rounds < 1 or a.limit < 1 or a.runs < 0 or min(a.batch_size) < 1:
+        p.error("--rounds, --limit and --batch-size must be >= 1, --runs >= 0")
+    from tasks.llm.lm import ChoiceTask
+    from tasks.registry import get_task, load_tasks
+
+    load_tasks()
+    task = get_task(a.task)
+    if not isinstance(task, ChoiceTask):
+        p.error(f"task {a.task!r} is not a choice task scored by log-likelihood")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    setup = task.setup(a.model, device=device)
+    rec: dict[str, Any] = {
+        "model": a.model, "task": a.task, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "scoring": [measure_scoring(task, setup, limit=a.limit, batch_size=bs, rounds=a.rounds) for bs in a.batch_size],
+    }
+    del setup
+    if a.runs:
+        rec["runs"] = measure_runs(a.suite, a.task, a.model, rounds=a.runs, steps=a.steps, curve_limit=a.curve_limit)
+    text = json.dumps(rec, indent=2)
+    print(text)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
