@@ -309,28 +309,34 @@ def test_hub_offline_names_the_fetch_command(monkeypatch):
         load_model("smollm2-135m", source="web")
 
 
-def test_cifar10_converter_on_a_tiny_sdist(tmp_path):
+def _cifar_sdist(path: Path, n: int) -> Path:
+    """A BIG-bench-like sdist holding only the CIFAR-10 task: ``n`` 2x2 PNGs, pixel (i % 256, 0, 0), label i % 10."""
     import base64
     import io
     import tarfile
 
-    from datasets import load_from_disk
     from PIL import Image
 
     def png(i: int) -> str:
         buf = io.BytesIO()
-        Image.new("RGB", (2, 2), (i, 0, 0)).save(buf, format="PNG")
+        Image.new("RGB", (2, 2), (i % 256, 0, 0)).save(buf, format="PNG")
         return base64.b64encode(buf.getvalue()).decode()
 
     names = data.CIFAR10_LABELS
     task = {"examples": [{"input": png(i), "target_scores": {n: int(n == names[i % 10]) for n in names}}
-                         for i in range(60)]}
+                         for i in range(n)]}
     blob = json.dumps(task).encode()
-    sdist = tmp_path / "bigbench-1.0.0.tar.gz"
-    with tarfile.open(sdist, "w:gz") as tf:
+    with tarfile.open(path, "w:gz") as tf:
         info = tarfile.TarInfo("bigbench-1.0.0/bigbench/benchmark_tasks/cifar10_classification/base64/task.json")
         info.size = len(blob)
         tf.addfile(info, io.BytesIO(blob))
+    return path
+
+
+def test_cifar10_converter_on_a_tiny_sdist(tmp_path):
+    from datasets import load_from_disk
+
+    sdist = _cifar_sdist(tmp_path / "bigbench-1.0.0.tar.gz", 60)
     data.convert_cifar10({"bigbench": sdist}, tmp_path / "out", tmp_path)
     dd = load_from_disk(str(tmp_path / "out"))
     rows = [r for s in dd.values() for r in s]
@@ -338,3 +344,20 @@ def test_cifar10_converter_on_a_tiny_sdist(tmp_path):
     by_id = {r["id"]: r for r in rows}
     r7 = by_id["cifar10-test-00007"]
     assert r7["label"] == 7 and r7["image"].getpixel((0, 0)) == (7, 0, 0)
+
+
+def test_cifar10_split_of_the_full_test_set(tmp_path):
+    """BIG-bench carries CIFAR-10's 10,000 test images only: the converter splits them into disjoint train /
+    validation / test by a fixed hash (the same split on every conversion), with at least 1,000 test images."""
+    from datasets import load_from_disk
+
+    sdist = _cifar_sdist(tmp_path / "bigbench-1.0.0.tar.gz", 10_000)
+    ids = []
+    for run in ("a", "b"):
+        data.convert_cifar10({"bigbench": sdist}, tmp_path / run, tmp_path)
+        dd = load_from_disk(str(tmp_path / run))
+        ids.append({split: dd[split]["id"] for split in dd})
+    a = {split: set(v) for split, v in ids[0].items()}
+    assert sum(map(len, a.values())) == 10_000 and len(set().union(*a.values())) == 10_000  # disjoint, complete
+    assert len(a["test"]) >= 1000 and len(a["validation"]) >= 900
+    assert ids[0] == ids[1]  # same split and the same (seeded) order
