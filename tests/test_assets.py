@@ -108,6 +108,25 @@ def test_failed_force_refetch_keeps_old_entry(tmp_path, src_dir, monkeypatch):
     assert sum(len(s) for s in dd.values()) == 2 + N_EXTRA
 
 
+def test_entry_of_an_older_converter_version_is_refetched_not_reused(tmp_path, src_dir, monkeypatch):
+    import dataclasses
+
+    from benchmarks.assets import registry
+
+    root = tmp_path / "cache"
+    fetch(["sarcasm"], source_dir=src_dir, cache_dir=root, progress=False)
+    assert Cache(root).record("sarcasm")["converter_version"] == registry.CONVERTER_VERSION
+    bumped = dataclasses.replace(registry.SPECS["sarcasm"], converter_version="99")
+    monkeypatch.setitem(registry.SPECS, "sarcasm", bumped)
+    assert not Cache(root).has("sarcasm")
+    with pytest.raises(AssetError, match=r"'sarcasm' in the cache .* is stale \(converted by converter version 1, "
+                                         r"this code needs version 99\); run `nalora-bench fetch sarcasm`"):
+        data.load_dataset("sarcasm", cache_dir=root)
+    assert fetch(["sarcasm"], source_dir=src_dir, cache_dir=root, progress=False) == {"sarcasm": "fetched"}
+    assert Cache(root).record("sarcasm")["converter_version"] == "99"
+    assert sum(len(s) for s in data.load_dataset("sarcasm", cache_dir=root).values()) == 2 + N_EXTRA
+
+
 def test_changed_download_fails_checksum(tmp_path, src_dir):
     root = tmp_path / "cache"
     fetch(["sarcasm"], source_dir=src_dir, cache_dir=root, progress=False)
@@ -239,14 +258,6 @@ def test_parse_movie_reviews_csv():
         data.parse_movie_reviews("text,label,source\nx,pos,imdb\n")
 
 
-def test_parse_gsm_template():
-    r = data.parse_gsm_template((FIX / "gsm_0001.toml").read_text(), "gsm-0001")
-    assert r["answer"] == "1140" and r["question"].startswith("A fog bank")
-    assert r["solution"].endswith("cover the whole city.") and "####" not in r["solution"]
-    with pytest.raises(ValueError, match="gsm-x: answer does not end"):
-        data.parse_gsm_template('question = "q"\nanswer = "no final"\n', "gsm-x")
-
-
 def test_parse_emoji_and_white_background():
     from PIL import Image
 
@@ -298,28 +309,34 @@ def test_hub_offline_names_the_fetch_command(monkeypatch):
         load_model("smollm2-135m", source="web")
 
 
-def test_cifar10_converter_on_a_tiny_sdist(tmp_path):
+def _cifar_sdist(path: Path, n: int) -> Path:
+    """A BIG-bench-like sdist holding only the CIFAR-10 task: ``n`` 2x2 PNGs, pixel (i % 256, 0, 0), label i % 10."""
     import base64
     import io
     import tarfile
 
-    from datasets import load_from_disk
     from PIL import Image
 
     def png(i: int) -> str:
         buf = io.BytesIO()
-        Image.new("RGB", (2, 2), (i, 0, 0)).save(buf, format="PNG")
+        Image.new("RGB", (2, 2), (i % 256, 0, 0)).save(buf, format="PNG")
         return base64.b64encode(buf.getvalue()).decode()
 
     names = data.CIFAR10_LABELS
     task = {"examples": [{"input": png(i), "target_scores": {n: int(n == names[i % 10]) for n in names}}
-                         for i in range(60)]}
+                         for i in range(n)]}
     blob = json.dumps(task).encode()
-    sdist = tmp_path / "bigbench-1.0.0.tar.gz"
-    with tarfile.open(sdist, "w:gz") as tf:
+    with tarfile.open(path, "w:gz") as tf:
         info = tarfile.TarInfo("bigbench-1.0.0/bigbench/benchmark_tasks/cifar10_classification/base64/task.json")
         info.size = len(blob)
         tf.addfile(info, io.BytesIO(blob))
+    return path
+
+
+def test_cifar10_converter_on_a_tiny_sdist(tmp_path):
+    from datasets import load_from_disk
+
+    sdist = _cifar_sdist(tmp_path / "bigbench-1.0.0.tar.gz", 60)
     data.convert_cifar10({"bigbench": sdist}, tmp_path / "out", tmp_path)
     dd = load_from_disk(str(tmp_path / "out"))
     rows = [r for s in dd.values() for r in s]
@@ -327,3 +344,20 @@ def test_cifar10_converter_on_a_tiny_sdist(tmp_path):
     by_id = {r["id"]: r for r in rows}
     r7 = by_id["cifar10-test-00007"]
     assert r7["label"] == 7 and r7["image"].getpixel((0, 0)) == (7, 0, 0)
+
+
+def test_cifar10_split_of_the_full_test_set(tmp_path):
+    """BIG-bench carries CIFAR-10's 10,000 test images only: the converter splits them into disjoint train /
+    validation / test by a fixed hash (the same split on every conversion), with at least 1,000 test images."""
+    from datasets import load_from_disk
+
+    sdist = _cifar_sdist(tmp_path / "bigbench-1.0.0.tar.gz", 10_000)
+    ids = []
+    for run in ("a", "b"):
+        data.convert_cifar10({"bigbench": sdist}, tmp_path / run, tmp_path)
+        dd = load_from_disk(str(tmp_path / run))
+        ids.append({split: dd[split]["id"] for split in dd})
+    a = {split: set(v) for split, v in ids[0].items()}
+    assert sum(map(len, a.values())) == 10_000 and len(set().union(*a.values())) == 10_000  # disjoint, complete
+    assert len(a["test"]) >= 1000 and len(a["validation"]) >= 900
+    assert ids[0] == ids[1]  # same split and the same (seeded) order

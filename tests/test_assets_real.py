@@ -60,6 +60,22 @@ def test_evals_sets(cache):
     assert not train_ids & set(load_dataset("socialiqa", cache_dir=cache)["test"]["id"])
 
 
+def test_gsm8k_variants(cache):
+    """The offline gsm8k: >= 1,000 test problems, no template in two splits, every answer a plain decimal number."""
+    import re
+
+    from benchmarks.assets import Cache, load_dataset
+
+    _fetch(cache, "gsm8k-templates")
+    dd = load_dataset("gsm8k-templates", cache_dir=cache)
+    templates = {split: set(ds["template"]) for split, ds in dd.items()}
+    assert len(dd["test"]) >= 1000 and len(templates["test"]) >= 20
+    assert not (templates["train"] & templates["test"] or templates["validation"] & templates["test"]
+                or templates["train"] & templates["validation"])
+    assert all(re.fullmatch(r"-?\d+(\.\d+)?", a) for ds in dd.values() for a in ds["answer"])
+    assert Cache(cache).record("gsm8k-templates")["info"]["splits"]["test"]["problems"] == len(dd["test"])
+
+
 def test_fashion_mnist(cache):
     from benchmarks.assets import load_dataset
 

