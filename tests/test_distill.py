@@ -226,3 +226,11 @@ def test_asset_converter_refuses_cpu_without_opt_in(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="needs a GPU"):
         distill.convert_asset(tmp_path)
+
+
+def test_quality_markdown_reports_every_source_and_the_build(tmp_path):
+    prov = _build(tmp_path / "a", sources=_sources())
+    md = distill.quality_markdown({"info": prov})
+    for name, rec in prov["quality"]["per_source"].items():
+        assert f"| {name} | {rec['n_validation']} | {rec['n_bank']} | {rec['cos_cls']:.4f} |" in md
+    assert f"{prov['steps_done']} of 3 steps" in md and md.count("\n| ") == 1 + len(prov["quality"]["per_source"]) + 1
