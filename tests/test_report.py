@@ -187,3 +187,24 @@ def test_plots_keep_points_and_lines_apart_and_show_seed_spread(tmp_path, monkey
     marks = [(line.get_marker(), line.get_color()) for line in curves.get_lines() if line.get_label()[:1] != "_"]
     assert len(marks) >= 2 and len(set(marks)) == len(marks)  # own marker per method: identical lines stay visible
     assert curves.collections  # seed band (min..max) behind each curve
+
+
+def test_superseded_records_of_a_cell_are_left_out(tmp_path, capsys):
+    """A cell trained again under a new run id (a default changed) is reported once: the newest record."""
+    make_results(tmp_path)
+    new = _record("m", "t1", "lora", 1e-3, 0)
+    new["provenance"]["finished_at"] = "2001-01-01T00:00:00"
+    ResultStore(tmp_path).write(new)  # the same run, now with its finishing time
+    report(tmp_path)
+    before = snapshot(tmp_path)
+    old = _record("m", "t1", "lora", 1e-3, 0)
+    old["config"]["training"]["curve_limit"] = 3  # another configuration of the same cell and seed
+    old["run_id"] = run_id(old["config"])
+    old["provenance"]["finished_at"] = "2000-01-01T00:00:00"  # finished before the other one
+    old["metrics"]["validation"]["acc"] = 0.99  # would change the selection if it were read
+    ResultStore(tmp_path).write(old)
+    capsys.readouterr()
+    report(tmp_path)
+    err = capsys.readouterr().err
+    assert "1 record(s) superseded" in err and old["run_id"] in err
+    assert snapshot(tmp_path) == before

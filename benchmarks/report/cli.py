@@ -26,7 +26,7 @@ def build_report(results: str | Path, plots: bool = True, readme: str | Path | N
     readme_text = None
     if readme is not None:  # bad input fails before any work
         readme_text = findings.check_readme(Path(readme))
-    records = leaderboard.load_records(results)
+    records = leaderboard.drop_superseded(leaderboard.load_records(results))
     lb = leaderboard.build(records)
     leaderboard.write_csv(lb, results / "leaderboard.csv")
     an = analysis.analyse(records)

@@ -62,6 +62,31 @@ def load_records(results: str | Path, phase: str = "main") -> list[dict]:
     return out
 
 
+def drop_superseded(records: list[dict]) -> list[dict]:
+    """One record per model x task x method x lr x seed: when a folder holds several (the code or a default
+    changed, so a resumed suite trained the cell again under a new run id), the newest finished one is reported
+    and one line names how many older ones were left out. Without this, two configurations of one cell would
+    pass for two lr settings."""
+    def key(rec: dict) -> tuple:
+        c = rec["config"]
+        return c["model"], c["task"], c["method"], float(c["lr"]), c["seed"]
+
+    def finished(rec: dict) -> tuple:
+        return str((rec.get("provenance") or {}).get("finished_at") or ""), rec["run_id"]
+
+    newest: dict[tuple, dict] = {}
+    for rec in records:
+        k = key(rec)
+        if k not in newest or finished(rec) > finished(newest[k]):
+            newest[k] = rec
+    keep = {id(r) for r in newest.values()}
+    old = [r["run_id"] for r in records if id(r) not in keep]
+    if old:
+        print(f"report: {len(old)} record(s) superseded by a newer run of the same model, task, method, lr and seed "
+              f"are left out (run ids {', '.join(sorted(old)[:5])}{' ...' if len(old) > 5 else ''})", file=sys.stderr)
+    return [r for r in records if id(r) in keep]
+
+
 def selected_ids(records: list[dict]) -> set[str]:
     """Run ids of the setting chosen on validation per model x task x method (all its seeds)."""
     chosen = select_settings(records)
