@@ -1,6 +1,6 @@
 """The runner's fast-step helpers (benchmarks/runner/compiled.py) and ``nalora-bench steptime`` on CPU.
 
-GPU figures come from the commands in /work/notes/perf_gpu_plan.md (results/perf/); here every helper is
+GPU figures come from the commands in docs/gpu_visits.md (results/perf/); here every helper is
 checked for being *exact*: same loss, same gradients, same trained parameters as the plain eager step.
 """
 

