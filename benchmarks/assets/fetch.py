@@ -27,8 +27,9 @@ def _main_file(table: dict[str, dict]) -> str:
 
 
 def fetch_one(name: str, cache: Cache, force: bool = False, source_dir: Path | None = None,
-              log=print) -> dict | None:
-    """Fetch + convert one asset. Returns the new manifest record, or None if it was already cached."""
+              log=print, progress: bool = False) -> dict | None:
+    """Fetch + convert one asset. Returns the new manifest record, or None if it was already cached.
+    ``progress``: byte progress bars for downloads made in this process."""
     spec = get_spec(name)
     if cache.has(name) and not force:
         return None
@@ -39,7 +40,7 @@ def fetch_one(name: str, cache: Cache, force: bool = False, source_dir: Path | N
         files, sources = {}, []
         for role, src in spec.sources.items():
             log(f"  {name}: {'copying' if source_dir else 'downloading'} {src.key}")
-            path = obtain(src, dl / role, Path(source_dir) if source_dir else None)
+            path = obtain(src, dl / role, Path(source_dir) if source_dir else None, progress=progress)
             digest = sha256_file(path)
             status = cache.check_source(src.key if src.version else f"{src.key}:{path.name}", digest, src.sha256)
             files[role] = path
@@ -87,7 +88,8 @@ def fetch(names: list[str] | None = None, force: bool = False, source_dir: str |
     bar = tqdm(names, desc="fetch", unit="asset", disable=not progress)
     for n in bar:
         bar.set_postfix_str(n)
-        rec = fetch_one(n, cache, force=force, source_dir=source_dir, log=bar.write if progress else (lambda *_: None))
+        rec = fetch_one(n, cache, force=force, source_dir=source_dir,
+                        log=bar.write if progress else (lambda *_: None), progress=progress)
         result[n] = "cached" if rec is None else "fetched"
         if rec is not None:
             bar.write(f"  {n}: done in {rec['seconds']['total']} s, {rec['size_bytes'] / 1e6:.1f} MB")

