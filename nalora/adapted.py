@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from nalora.tower_lr import check_tower_scales, param_towers, scale_tower_lrs
+
 if TYPE_CHECKING:
     from nalora.methods.peft_lora import RowGuard
     from nalora.methods.registry import Method
@@ -42,6 +44,7 @@ class Adapted:
     ``hparams``: targets, towers, rank, alpha, dropout as injected. ``trainable``: non-adapter modules trained.
     ``controller``: the step hooks of NA-LoRA (``NALoRAController``) or of ``lora_gate_scaled``.
     ``extras``: a method's private state (e.g. PiSSA's initial adapter).
+    ``tower_lr``: what ``make_optimizer(tower_lr_scale=...)`` did, per scaled tower (``nalora.tower_lr``).
     """
 
     model: nn.Module
@@ -55,6 +58,7 @@ class Adapted:
     hparams: dict[str, Any] = field(default_factory=dict)
     trainable: list[str] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
+    tower_lr: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __init__(
         self,
@@ -82,6 +86,7 @@ class Adapted:
         self.hparams = dict(hparams or {})
         self.trainable = list(trainable or [])
         self.extras = dict(extras or {})
+        self.tower_lr = {}
         for key, value in (options or {}).items():
             attr = _TYPED_KEYS.get(key)
             if attr == "frozen_rows":
@@ -105,13 +110,19 @@ class Adapted:
         return _OptionsView(self)
 
     def make_optimizer(
-        self, lr: float, weight_decay: float = 0.0, *, total_steps: int | None = None, **kwargs: Any
+        self, lr: float, weight_decay: float = 0.0, *, total_steps: int | None = None,
+        tower_lr_scale: Mapping[str, float] | None = None, **kwargs: Any
     ) -> torch.optim.Optimizer:
         """The method's optimiser; NA-LoRA's controller attaches to it through step hooks.
 
         ``total_steps`` (optimiser steps of the whole run) drives NA-LoRA's budget schedule.
+        ``tower_lr_scale`` (``{"vision": 0.1}``): the trained parameters of a tower at ``lr x scale``, on top of
+        the method's own groups (``nalora.tower_lr``); recorded in ``self.tower_lr``.
         """
-        return self.method.make_optimizer(self, lr, weight_decay, total_steps=total_steps, **kwargs)
+        scales = check_tower_scales(tower_lr_scale)  # before any work: a bad value is a one-line error
+        opt = self.method.make_optimizer(self, lr, weight_decay, total_steps=total_steps, **kwargs)
+        self.tower_lr = scale_tower_lrs(opt, param_towers(self), scales) if scales else {}
+        return opt
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)

@@ -396,6 +396,32 @@ def test_resolved_config_and_run_ids(tmp_path):
     assert d.config["training"]["weight_decay"] == 0.01 and d.run_id != a.run_id
 
 
+def test_tower_lr_scale_is_in_the_run_id_only_when_it_changes_something(tmp_path):
+    from benchmarks.runner.grid import TaskFacts, expand
+
+    def one(adapter: str):
+        text = tr.BASE_SUITE.replace("dropout: 0.0}", "dropout: 0.0" + adapter + "}")
+        (spec,) = expand(tr.load(tr.write_suite(tmp_path / "s.yaml", text)), lambda n: TaskFacts("llm", "tiny-llama", "fp"))
+        return spec
+
+    plain = one("")
+    assert "tower_lr_scale" not in plain.config["adapter"]  # runs from before the key keep their ids
+    assert one(", tower_lr_scale: {vision: 1.0}").run_id == plain.run_id  # a scale of 1 changes nothing
+    scaled = one(", tower_lr_scale: {vision: 0.1}")
+    assert scaled.config["adapter"]["tower_lr_scale"] == {"vision": 0.1} and scaled.run_id != plain.run_id
+
+
+def test_an_adapted_that_ignores_the_tower_multiplier_fails_the_run(tmp_path):
+    """A plugin's Adapted whose make_optimizer swallows tower_lr_scale must not train without it silently."""
+    from benchmarks.runner.grid import expand
+    from benchmarks.runner.train import train_run
+
+    text = tr.BASE_SUITE.replace("dropout: 0.0}", "dropout: 0.0, tower_lr_scale: {language: 0.5}}")
+    (spec,) = expand(tr.load(tr.write_suite(tmp_path / "s.yaml", text)), lambda n: ("llm", "tiny-llama"))
+    with pytest.raises(ValueError, match="tower_lr_scale .* was not applied by StandInAdapted"):
+        train_run(spec.config, ConstantAnswerTask(), injector=tr.stand_in_inject, progress=False)
+
+
 def test_per_method_seeds(tmp_path):
     from benchmarks.runner.grid import expand
 

@@ -256,6 +256,20 @@ def test_shipped_suites_load():
     assert by["full"].lr_bounds == (1e-6, 1e-3) and by["lora"].lr_bounds == (1e-5, 1e-2)
 
 
+def test_vlm_collapse_fix_suite_pairs_each_multiplier_with_its_reference():
+    from benchmarks.runner.grid import TaskFacts, expand
+    from benchmarks.runner.suite import load_suite
+
+    suite = load_suite("vlm-collapse-fix")
+    scale = {m.label: m.adapter.tower_lr_scale for m in suite.methods}
+    assert scale == {f"{b}-both{s}": ({"vision": float(s[2:])} if s else {})
+                     for b in ("lora", "nalora") for s in ("", "-v0.1", "-v0.3")}
+    assert all(m.adapter.towers == ["language", "vision"] for m in suite.methods)
+    runs = expand(suite, lambda n: TaskFacts("vlm", "dinov2-s+smollm2-135m"))
+    assert len(runs) == 6 * 3 * 2 and len({r.run_id for r in runs}) == len(runs)
+    assert {r.config["training"]["eval_every"] for r in runs} == {0}
+
+
 @pytest.mark.parametrize("text, needle", [
     ("trainng: {steps: 2}\n", "trainng: unknown key"),
     ("training: {steps: 0}\n", "training.steps: must be >= 1, got 0"),
@@ -278,6 +292,9 @@ def test_shipped_suites_load():
     ("adapter: {rank: 1.5}\n", "adapter.rank: must be an integer, got 1.5"),
     ("adapter: {targets: [gat]}\n", "adapter.targets.0: must be one of"),
     ("methods: {lora: {adapter: {rank: 0}}}\n", "methods.lora.adapter.rank: must be >= 1, got 0"),
+    ("adapter: {tower_lr_scale: {visoin: 0.1}}\n", "adapter.tower_lr_scale.visoin: must be one of 'language' or"),
+    ("methods: {lora: {adapter: {tower_lr_scale: {vision: 0}}}}\n",
+     "methods.lora.adapter.tower_lr_scale.vision: must be > 0, got 0"),
     ("tasks: [{name: fake, training: {log_every: 0}}]\n", "tasks.fake.training.log_every: must be >= 1, got 0"),
     ("lr_bounds: [1.0e-2, 1.0e-3]\n", "lower bound 0.01 is above upper bound 0.001"),
     ("lr_bounds: [1.0e-4, 1.0e-4]\n", "lr_grid has 0.001, outside lr_bounds"),

@@ -342,3 +342,37 @@ def test_connector_trains_at_its_fixed_lr_for_adapter_methods(method, expect_fix
 def test_connector_lr_is_validated():
     with pytest.raises(ValueError, match="connector_lr"):
         get_task("fashion-mnist", connector_lr=-1)
+
+
+def test_runner_trains_each_tower_at_its_multiplied_lr(tmp_path, splits):
+    """Through the runner (suite -> run config -> train_run): adapter.tower_lr_scale is hashed into the run config,
+    recorded, and really applied: after one Adam step from B = 0, |B| is the lr each tower trained at."""
+    from benchmarks.runner.grid import TaskFacts, expand
+    from benchmarks.runner.suite import load_suite
+    from benchmarks.runner.train import train_run
+    from nalora import injection
+
+    spec = "tiny-vit-swiglu+tiny-byte-llama"
+    (tmp_path / "s.yaml").write_text(
+        f"tasks: [{{name: fashion-mnist, model: {spec}}}]\n"
+        "methods: {lora: {adapter: {tower_lr_scale: {vision: 0.1}}}}\nseeds: [0]\n"
+        "lr_grid: [1.0e-2]\nlr_bounds: [1.0e-2, 1.0e-2]\n"
+        "training: {steps: 1, batch_size: 4, warmup_ratio: 0, eval_every: 0, eval_limit: 4, test_limit: 4,"
+        " log_every: 1, diag_batches: 0}\n")
+    (run,) = expand(load_suite(tmp_path / "s.yaml"), lambda n: TaskFacts("vlm", spec))
+    assert run.config["adapter"]["tower_lr_scale"] == {"vision": 0.1}
+    seen = []
+
+    def spy(model, method, **kw):
+        seen.append(injection.inject(model, method, **kw))
+        return seen[-1]
+
+    task = get_task("fashion-mnist", splits=_splits_copy(splits), align=False)
+    result = train_run(run.config, task, injector=spy, progress=False)
+    assert result["tower_lr"]["vision"]["scale"] == 0.1 and result["tower_lr"]["vision"]["tensors"] > 0
+    step: dict[str, float] = {}
+    for n, p in seen[0].model.named_parameters():
+        if "lora_B" in n:
+            tower = "vision" if "vision_tower" in n else "language"
+            step[tower] = max(step.get(tower, 0.0), p.detach().abs().max().item())
+    assert step["language"] == pytest.approx(1e-2, rel=1e-3) and step["vision"] == pytest.approx(1e-3, rel=1e-3)

@@ -86,13 +86,25 @@ class TrainingConfig(Strict):
 
 
 class AdapterConfig(Strict):
-    """The shared adapter budget (targets, towers, rank, alpha, dropout)."""
+    """The shared adapter budget (targets, towers, rank, alpha, dropout) and the per-tower lr multipliers."""
 
     targets: Annotated[list[Literal[TARGETS]], Field(min_length=1)]  # type: ignore[valid-type]
     towers: Annotated[list[Literal[TOWERS]], Field(min_length=1)]  # type: ignore[valid-type]
     rank: PosInt
     alpha: Annotated[Number, Field(gt=0)]
     dropout: Annotated[Number, Field(ge=0, lt=1)]
+    # {tower: scale}: that tower's trained parameters at lr x scale (nalora.tower_lr), for every method alike.
+    # Left out of the run config (and so of the run id) when empty: runs from before the key keep their ids.
+    tower_lr_scale: Annotated[
+        dict[Literal[TOWERS], Annotated[Number, Field(gt=0)]],  # type: ignore[valid-type]
+        BeforeValidator(_none_is_empty),
+    ]
+
+    @field_validator("tower_lr_scale")
+    @classmethod
+    def _drop_unit_scales(cls, v: dict[str, float]) -> dict[str, float]:
+        # A scale of 1 changes nothing: dropped, so that {vision: 1} runs share the ids of runs without it.
+        return {t: s for t, s in sorted(v.items()) if s != 1.0}
 
 
 class MethodEntry(Strict):

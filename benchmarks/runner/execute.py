@@ -24,7 +24,7 @@ from benchmarks.runner.store import ENVIRONMENT, ResultStore
 
 TaskResolver = Callable[[str], Any]
 RESULT_STATUSES = ("ok", "collapsed")  # what train_run may report; "diverged" comes as an exception
-OPTIONAL_RESULT_KEYS = ("health", "per_example")
+OPTIONAL_RESULT_KEYS = ("health", "per_example", "tower_lr")  # tower_lr: only runs with adapter.tower_lr_scale
 
 
 def registry_resolver(name: str, task_paths: tuple[str, ...] = (), **options: Any) -> Any:

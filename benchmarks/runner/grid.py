@@ -90,6 +90,8 @@ def _config(task: TaskSpec, model: str, m: MethodSpec, seed: int, lr: float, opt
         "options": dict(sorted(options.items())),
         "training": task.training.model_dump(mode="json"),
     }
+    if not config["adapter"]["tower_lr_scale"]:  # empty is the behaviour before the key: those runs keep their ids
+        del config["adapter"]["tower_lr_scale"]
     if config["training"]["curve_limit"] is None:  # null is the behaviour before the key: those runs keep their ids
         del config["training"]["curve_limit"]
     if task.options:  # only when given, so that runs without task options keep their ids

@@ -7,7 +7,7 @@ A record is a plain dict::
     status            "ok" | "collapsed" | "diverged" | "failed"   (only "ok" runs are selectable)
     error             null, or {"type": "nan_loss"|"oom"|"bad_config"|"exception", "message": str}
     config            the whole resolved configuration: model, task, method (label), base_method, seed, lr,
-                      adapter{targets,towers,rank,alpha,dropout}, options (every method option, defaults
+                      adapter{targets,towers,rank,alpha,dropout[,tower_lr_scale]}, options (every method option, defaults
                       filled), training{every key of TrainingConfig}, task_fingerprint
     meta              suite, phase ("main"|"tune"), family, lr_grid (this cell's lrs so far), lr_bounds [lo, hi],
                       lr_round (0 = initial grid, k = k-th extension), lr_grid_reason, ablation, tuned
@@ -18,6 +18,8 @@ A record is a plain dict::
     adapted_modules   Adapted.report (what was touched; fallbacks to plain LoRA)
     perf              wall_s, train_s, eval_s, step_time_s, units, units_per_s, unit ("tokens"|"images"),
                       peak_gpu_mem_mib, mixed_precision, num_processes
+    tower_lr          only for runs with adapter.tower_lr_scale: {tower: {"scale", "tensors", "numel"}}, the
+                      trained parameters moved to lr x scale (``Adapted.tower_lr``; 0 tensors: none in that tower)
     nalora            {"history": controller.history()} for runs with a controller, else null
     diagnostics       {"selection_misalignment": {...} | {"error": str}, "source": str} for gate-touching methods
                       (source "validation": the task's held-out batches; "train-stream-fallback": a plugin

@@ -182,7 +182,14 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
     # The diagnostic measures against the model as it was before training (not "adapter off": PiSSA's base is
     # a residual, and full fine-tuning has no adapter to switch off).
     reference = snapshot_trainable(adapted.model) if want_diag else None
-    optimizer = adapted.make_optimizer(config["lr"], tr["weight_decay"], total_steps=steps)
+    # Absent from configs without multipliers (grid.py drops an empty one, so those runs keep their ids); passed
+    # only when set, so that a plugin injector's own Adapted without the keyword keeps working.
+    scales = ad.get("tower_lr_scale")
+    optimizer = adapted.make_optimizer(config["lr"], tr["weight_decay"], total_steps=steps,
+                                       **({"tower_lr_scale": scales} if scales else {}))
+    tower_lr = getattr(adapted, "tower_lr", None)
+    if scales and not tower_lr:  # a make_optimizer that swallowed the keyword: never train without it silently
+        raise ValueError(f"adapter.tower_lr_scale {scales} was not applied by {type(adapted).__name__}.make_optimizer")
     if setup.trainable_lr is not None and getattr(adapted.method, "uses_adapters", True):
         shared_lr_group(optimizer, adapted.model, list(setup.trainable), float(setup.trainable_lr))
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(tr["warmup_ratio"] * steps), steps)
@@ -258,6 +265,8 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
 
     result: dict[str, Any] = {"trainable_params": trainable, "total_params": total, "adapted_modules": list(adapted.report),
                               "weight_files": list(setup.files)}  # for the record's provenance (execute.py)
+    if tower_lr:
+        result["tower_lr"] = tower_lr
     if adapted.controller is not None:
         result["nalora"] = {"history": adapted.controller.history()}
     adapted.finalize()  # NA-LoRA folds its mask: what is evaluated is exactly the adapter that is saved
