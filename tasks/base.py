@@ -162,14 +162,25 @@ class Task(ABC):
         return out
 
     def definition_files(self) -> list[str]:
-        """Files whose text defines this task: the YAML file of a YAML task, else the source file of its class."""
+        """Files whose text defines this task: the YAML file of a YAML task, else the source file of its class,
+        plus that of every registered task it extends (a plugin that changes one option of a built-in is
+        defined by both files; abstract bases are left out, so shared machinery does not churn every id)."""
+        from tasks.registry import registered_classes
+
         task_file = getattr(type(self), "_task_file", None)
         if task_file:
             return [str(task_file)]
-        try:
-            return [inspect.getfile(type(self))]
-        except (TypeError, OSError):
-            return []
+        registered, files = registered_classes(), []
+        for i, cls in enumerate(type(self).__mro__):
+            if i and cls not in registered:
+                continue
+            try:
+                f = str(getattr(cls, "_task_file", None) or inspect.getfile(cls))
+            except (TypeError, OSError):
+                continue
+            if f not in files:
+                files.append(f)
+        return files
 
     def data_paths(self) -> list[str]:
         """The local files this task's data is read from (``data_dir`` / ``data_files``, or the image files

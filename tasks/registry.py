@@ -128,6 +128,11 @@ def list_tasks(family: str | None = None) -> list[str]:
     return sorted(n for n, c in _TASKS.items() if family is None or c.family == family)
 
 
+def registered_classes() -> set[type]:
+    """Every class registered under some task name."""
+    return set(_TASKS.values())
+
+
 def task_source(name: str) -> str:
     """Where ``name`` came from: ``builtin``, ``include:<file>``, ``entry-point:<dist>`` or ``python``."""
     return _SOURCES.get(name, "?")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import io
 import json
 import re
@@ -290,6 +291,24 @@ def test_fingerprint_of_a_cached_asset_follows_its_manifest(tmp_path, monkeypatc
     assert get_task("sarcasm").fingerprint() == first
     manifest("b" * 64, "t" * 64)
     assert get_task("sarcasm").fingerprint() != first
+
+
+def test_fingerprint_of_a_plugin_follows_the_builtin_it_extends(tmp_path):
+    """A plugin that changes one option of a built-in is defined by both files: editing the built-in's file
+    changes the plugin's run ids; abstract bases (shared machinery) are not part of any definition."""
+    from tasks.vlm.qa import FashionMNISTQA, VisionQATask
+
+    class Variant(FashionMNISTQA):
+        pass
+
+    registry.register_task("fp-variant")(Variant)
+    try:
+        files = Variant().definition_files()
+        assert files[0] == __file__ and inspect.getfile(FashionMNISTQA) in files
+        assert len(files) == 2 and FashionMNISTQA().definition_files() == [inspect.getfile(FashionMNISTQA)]
+        assert inspect.getfile(VisionQATask) == inspect.getfile(FashionMNISTQA)  # same file: listed once
+    finally:
+        registry.unregister_task("fp-variant")
 
 
 def test_fingerprint_covers_constructor_options():
