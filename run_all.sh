@@ -11,6 +11,9 @@
 #   ./run_all.sh --max-minutes 9          # stop cleanly before a time limit; run again to resume
 #   ./run_all.sh --dry-run                # list the runs and the assets a fetch would download; change nothing
 #
+# A suite that names the distilled gated ViT `vit-s-swiglu` (e.g. `default`) builds it once on a GPU when it is not
+# cached; without a GPU a random `tiny-vit-swiglu` stands in, said at the start and recorded in each run.
+#
 # The flags above (and --retry-failed, --no-progress, --threads N) go to `nalora-bench run`; anything else
 # is an error. Finished runs are never repeated (failures caused by the machine, e.g. a missing asset, are),
 # so running this again after an interruption or a repair continues.

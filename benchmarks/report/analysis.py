@@ -7,6 +7,7 @@ only ``ok`` runs of the selected setting are reported.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -49,6 +50,8 @@ class Cell:
     edge: str | None = None  # "low" | "high" when the selected lr is the smallest / largest lr run
     at_bound: bool = False  # the edge is the documented limit meta["lr_bounds"]: the grid cannot extend
     val_mean: float | None = None
+    towers: tuple[str, ...] = ()  # config.adapter.towers of the cell's runs (sorted; empty: not recorded)
+    options: str = ""  # config.options of the cell's runs as canonical JSON (one method setting)
 
     @property
     def scores(self) -> list[float]:
@@ -109,7 +112,9 @@ def cells(records: list[dict]) -> dict[tuple[str, str, str], Cell]:
         if cell is None:
             cell = out[key] = Cell(c["model"], c["task"], c["method"], c.get("base_method", c["method"]),
                                    bool((rec.get("meta") or {}).get("ablation")), [],
-                                   {s: 0 for s in ("ok", *BAD_STATUSES)})
+                                   {s: 0 for s in ("ok", *BAD_STATUSES)},
+                                   towers=tuple(sorted((c.get("adapter") or {}).get("towers") or ())),
+                                   options=json.dumps(c.get("options") or {}, sort_keys=True, default=str))
         if not any(_same(c["lr"], x) for x in cell.lrs):
             cell.lrs.append(float(c["lr"]))
         status = rec.get("status") if rec.get("status") in cell.counts else "failed"

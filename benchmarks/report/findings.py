@@ -117,9 +117,22 @@ def model_findings(an: Analysis, model: str) -> list[str]:
     return out
 
 
+def substitution_lines(records: list[dict]) -> list[str]:
+    """One sentence per stand-in that ran instead of a built asset (``meta.substituted``), with its run count."""
+    groups: dict[tuple[str, str, str], int] = {}
+    for r in records:
+        sub = dict((r.get("meta") or {}).get("substituted") or {})
+        why = str(sub.pop("why", ""))
+        for asset, stand_in in sorted(sub.items()):
+            key = (asset, str(stand_in), why)
+            groups[key] = groups.get(key, 0) + 1
+    return [f"**Stand-in model**: {n} run(s) used `{stand_in}` in place of `{asset}` ({why or 'no reason recorded'}); "
+            f"their numbers say nothing about `{asset}`." for (asset, stand_in, why), n in sorted(groups.items())]
+
+
 def findings_text(an: Analysis, records: list[dict], level: int = 2) -> str:
     h = "#" * level
-    parts = [f"{_runs_line(records)}\n"]
+    parts = [f"{_runs_line(records)}\n"] + [f"{line}\n" for line in substitution_lines(records)]
     for model in an.models():
         parts.append(f"{h} {model}\n\n" + "\n".join(f"- {line}" for line in model_findings(an, model)) + "\n")
     return "\n".join(parts)
@@ -160,7 +173,7 @@ def readme_section(an: Analysis, records: list[dict], files: dict[str, str], res
            f"[`findings.md`]({rel}/findings.md), `tables/`, `plots/` and `index.html` (open it in a browser).\n",
            findings_text(an, records, level=4)]
     for name in sorted(files):
-        if name.startswith(("main_", "paired_")) or name == "tuning.md":
+        if name.startswith(("main_", "towers_", "paired_")) or name == "tuning.md":
             out.append(f"`tables/{name}`:\n\n" + _demote(files[name]))
     return "\n".join(out)
 

@@ -3,6 +3,8 @@
 - ``main_<model>.md``: every method at its defaults (lr tuned only): mean +- std over seeds per task, Avg, Rank.
 - ``ablation_<model>.md``: controls and ablations against LoRA, with the pooled paired difference.
 - ``paired_<model>.md``: every method minus LoRA per task: paired 95% interval, smallest detectable difference.
+- ``towers_<model>.md``: one method with its adapters in the vision tower, the language tower or both, side by
+  side (only where a suite ran such variants, e.g. ``vision-tower.yaml``).
 - ``activation.md``: the pooled method-minus-LoRA difference per gated-MLP activation (SwiGLU, GeGLU, ...).
 - ``selection.md``: the lr picked on validation per model x task x method, its grid, edge marks, run statuses.
 - ``tuning.md``: option values tuned on the dev task(s), when there was tuning.
@@ -196,6 +198,41 @@ def paired_tables(an: Analysis) -> dict[str, str]:
     return out
 
 
+TOWER_COLUMNS = {("vision",): "vision", ("language",): "language", ("language", "vision"): "both"}
+
+
+def towers_tables(an: Analysis) -> dict[str, str]:
+    """``towers_<model>.md``: per task, a method (one option setting) whose entries differ only in
+    ``adapter.towers``, its test score per tower set: rows method, columns vision / language / both."""
+    out = {}
+    for model in an.models():
+        scale = scale_of(an, model)
+        groups: dict[tuple[str, str, str], dict[tuple[str, ...], list[Cell]]] = {}
+        for c in an.cells.values():
+            if c.model == model and not c.is_control and c.towers in TOWER_COLUMNS:
+                groups.setdefault((c.task, c.base_method, c.options), {}).setdefault(c.towers, []).append(c)
+        order = {m: i for i, m in enumerate([BASELINE, *method_order({b for _, b, _ in groups} - {BASELINE})])}
+        rows = []
+        for (task, base, _), by in sorted(groups.items(), key=lambda kv: (kv[0][0], order[kv[0][1]], kv[0][2])):
+            if len(by) < 2:  # one tower set only: nothing to separate
+                continue
+            texts = [" / ".join(cell_text(c, scale) for c in sorted(by.get(t, []), key=lambda c: c.method)) or DASH
+                     for t in TOWER_COLUMNS]
+            labels = ", ".join(c.method for t in TOWER_COLUMNS for c in sorted(by.get(t, []), key=lambda c: c.method))
+            rows.append([base, task_header(an, model, task), *texts, labels])
+        if not rows:
+            continue
+        note = (f"Test {an.tasks[(model, an.task_names(model)[0])].metric} ({'%' if scale == 100 else 'score'}) of the lr "
+                "selected on validation, mean ± std over seeds (n), as in the main table, for entries of one method and "
+                "option setting that differ only in the towers the shared budget's targets are placed in "
+                "(`adapter.towers`): vision = the image encoder only, language = the language model only, both = "
+                "both towers. Two entries of one setting and tower set are shown separated by /, in the order of "
+                "`suite entries`. " + LEGEND + "\n")
+        out[f"towers_{_safe(model)}.md"] = (f"## {model}: adapters by tower\n\n{note}\n"
+                                            + _md(["method", "task", *TOWER_COLUMNS.values(), "suite entries"], rows))
+    return out
+
+
 def activation_table(an: Analysis) -> str | None:
     """Pooled method-minus-LoRA difference per activation of the gated MLP, over informative (model, task)s."""
     groups: dict[tuple[str, str], list] = {}
@@ -258,7 +295,7 @@ def all_tables(an: Analysis, lb: pd.DataFrame, chosen: dict | None = None) -> di
     """Every table by file name."""
     files: dict[str, str] = {}
     if an.cells:
-        files |= main_tables(an, lb, chosen) | ablation_tables(an, lb, chosen) | paired_tables(an)
+        files |= main_tables(an, lb, chosen) | ablation_tables(an, lb, chosen) | paired_tables(an) | towers_tables(an)
         act = activation_table(an)
         if act:
             files["activation.md"] = act

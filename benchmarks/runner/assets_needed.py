@@ -14,22 +14,28 @@ def assets_needed(suite_name: str, tasks: list[str] | None = None, resolver=None
                   include_paths: list[str] | None = None, models: list[str] | None = None) -> list[str]:
     """Asset-cache names of the suite's reported and dev tasks (``Task.assets``: models, datasets, what a
     composed VLM's connector is aligned on), without hub-only tasks and names the cache does not know
-    (tiny test models)."""
+    (tiny test models). Built assets follow ``resolve_built``'s decision: on a machine that cannot build
+    them their stand-in's assets are listed; a build to come is listed last, after what it reads."""
     from benchmarks.assets import SPECS
+    from benchmarks.runner.built_models import resolve_built
     from benchmarks.runner.execute import make_resolver, resolve_task
-    from benchmarks.runner.grid import _models_for
+    from benchmarks.runner.grid import TaskFacts
     from benchmarks.runner.suite import load_suite
 
     suite = load_suite(suite_name, tasks=tasks, task_paths=include_paths, models=models)
     resolver = resolver or make_resolver(suite.task_paths)
-    names: list[str] = list(suite.assets)
-    for spec in suite.tasks + suite.dev_tasks:
-        task = resolve_task(resolver, {"task": spec.name, "task_options": spec.options})
+    specs = {s.name: s for s in suite.tasks + suite.dev_tasks}
+    found = {n: resolve_task(resolver, {"task": n, "task_options": s.options}) for n, s in specs.items()}
+    # Silent: `nalora-bench run` says what it substitutes or builds, once, when the grid starts.
+    plan = resolve_built(suite, lambda n: TaskFacts(found[n].family, found[n].default_model), build=False,
+                         log=lambda line: None)
+    names: list[str] = list(suite.assets) + plan.inputs()
+    for name, task in found.items():
         if getattr(task, "requires_network", False):
             continue
-        for model in _models_for(suite, spec, task.family, task.default_model):
+        for model in suite.models_for(specs[name], task.family, task.default_model):
             names += task.assets(model)
-    return sorted({n for n in names if n in SPECS})
+    return sorted({n for n in names if n in SPECS} - set(plan.build)) + plan.build
 
 
 def main(argv: list[str] | None = None) -> int:

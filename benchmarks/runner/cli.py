@@ -69,6 +69,7 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
     import time
 
     from benchmarks.runner import grid
+    from benchmarks.runner.built_models import resolve_built
     from benchmarks.runner.execute import make_resolver, resolve_task
     from benchmarks.runner.pool import run_grid
     from benchmarks.runner.store import ResultStore, atomic_write_json
@@ -91,6 +92,9 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
             t = resolve_task(resolver, {"task": name, "task_options": task_options.get(name)})
             facts[name] = grid.TaskFacts(t.family, t.default_model, grid.task_fingerprint(t))
         return facts[name]
+
+    # Built assets (the distilled vit-s-swiglu): cached, built here once (a GPU), or a stand-in (no GPU).
+    resolve_built(suite, info_of, build=not dry_run, log=log)
 
     out = Path(out)
     t_start = time.time()

@@ -46,6 +46,7 @@ Mapping = Annotated[dict[str, Any], BeforeValidator(_none_is_empty)]
 
 TARGETS = ("gate", "up", "down", "attn")  # nalora.plan.TARGETS (checked again by inject)
 TOWERS = ("language", "vision")
+FAMILIES = ("llm", "vlm")  # Task.family: language tasks and vision-language tasks
 
 
 class Strict(BaseModel):
@@ -117,7 +118,7 @@ class MethodEntry(Strict):
     options: Mapping = {}
     adapter: Mapping = {}  # overrides of the shared budget, validated merged as AdapterConfig
     ablation: bool = False  # only in the ablation table
-    families: list[Literal["llm", "vlm"]] | None = None
+    families: list[Literal[FAMILIES]] | None = None  # type: ignore[valid-type]
     seeds: Annotated[list[StrictInt], Field(min_length=1)] | None = None  # None: the suite's seeds
 
 
@@ -142,7 +143,9 @@ class SuiteConfig(Strict):
     """A whole suite, merged over its ``extends`` chain."""
 
     description: str = ""
-    models: list[str] | dict[str, list[str]] = {}
+    # One list for every task, or one per task family ({llm: [...], vlm: [...]}); a family left out runs each
+    # of its tasks on the task's default model.
+    models: Annotated[list[str], Field(min_length=1)] | dict[Literal[FAMILIES], Annotated[list[str], Field(min_length=1)]] = {}  # type: ignore[valid-type]
     tasks: Annotated[list[str | TaskEntry], Field(min_length=1)]
     dev_tasks: list[str | TaskEntry] = []
     methods: Annotated[dict[str, Annotated[MethodEntry, BeforeValidator(_none_is_empty)]], Field(min_length=1)]

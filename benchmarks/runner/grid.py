@@ -102,13 +102,16 @@ def _config(task: TaskSpec, model: str, m: MethodSpec, seed: int, lr: float, opt
 
 
 def _meta(suite: Suite, m: MethodSpec, family: str, phase: str, lrs: dict[float, int] | None = None,
-          lr: float | None = None) -> dict:
+          lr: float | None = None, substituted: dict | None = None) -> dict:
     lrs = lrs if lrs is not None else {x: 0 for x in m.lr_grid}
-    return {
+    meta = {
         "suite": suite.name, "phase": phase, "family": family, "lr_grid": sorted(lrs),
         "lr_bounds": list(m.lr_bounds), "lr_round": lrs.get(lr, 0) if lr is not None else 0,
         "lr_grid_reason": m.lr_grid_reason, "ablation": m.ablation, "tuned": m.tuned,
     }
+    if substituted:  # a stand-in ran instead of a built asset (benchmarks/runner/built_models.py)
+        meta["substituted"] = dict(substituted)
+    return meta
 
 
 def method_options(suite: Suite, m: MethodSpec, chosen: dict[str, dict] | None) -> dict | None:
@@ -124,22 +127,30 @@ def method_options(suite: Suite, m: MethodSpec, chosen: dict[str, dict] | None) 
     return resolve_method_options(m.method, {**m.options, **chosen[base]})
 
 
-def cells(suite: Suite, info_of: Callable[[str], Any]) -> list[tuple[Cell, TaskSpec, MethodSpec, TaskFacts]]:
-    """Every (model, task, method) of the reported grid, in a stable order."""
+def _models(suite: Suite, t: TaskSpec, facts: TaskFacts) -> list[tuple[str, dict | None]]:
+    """The models ``t`` runs on, each with what it stands in for (``meta.substituted``; None: as declared)."""
+    out: dict[str, dict | None] = {}
+    for declared in suite.declared_models_for(t, facts.family, facts.default_model):
+        out.setdefault(suite.stand_in(declared), suite.substituted(declared))
+    return list(out.items())
+
+
+def cells(suite: Suite, info_of: Callable[[str], Any]) -> list[tuple[Cell, TaskSpec, MethodSpec, TaskFacts, dict | None]]:
+    """Every (model, task, method) of the reported grid, in a stable order, with its model's substitution."""
     out = []
     for t in suite.tasks:
         facts = _facts(info_of(t.name))
-        for model in suite.models_for(t, facts.family, facts.default_model):
+        for model, substituted in _models(suite, t, facts):
             for m in suite.methods:
                 if m.families and facts.family not in m.families:
                     continue
-                out.append(((model, t.name, m.label), t, m, facts))
+                out.append(((model, t.name, m.label), t, m, facts, substituted))
     return out
 
 
 def initial_grids(suite: Suite, info_of: Callable[[str], Any]) -> Grids:
     """Round 0: every cell's lr grid as the suite gives it."""
-    return {cell: {float(lr): 0 for lr in m.lr_grid} for cell, _, m, _ in cells(suite, info_of)}
+    return {cell: {float(lr): 0 for lr in m.lr_grid} for cell, _, m, _, _ in cells(suite, info_of)}
 
 
 def expand(suite: Suite, info_of: Callable[[str], Any], chosen: dict[str, dict] | None = None,
@@ -151,7 +162,7 @@ def expand(suite: Suite, info_of: Callable[[str], Any], chosen: dict[str, dict] 
     """
     grids = grids if grids is not None else initial_grids(suite, info_of)
     specs = []
-    for cell, t, m, facts in cells(suite, info_of):
+    for cell, t, m, facts, substituted in cells(suite, info_of):
         opts = method_options(suite, m, chosen)
         if opts is None:
             continue
@@ -159,7 +170,7 @@ def expand(suite: Suite, info_of: Callable[[str], Any], chosen: dict[str, dict] 
         for lr in sorted(lrs):
             for seed in m.seeds:
                 specs.append(RunSpec(_config(t, cell[0], m, seed, lr, opts, facts.fingerprint),
-                                     _meta(suite, m, facts.family, "main", lrs, lr)))
+                                     _meta(suite, m, facts.family, "main", lrs, lr, substituted)))
     return specs
 
 
@@ -179,15 +190,15 @@ def expand_tune(suite: Suite, info_of: Callable[[str], Any]) -> list[RunSpec]:
     by_label = {m.label: m for m in suite.methods}
     for t in suite.dev_tasks:
         facts = _facts(info_of(t.name))
-        for model in suite.models_for(t, facts.family, facts.default_model):
+        for model, substituted in _models(suite, t, facts):
             for label, options in suite.tune["methods"].items():
                 m = by_label[label]
                 for combo in option_grid(options):
                     opts = resolve_method_options(m.method, {**m.options, **combo})
                     for lr in m.lr_grid:
                         for seed in suite.tune["seeds"]:
-                            meta = _meta(suite, m, facts.family, "tune") | {"tuned_keys": sorted(combo),
-                                                                             "tuned_values": combo}
+                            meta = _meta(suite, m, facts.family, "tune", substituted=substituted) | {
+                                "tuned_keys": sorted(combo), "tuned_values": combo}
                             specs.append(RunSpec(_config(t, model, m, seed, lr, opts, facts.fingerprint), meta))
     return specs
 

@@ -10,7 +10,9 @@ A record is a plain dict::
                       adapter{targets,towers,rank,alpha,dropout[,tower_lr_scale]}, options (every method option, defaults
                       filled), training{every key of TrainingConfig}, task_fingerprint
     meta              suite, phase ("main"|"tune"), family, lr_grid (this cell's lrs so far), lr_bounds [lo, hi],
-                      lr_round (0 = initial grid, k = k-th extension), lr_grid_reason, ablation, tuned
+                      lr_round (0 = initial grid, k = k-th extension), lr_grid_reason, ablation, tuned;
+                      substituted {asset: stand-in, "why": str} only where a stand-in ran for a built asset
+                      (benchmarks/runner/built_models.py; config.model names the stand-in)
     task_info         Task.describe(): metrics, selection_metric, report_metric, protocol, source, ...
     metrics           {"validation": {...}, "test": {...}} final evaluation
     history           {"train_loss": [[step, loss], ...], "validation": [[step, {...}], ...], "lr": [[step, lr], ...]}

@@ -74,9 +74,13 @@ class Suite:
     assets: list[str]
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
     declared_tasks: list[str] = field(default_factory=list)  # the file's tasks and dev tasks, before any --tasks
+    # Built assets replaced by their stand-ins on this machine, {asset: stand-in}, and why: decided once per
+    # grid by benchmarks.runner.built_models.resolve_built (empty: every model runs as named).
+    substitutions: dict[str, str] = field(default_factory=dict)
+    substitution_reason: str = ""
 
-    def models_for(self, spec: TaskSpec, family: str, default_model: str) -> list[str]:
-        """The models ``spec`` runs on: its own, else the suite's for its family, else the task's default."""
+    def declared_models_for(self, spec: TaskSpec, family: str, default_model: str) -> list[str]:
+        """The models the suite names for ``spec``: its own, else the suite's for its family, else the task's default."""
         if spec.models:
             return list(spec.models)
         if family in self.models:
@@ -84,6 +88,19 @@ class Suite:
         if "*" in self.models:
             return list(self.models["*"])
         return [default_model]
+
+    def models_for(self, spec: TaskSpec, family: str, default_model: str) -> list[str]:
+        """The models ``spec`` runs on: ``declared_models_for`` with every substitution applied."""
+        return list(dict.fromkeys(self.stand_in(m) for m in self.declared_models_for(spec, family, default_model)))
+
+    def stand_in(self, model: str) -> str:
+        """``model`` with each substituted part (``"vit-s-swiglu+smollm2-135m"``: each side of ``+``) replaced."""
+        return "+".join(self.substitutions.get(part, part) for part in model.split("+"))
+
+    def substituted(self, model: str) -> dict[str, str] | None:
+        """What ran instead of the declared ``model``, for ``meta.substituted``: ``{asset: stand-in, "why": ...}``."""
+        parts = {p: self.substitutions[p] for p in model.split("+") if p in self.substitutions}
+        return {**parts, "why": self.substitution_reason} if parts else None
 
 
 def deep_merge(base: dict, override: dict) -> dict:

@@ -37,6 +37,11 @@ ASSET_NAME = "vit-s-swiglu"
 TEACHER = "dinov2-s"
 DEFAULT_SOURCES = ("fashion-mnist", "emoji", "cifar10")  # cifar10 only when cached (heavy)
 ENV_CONFIG = "NALORA_DISTILL_CONFIG"  # JSON overrides of DistillConfig for the asset-cache converter
+# What a build costs (the issue's bound; the committed build's own time is in its quality record).
+BUILD_ESTIMATE = "about 10 minutes on an H200"
+# Where the asset is neither cached nor buildable (no GPU), a grid runs this random 2-layer tower of the same
+# layout instead (benchmarks/vlm/tiny.py), and says so (benchmarks/runner/built_models.py).
+STAND_INS = {ASSET_NAME: "tiny-vit-swiglu"}
 WEIGHTS, STUDENT_JSON, QUALITY_JSON, PROVENANCE_JSON = "model.safetensors", "student.json", "quality.json", "provenance.json"
 
 
@@ -321,6 +326,7 @@ def train_student(student: nn.Module, teacher: nn.Module, pools: dict[str, torch
     history = []
     every = max(1, cfg.steps // 20)
     deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else None
+    bar = _step_bar(cfg.steps)
     for step in range(cfg.steps):
         if deadline is not None and time.monotonic() > deadline:
             # A one-command GPU visit has a hard wall-clock limit: stop and record it rather than lose the build.
@@ -347,15 +353,26 @@ def train_student(student: nn.Module, teacher: nn.Module, pools: dict[str, torch
         loss.backward()
         nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
+        bar.update(1)
         if step % every == 0 or step == cfg.steps - 1:
             history.append({"step": step, "loss": round(float(loss.detach()), 5), **{k: round(v, 5) for k, v in parts.items()}})
             log(f"  distill step {step}/{cfg.steps}: loss {float(loss.detach()):.4f}")
     else:
         step = cfg.steps
+    bar.close()
     if step > 0 and history[-1]["step"] != step - 1:
         history.append({"step": step - 1, "loss": round(float(loss.detach()), 5),
                         **{k: round(v, 5) for k, v in parts.items()}})
     return history
+
+
+def _step_bar(steps: int) -> Any:
+    """A tqdm bar over the distillation steps (silent under ``--no-progress``)."""
+    from tqdm.auto import tqdm
+
+    from benchmarks.progress_env import progress_enabled
+
+    return tqdm(total=steps, desc=f"build {ASSET_NAME}", unit="step", disable=not progress_enabled(), mininterval=2.0)
 
 
 # --- quality -------------------------------------------------------------------------------------
@@ -552,10 +569,20 @@ def convert_asset(out: Path) -> dict[str, Any]:
     over = json.loads(os.environ.get(ENV_CONFIG) or "{}")
     device = over.pop("device", None)
     if device is None and not torch.cuda.is_available():
-        raise RuntimeError(f"building {ASSET_NAME} needs a GPU (about 10 minutes on an H200); "
+        raise RuntimeError(f"building {ASSET_NAME} needs a GPU ({BUILD_ESTIMATE}); "
                            f"set {ENV_CONFIG}='{{\"device\": \"cpu\", \"steps\": 20}}' to force a toy CPU build")
     cfg = DistillConfig.from_dict(over) if over else DistillConfig()
+    print(f"building {ASSET_NAME} (distilling {TEACHER}, {cfg.steps} steps of {cfg.batch_size} images): "
+          f"{BUILD_ESTIMATE}, once; later runs use the cached entry", flush=True)
     return build_vit_s_swiglu(out, config=cfg, device=device)
+
+
+def build_inputs() -> list[str]:
+    """The cached assets a build reads: the teacher and the image sets that are not heavy (``cifar10`` is
+    used only when it is already cached)."""
+    from benchmarks.assets.registry import get_spec
+
+    return [TEACHER, *(n for n in DEFAULT_SOURCES if not get_spec(n).heavy)]
 
 
 def load_distilled(name: str, image_size: int, cache_dir: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
