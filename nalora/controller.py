@@ -98,6 +98,8 @@ class NALoRAController(StepRescaler):
         self._generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
         self._attn_pos = self._attention_mask_position(peft_model)
         self._attn: torch.Tensor | None = None
+        self._attn_w: torch.Tensor | None = None  # the real-token weights of this forward, float32, flat
+        self._attn_n: torch.Tensor | None = None  # their sum (the token count every FFN of this forward shares)
         self.step = 0  # optimiser steps taken so far
         self._collect = True  # the next forward(s) belong to a statistics step
         self._stat_handles: list[Any] = []
@@ -209,6 +211,9 @@ class NALoRAController(StepRescaler):
         if am is None and self._attn_pos is not None and len(args) > self._attn_pos:
             am = args[self._attn_pos]
         self._attn = am.detach() if torch.is_tensor(am) and am.dim() == 2 else None
+        # one cast and one sum per forward, shared by every FFN (it was one of each per FFN)
+        self._attn_w = None if self._attn is None else self._attn.reshape(-1).to(torch.float32)
+        self._attn_n = None if self._attn_w is None else self._attn_w.sum()
 
     @staticmethod
     def _part(out: torch.Tensor, rows: slice | None, dim: int) -> torch.Tensor:
@@ -241,7 +246,9 @@ class NALoRAController(StepRescaler):
 
     def _accumulate(self, u: _Unit, g: torch.Tensor, v: torch.Tensor | None) -> None:
         """Add one forward's per-channel sums (device tensors only, no host sync)."""
-        self.stat_calls += 1
+        # counted in the per-step dict, not on ``self``: under torch.compile an int attribute read in the
+        # forward is a guard, and a counter that grows would recompile the model on every refresh step
+        u.acc["calls"] = u.acc.get("calls", 0) + 1
         # the training forward may run under autocast: keep the statistics in float32
         with torch.autocast(device_type=g.device.type, enabled=False):
             self._accumulate_f32(u, g, v)
@@ -254,8 +261,9 @@ class NALoRAController(StepRescaler):
         else:
             resp = _jacobian(u.act, g2, v.reshape(-1, u.d_ff).float()).abs_()
         am = self._attn
-        w = am.reshape(-1).to(g2.dtype) if am is not None and tuple(am.shape) == lead else None
-        n: Any = g2.shape[0] if w is None else w.sum()
+        use_mask = am is not None and tuple(am.shape) == lead
+        w = self._attn_w if use_mask else None
+        n: Any = self._attn_n if use_mask else g2.shape[0]
         sums = {"r": resp}
         if u.thresholds is not None:
             z_min, z_lin = u.thresholds
@@ -291,6 +299,7 @@ class NALoRAController(StepRescaler):
     @torch.no_grad()
     def _update_statistics(self) -> list[torch.Tensor | None]:
         """EMA update from this step's sums; returns this step's channel-mean regime occupancy per unit."""
+        self.stat_calls += sum(u.acc.pop("calls", 0) for u in self.units)
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
             self._all_reduce_statistics()
@@ -358,7 +367,7 @@ class NALoRAController(StepRescaler):
             old_weights = [s.keep_weight for s in moved]
             for s in moved:
                 self._sync_slot(s)
-            stashes, params = [s.stash for s in moved], [s.param.detach() for s in moved]
+            stashes, params = [s.stash for s in moved], [s.param for s in moved]  # no_grad: no detach views
             torch._foreach_lerp_(stashes, params, old_weights)  # stash := logical B (kept rows from B)
             torch._foreach_copy_(params, torch._foreach_mul(stashes, [s.keep_weight for s in moved]))
         return rho, turnover
@@ -367,7 +376,8 @@ class NALoRAController(StepRescaler):
         """Indices of the ``k`` channels of ``u`` kept until the next refresh."""
         how = self.config.mask_selection
         if how == "random":  # control: a fresh uniform draw at every refresh
-            return torch.randperm(u.d_ff, generator=self._generator)[:k].to(u.keep.device)
+            # non_blocking: the CPU draw goes to the device without waiting for the queued GPU work
+            return torch.randperm(u.d_ff, generator=self._generator)[:k].to(u.keep.device, non_blocking=True)
         if how == "static":  # control: the ranking of the first refresh at/after t_w, never refreshed
             if u.ranking is None and warmup_over(self.step + 1, self.total_steps, self.config.warmup_frac):
                 u.ranking = torch.argsort(u.importance, descending=True, stable=True)
@@ -393,12 +403,13 @@ class NALoRAController(StepRescaler):
             self._record(rho, turnover, batch_occ)
         self.step += 1
         self._set_collect(self.step % self.config.mask_interval == 0)
-        self._attn = None
+        self._attn = self._attn_w = self._attn_n = None
 
     # ---------------------------------------------------------------- diagnostics
     def _record(self, rho: float, turnover: list, batch_occ: list) -> None:
-        nan = torch.tensor(float("nan"))
         dev = self.units[0].keep.device
+        # made on the device: a CPU tensor moved there is a blocking host-to-device copy (nalora_mask has no gamma)
+        nan = torch.full((), float("nan"), device=dev)
         nan3 = torch.full((3,), float("nan"), device=dev)
 
         def stack(xs: list, fill: torch.Tensor) -> torch.Tensor:

@@ -130,7 +130,8 @@ class StepRescaler:
         self._active = [s for s in self.slots if s.active]
         if not self._active:
             return
-        torch._foreach_copy_([s.prev for s in self._active], [s.param.detach() for s in self._active])
+        # under no_grad the parameters are used as they are (a detach() per slot is one more op per step)
+        torch._foreach_copy_([s.prev for s in self._active], [s.param for s in self._active])
         self._masked = [s for s in self._active if not s.full]
         self._snapshot = self._state_triples(self._masked)
         if self._snapshot:
@@ -140,7 +141,7 @@ class StepRescaler:
     def _correct_step(self) -> None:
         """Rewrite the step just taken: each kept row's change times its scale, frozen rows and state restored."""
         if self._active:
-            params = [s.param.detach() for s in self._active]
+            params = [s.param for s in self._active]
             prevs = [s.prev for s in self._active]
             # lerp(prev, new, w) is prev exactly at w = 0 (masked row), new exactly at w = 1, and
             # prev + w (new - prev) otherwise: each row's step multiplied by keep * scale

@@ -239,6 +239,36 @@ def test_nalora_light_loss_under_compile_matches_eager():
         torch.testing.assert_close(comp[k], eager[k], rtol=1e-4, atol=1e-5)
 
 
+def test_nalora_compiled_graphs_bounded_over_many_steps():
+    """Compiled NA-LoRA over 36 steps with a refresh every 3 (12 refreshes through warm-up, the cubic decrease
+    and the final budget) compiles a fixed number of graphs: one with the statistics hooks, one without.
+    A value that changes per step and is read in the forward (it once was a refresh counter) is a Dynamo guard
+    and recompiled the model on every refresh, minutes each on a GPU, until the recompile limit (8)."""
+    from torch._dynamo.utils import counters
+
+    from nalora import inject
+
+    base, _ = tiny_llama()
+    steps = 36
+    torch.manual_seed(0)
+    adapted = inject(copy.deepcopy(base), "nalora", targets=("gate", "up", "down"), rank=4, alpha=8,
+                     method_options={"mask_interval": 3, "warmup_frac": 0.2, "final_frac": 0.6})
+    opt = adapted.make_optimizer(1e-2, total_steps=steps)
+    model = adapted.model.train()
+    prep = C.prepare_model(model, compile=True, bf16_frozen=False, light_loss=True, backend="aot_eager")
+    counters.clear()
+    graphs = []
+    for step in range(steps):
+        model(**_batch(step % 2, B=2, T=16)).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert prep.compiled, prep.compile_reason
+    assert adapted.controller.units[0].k < adapted.controller.units[0].d_ff  # the schedule really moved
+    assert adapted.controller.stat_calls == 12 * len(adapted.controller.units)  # counted outside the graph
+    assert graphs[-1] == graphs[2] <= 3, graphs  # nothing new after the first refresh cycle
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
                     reason="torch.compile's inductor backend needs a C compiler on CPU (GPU figure: results/perf)")
@@ -291,6 +321,48 @@ def test_steptime_reference_on_cpu(tmp_path):
     assert r["timer"] == "perf_counter"
 
 
+def test_time_limit_interrupts_a_stuck_block():
+    import time
+
+    from benchmarks.perf import step_time
+
+    t0 = time.perf_counter()
+    with pytest.raises(step_time.CandidateTimeout):
+        with step_time.time_limit(0.2):
+            while True:
+                time.sleep(0.01)
+    assert time.perf_counter() - t0 < 5
+    with step_time.time_limit(0):  # no limit
+        time.sleep(0.05)
+
+
+def test_steptime_records_a_stuck_candidate_and_finishes(tmp_path, monkeypatch):
+    """One candidate that hangs in its rounds is recorded as timed out; the command ends with the others."""
+    import json
+    import time
+
+    from benchmarks.perf import step_time
+
+    def fake(method, variant, *a, **kw):
+        def build():
+            def run(warmup, steps, timer):
+                timer.start()
+                while method == "nalora" and warmup > 1:  # the build's own step passes, the rounds hang
+                    time.sleep(0.01)
+                timer.stop()
+            return run
+        return step_time.Candidate(name=method, group="runner", method=method, variant=variant, build=build)
+
+    monkeypatch.setattr(step_time, "_runner_candidate", fake)
+    args = _steptime_args(tmp_path, variants="eager", rounds=3, warmup=2, **{"candidate-timeout": 0.3})
+    assert step_time.main(args) == 0
+    r = json.loads((tmp_path / "steptime.json").read_text())
+    assert r["candidates"]["nalora"]["timed_out"] == "round 0" and r["candidates"]["nalora"]["step_s"] == []
+    assert len(r["candidates"]["lora"]["step_s"]) == 3 and "timed_out" not in r["candidates"]["lora"]
+    assert r["ratios"] == {} and r["rounds"] == 3
+    assert "| nalora | timed out (round 0) |" in (tmp_path / "steptime.md").read_text()
+
+
 def test_steptime_rejects_bad_input(tmp_path):
     from benchmarks.perf import step_time
 
@@ -298,6 +370,8 @@ def test_steptime_rejects_bad_input(tmp_path):
         step_time.main(_steptime_args(tmp_path, variants="fast"))
     with pytest.raises(ValueError, match="unknown method"):
         step_time.main(_steptime_args(tmp_path, methods="nope"))
+    with pytest.raises(ValueError, match="--candidate-timeout"):
+        step_time.main(_steptime_args(tmp_path, **{"candidate-timeout": -1}))
 
 
 def test_spread_and_paired_ratios():

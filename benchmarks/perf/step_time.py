@@ -8,6 +8,10 @@ timed with CUDA events on a GPU (no host sync inside the timed block) and ``perf
 Reported: median step time with its IQR and range, peak memory, and the per-round ratios of every
 method to ``lora`` of the same variant (median and IQR of the paired ratios).
 
+A candidate that runs past ``--candidate-timeout`` seconds in its build (compilation included) or in one
+round is recorded as timed out (where) and left out of the later rounds; the others go on (a recompiling
+model once stalled a whole command).
+
 Variants of the project's runner step: ``eager`` (today's step: fp32 master weights under bf16 autocast,
 the model's own loss), ``lean`` (``prepare_model`` without compile: frozen weights in bf16, chunked loss),
 ``compiled`` (``prepare_model``: lean + ``torch.compile``).
@@ -16,13 +20,17 @@ the model's own loss), ``lean`` (``prepare_model`` without compile: frozen weigh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import signal
 import statistics
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -46,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed optimiser steps per round")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each round")
     parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds over the candidates (>= 9 for a spread)")
+    parser.add_argument("--candidate-timeout", type=float, default=900.0,
+                        help="seconds one candidate may spend in its build or in one round before it is recorded "
+                             "as timed out and dropped (0: no limit; POSIX main thread only)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (tests: aot_eager)")
     parser.add_argument("--out", default=None,
                         help="folder for steptime.json and steptime.md (a path ending in .json: that file and .md beside it)")
@@ -101,6 +112,33 @@ class Candidate:
     peak_bytes: list[int] = field(default_factory=list)
     resident_bytes: int = 0
     runner: Callable[[int, int, _Timer], None] | None = None
+    timed_out: str | None = None  # "build" or "round N" when it ran past the per-candidate limit
+
+
+class CandidateTimeout(Exception):
+    """A candidate ran past ``--candidate-timeout`` (raised from SIGALRM inside its build or round)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise ``CandidateTimeout`` in the block after ``seconds`` (wall clock); no limit when ``seconds`` <= 0
+    or where SIGALRM cannot be used (not POSIX, not the main thread). Python code only is interrupted: a
+    single native call (one kernel, one compiler subprocess wait) ends first."""
+    usable = seconds > 0 and hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not usable:
+        yield
+        return
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise CandidateTimeout(f"over {seconds:g} s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def _loop(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict, device: torch.device,
@@ -236,8 +274,8 @@ def _ratios(cands: dict[str, Candidate]) -> dict[str, dict]:
     by = {(c.method, c.variant): c for c in cands.values() if c.group == "runner"}
     for (m, v), c in by.items():
         ref = by.get(("lora", v))
-        if ref is None or m == "lora":
-            continue
+        if ref is None or m == "lora" or not c.step_s or not ref.step_s:
+            continue  # (a candidate timed out in its build has no rounds; one timed out later pairs its first ones)
         entry = {"time": _spread([a / b for a, b in zip(c.step_s, ref.step_s)])}
         if c.peak_bytes and ref.peak_bytes and all(ref.peak_bytes):
             entry["peak_memory"] = _spread([a / b for a, b in zip(c.peak_bytes, ref.peak_bytes)])
@@ -247,7 +285,7 @@ def _ratios(cands: dict[str, Candidate]) -> dict[str, dict]:
         if mine not in cands:
             continue
         for other in others:
-            if other in cands:
+            if other in cands and cands[other].step_s and cands[mine].step_s:
                 out[f"{other} / {mine}"] = {"time": _spread([a / b for a, b in zip(cands[other].step_s, cands[mine].step_s)])}
     return out
 
@@ -282,12 +320,13 @@ def _read_json(path: str) -> dict:
 def measure(model_name: str, methods: list[str], *, variants: tuple[str, ...] = ("eager", "compiled"),
             reference: bool = False, targets: tuple[str, ...] = ("gate", "up", "down"), rank: int = 8,
             batch_size: int = 8, seq_len: int = 512, steps: int = 30, warmup: int = 5, rounds: int = 9,
-            compile_backend: str = "inductor", progress: bool = True,
+            compile_backend: str = "inductor", candidate_timeout: float = 0.0, progress: bool = True,
             checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Time every candidate over ``rounds`` interleaved rounds on one fixed batch; see the module doc.
 
     ``checkpoint(result)`` is called after every round with the rounds so far (a command stopped by a
-    time limit still leaves its finished rounds)."""
+    time limit still leaves its finished rounds). ``candidate_timeout`` (seconds, 0: none): a candidate's
+    build or round that runs longer is recorded as timed out and the candidate is dropped from later rounds."""
     from tqdm.auto import tqdm
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -312,29 +351,43 @@ def measure(model_name: str, methods: list[str], *, variants: tuple[str, ...] = 
     bar = tqdm(total=len(order) * (rounds + 1), desc="steptime", disable=not progress)
     for c in order:  # build + first (compiling) steps, outside the timed rounds; resident memory measured here
         before = _mem_now(device)
-        c.runner = c.build()
-        c.runner(1, 1, _Timer(device))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        try:
+            with time_limit(candidate_timeout):
+                c.runner = c.build()
+                c.runner(1, 1, _Timer(device))
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+        except CandidateTimeout as err:
+            c.timed_out = "build"
+            print(f"steptime: {c.name} timed out in its build ({err}); left out", file=sys.stderr)
         c.resident_bytes = _mem_now(device) - before
         bar.update(1)
 
     def result() -> dict[str, Any]:
         return _assemble(model_name, weights, device, targets, rank, batch_size, seq_len, steps, warmup,
-                         len(order[0].step_s), compile_backend, order, cands)
+                         r + 1, compile_backend, candidate_timeout, order, cands)
 
     for r in range(rounds):
         for c in order[r % len(order):] + order[: r % len(order)]:
+            bar.update(1)
+            if c.timed_out:
+                continue
             timer = _Timer(device)
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats(device)
             start = _mem_now(device)
-            c.runner(warmup, steps, timer)
-            c.step_s.append(timer.seconds() / steps)
+            try:
+                with time_limit(candidate_timeout):
+                    c.runner(warmup, steps, timer)
+                    seconds = timer.seconds()
+            except CandidateTimeout as err:
+                c.timed_out = f"round {r}"
+                print(f"steptime: {c.name} timed out in round {r} ({err}); left out from here", file=sys.stderr)
+                continue
+            c.step_s.append(seconds / steps)
             if device.type == "cuda":
                 c.peak_bytes.append(c.resident_bytes + torch.cuda.max_memory_allocated(device) - start)
-            bar.update(1)
         if checkpoint is not None:
             checkpoint(result())
     bar.close()
@@ -343,11 +396,15 @@ def measure(model_name: str, methods: list[str], *, variants: tuple[str, ...] = 
 
 def _assemble(model_name: str, weights: str, device: torch.device, targets: tuple[str, ...], rank: int,
               batch_size: int, seq_len: int, steps: int, warmup: int, rounds: int, compile_backend: str,
-              order: list[Candidate], cands: dict[str, Candidate]) -> dict[str, Any]:
+              candidate_timeout: float, order: list[Candidate], cands: dict[str, Candidate]) -> dict[str, Any]:
     """The measurement so far as a JSON-able dict (``rounds``: rounds finished)."""
     def cand_json(c: Candidate) -> dict:
         d = {"group": c.group, "method": c.method, "variant": c.variant, "step_s": c.step_s,
-             "step_ms": _spread([1e3 * s for s in c.step_s]), "resident_mib": c.resident_bytes / 2**20}
+             "resident_mib": c.resident_bytes / 2**20}
+        if c.step_s:
+            d["step_ms"] = _spread([1e3 * s for s in c.step_s])
+        if c.timed_out:
+            d["timed_out"] = c.timed_out
         if c.peak_bytes:
             d["peak_mib"] = _spread([b / 2**20 for b in c.peak_bytes])
         if "prepare" in c.info:
@@ -355,7 +412,7 @@ def _assemble(model_name: str, weights: str, device: torch.device, targets: tupl
         return d
 
     eager = {c.name: c for c in order if c.group == "runner" and c.variant == "eager"}
-    median = {n: statistics.median(c.step_s) for n, c in eager.items()}
+    median = {n: statistics.median(c.step_s) for n, c in eager.items() if c.step_s}
     return {
         "model": model_name, "weights": weights, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "targets": list(targets), "rank": rank, "batch_size": batch_size,
@@ -365,6 +422,7 @@ def _assemble(model_name: str, weights: str, device: torch.device, targets: tupl
         "candidates": {c.name: cand_json(c) for c in order},
         "ratios": _ratios(cands),
         # kept from the first version of this tool (eager runner step only)
+        "candidate_timeout_s": candidate_timeout,
         "step_time_s": {n: c.step_s for n, c in eager.items()}, "median_step_time_s": median,
         "ratio_to_lora": {n: v / median["lora"] for n, v in median.items()} if "lora" in median else {},
     }
@@ -379,7 +437,12 @@ def to_markdown(r: dict[str, Any]) -> str:
              "| candidate | median step (ms) | IQR (ms) | min-max (ms) | peak memory (MiB) | step setup |",
              "|---|---|---|---|---|---|"]
     for name, c in r["candidates"].items():
+        if "step_ms" not in c:
+            lines.append(f"| {name} | timed out ({c.get('timed_out', 'no rounds')}) | - | - | - | {c['group']} |")
+            continue
         s = c["step_ms"]
+        if c.get("timed_out"):
+            name = f"{name} (timed out in {c['timed_out']})"
         peak = f"{c['peak_mib']['median']:.0f}" if "peak_mib" in c else "-"
         prep = c.get("prepare")
         how = c["group"] if prep is None else (
@@ -413,6 +476,8 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0")
     if args.warmup < 0:
         raise ValueError("--warmup must be >= 0")
+    if not args.candidate_timeout >= 0:
+        raise ValueError(f"--candidate-timeout must be >= 0 seconds, got {args.candidate_timeout}")
     out = None
     if args.out:
         out = Path(args.out)
@@ -430,7 +495,7 @@ def main(args: argparse.Namespace) -> int:
     r = measure(args.model, methods, variants=variants, reference=args.reference,
                 targets=tuple(t for t in args.targets.split(",") if t), rank=args.rank, batch_size=args.batch_size,
                 seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
-                compile_backend=args.compile_backend, checkpoint=save)
+                compile_backend=args.compile_backend, candidate_timeout=args.candidate_timeout, checkpoint=save)
     save(r)
     print(to_markdown(r))
     return 0
