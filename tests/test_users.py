@@ -232,7 +232,7 @@ def test_demo_suite_is_small_and_run_all_picks_it_on_a_cpu():
     assert demo.models["llm"] == ["smollm2-135m"] and demo.seeds == [0]
     assert all(len(m.lr_grid) == 1 and m.lr_bounds == (m.lr_grid[0],) * 2 for m in demo.methods)  # no lr rounds
     tr = demo.tasks[0].training
-    assert tr.steps <= 50 and tr.eval_limit <= 64 and tr.test_limit <= 64
+    assert tr.steps <= 60 and tr.eval_limit <= 96 and tr.test_limit <= 96  # measured: about 2/3 of the 5-minute budget
     text = (REPO / "run_all.sh").read_text()
     closing = next(line for line in text.splitlines() if "that was the CPU demo" in line)
     assert "SUITE=demo" in text and "./run_all.sh --suite default" in closing and "on a GPU" in closing
