@@ -361,3 +361,21 @@ def test_cifar10_split_of_the_full_test_set(tmp_path):
     assert sum(map(len, a.values())) == 10_000 and len(set().union(*a.values())) == 10_000  # disjoint, complete
     assert len(a["test"]) >= 1000 and len(a["validation"]) >= 900
     assert ids[0] == ids[1]  # same split and the same (seeded) order
+
+
+def test_measure_lists_a_built_model_without_loading_it():
+    """A model built here (its record carries a quality record, not a transformers config) gets its row from the
+    manifest; loading it as a converted model would fail."""
+    from benchmarks.assets import measure
+
+    class Built:
+        root = "/nowhere"
+
+        def manifest(self):
+            return {"vit-x": {"kind": "model", "info": {"params": 21.6e6, "quality": {"mean": {}}}}}
+
+        def has(self, name):
+            return True
+
+    rows = measure.model_table(Built())
+    assert rows[2].startswith("| vit-x | 21.6M | - |") and "distillation" in rows[2]

@@ -4,11 +4,14 @@ that changes nothing, progress and thread caps, and the CPU demo suite. Fake tas
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
+import time
 
 import pytest
 import torch
+from conftest import require_assets
 
 from tests.test_runner import (
     BASE_SUITE,
@@ -238,6 +241,26 @@ def test_demo_suite_is_small_and_run_all_picks_it_on_a_cpu():
     assert "SUITE=demo" in text and "./run_all.sh --suite default" in closing and "on a GPU" in closing
     # smoke stays the broader CPU check
     assert len(load_suite("smoke").tasks) > len(demo.tasks)
+
+
+@pytest.mark.slow
+def test_cpu_demo_end_to_end_within_its_budget(tmp_path):
+    """`./run_all.sh` on a machine without a GPU: the demo ends within 5 minutes (issue 14) with every result
+    kind written and both runs ok (a demo whose runs collapse would teach the wrong thing)."""
+    require_assets("smollm2-135m", "sarcasm")
+    out = tmp_path / "demo"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
+    t0 = time.monotonic()
+    p = subprocess.run(["./run_all.sh", "--out", str(out), "--no-progress"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=600)
+    wall = time.monotonic() - t0
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "that was the CPU demo" in p.stdout
+    runs = [json.loads(f.read_text()) for f in (out / "runs").glob("*.json")]
+    assert len(runs) == 2 and {r["status"] for r in runs} == {"ok"}
+    assert (out / "leaderboard.csv").is_file() and (out / "index.html").is_file() and (out / "findings.md").is_file()
+    assert any((out / "tables").glob("main_*.md")) and len(list((out / "plots").glob("*.png"))) >= 3
+    assert wall < 300, f"the CPU demo took {wall:.0f} s, over its 5-minute budget"
 
 
 def test_shipped_demo_needs_only_cached_kinds_of_assets():
