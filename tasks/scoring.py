@@ -12,7 +12,7 @@ divided by ``len(choice)``: Python characters of the choice text *without* its l
 space before a class name or an answer is not counted). Ties go to the first choice (``np.argmax``).
 Besides the predictions, each example gets its **answer NLL**: ``-log softmax(lls)[gold]``, the negative
 log-probability of the gold choice when the model's choice distribution is the softmax over the K choices'
-summed log-likelihoods. Its mean is ``ln K`` exactly when that distribution is uniform, whatever the
+summed log-likelihoods. Its mean is ``ln K`` when that distribution is uniform, whatever the
 tokenisation of the choices (the collapse rule of ``benchmarks.runner.health`` compares the two).
 Pure Python: no torch, usable by any layer that computes log-likelihoods.
 """

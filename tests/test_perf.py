@@ -375,9 +375,9 @@ def test_steptime_rejects_bad_input(tmp_path):
 
 
 def test_spread_and_paired_ratios():
-    from benchmarks.perf.step_time import Candidate, _ratios, _spread
+    from benchmarks.perf.step_time import Candidate, _ratios, spread
 
-    s = _spread([5.0, 1.0, 3.0, 2.0, 4.0])
+    s = spread([5.0, 1.0, 3.0, 2.0, 4.0])
     assert s["median"] == 3.0 and s["iqr"] == [2.0, 4.0] and (s["min"], s["max"]) == (1.0, 5.0)
     a = Candidate("lora", "runner", "lora", "eager", build=lambda: None, step_s=[1.0, 2.0, 4.0])
     b = Candidate("nalora", "runner", "nalora", "eager", build=lambda: None, step_s=[1.1, 2.2, 4.4])

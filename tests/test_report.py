@@ -190,21 +190,26 @@ def test_plots_keep_points_and_lines_apart_and_show_seed_spread(tmp_path, monkey
 
 
 def test_superseded_records_of_a_cell_are_left_out(tmp_path, capsys):
-    """A cell trained again under a new run id (a default changed) is reported once: the newest record."""
+    """A cell trained again under a new configuration (a default changed) is reported from the newest
+    configuration only: the older one's records at the same lr and seed, and at lrs the new one never ran, are left out."""
     make_results(tmp_path)
     new = _record("m", "t1", "lora", 1e-3, 0)
     new["provenance"]["finished_at"] = "2001-01-01T00:00:00"
     ResultStore(tmp_path).write(new)  # the same run, now with its finishing time
     report(tmp_path)
     before = snapshot(tmp_path)
-    old = _record("m", "t1", "lora", 1e-3, 0)
-    old["config"]["training"]["curve_limit"] = 3  # another configuration of the same cell and seed
-    old["run_id"] = run_id(old["config"])
-    old["provenance"]["finished_at"] = "2000-01-01T00:00:00"  # finished before the other one
-    old["metrics"]["validation"]["acc"] = 0.99  # would change the selection if it were read
-    ResultStore(tmp_path).write(old)
+    olds = []
+    for lr in (1e-3, 3e-3):  # 3e-3: an lr only the older configuration ran (e.g. an extension round)
+        old = _record("m", "t1", "lora", 1e-3, 0)
+        old["config"]["lr"] = lr
+        old["config"]["training"]["curve_limit"] = 3  # another configuration of the same cell
+        old["run_id"] = run_id(old["config"])
+        old["provenance"]["finished_at"] = "2000-01-01T00:00:00"  # finished before the other ones
+        old["metrics"]["validation"]["acc"] = 0.99  # would change the selection if it were read
+        ResultStore(tmp_path).write(old)
+        olds.append(old["run_id"])
     capsys.readouterr()
     report(tmp_path)
     err = capsys.readouterr().err
-    assert "1 record(s) superseded" in err and old["run_id"] in err
+    assert "2 record(s) of an older configuration" in err and all(i in err for i in olds)
     assert snapshot(tmp_path) == before

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
 import os
 import urllib.error
@@ -53,12 +54,16 @@ def find_sdist(package: str, version: str, index: str | None = None) -> IndexFil
         with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp:
             kind = resp.headers.get_content_type()
             body = resp.read()
-    except (urllib.error.URLError, OSError) as err:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
         raise RuntimeError(f"index listing {page} unreachable: {err}") from None
     if kind != SIMPLE_JSON:
         raise RuntimeError(f"index {page} answered {kind}, not the JSON Simple API (PEP 691)")
     want = (canonicalize_name(package), Version(version))
-    for f in json.loads(body).get("files", []):
+    try:
+        files = json.loads(body).get("files", [])
+    except (ValueError, AttributeError) as err:
+        raise RuntimeError(f"index {page} answered a listing that is not JSON of the Simple API: {err}") from None
+    for f in files:
         try:
             name, ver = parse_sdist_filename(f["filename"])
         except InvalidSdistFilename:
@@ -92,7 +97,7 @@ def download(file: IndexFile, dest: Path, progress: bool = False, chunk: int = 1
             raise AssetError(f"checksum mismatch for {file.filename} from {file.url}: got sha256 {h.hexdigest()}, "
                              f"the index publishes {file.sha256}; the download is corrupted")
         os.replace(part, out)
-    except (urllib.error.URLError, OSError) as err:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:  # IncompleteRead: a cut stream
         raise RuntimeError(f"download of {file.url} failed: {err}") from None
     finally:
         with contextlib.suppress(FileNotFoundError):

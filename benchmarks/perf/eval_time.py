@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,11 +26,9 @@ from typing import Any
 
 import torch
 
+from benchmarks.perf.step_time import spread
+
 MODES = ("per_choice", "shared")
-
-
-def _spread(xs: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
 def _sync() -> None:
@@ -54,19 +51,20 @@ def measure_scoring(task: Any, setup: Any, *, limit: int, batch_size: int, round
     with torch.no_grad(), autocast:
         for m in MODES:  # warm-up (allocator, kernels, tokenizer caches) and the outputs to compare
             out[m] = task.score(setup, model, "validation", limit, batch_size, share_context=m == "shared")
+        n = len(out["per_choice"][0])  # examples actually scored (a split smaller than ``limit``)
         for order in _interleaved(rounds):
             for m in order:
                 _sync()
                 t0 = time.perf_counter()
                 task.score(setup, model, "validation", limit, batch_size, share_context=m == "shared")
                 _sync()
-                secs[m].append((time.perf_counter() - t0) / limit)
+                secs[m].append((time.perf_counter() - t0) / n)
     (a, choices, labels), (b, _, _) = out["per_choice"], out["shared"]
     diff = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
     return {
-        "batch_size": batch_size, "examples": limit,
-        "s_per_example": {m: _spread(v) for m, v in secs.items()},
-        "speedup": _spread([p / s for p, s in zip(secs["per_choice"], secs["shared"])]),
+        "batch_size": batch_size, "examples": n,
+        "s_per_example": {m: spread(v) for m, v in secs.items()},
+        "speedup": spread([p / s for p, s in zip(secs["per_choice"], secs["shared"])]),
         "max_abs_ll_diff": diff,
         "metrics": {m: task.metrics_from(out[m][0], choices, labels) for m in MODES},
     }
@@ -107,9 +105,9 @@ def measure_runs(suite_name: str, task_name: str, model: str, *, rounds: int, st
         "suite": suite_name, "task": task_name, "model": model, "method": "lora",
         "training": {k: t[k] for k in ("steps", "batch_size", "eval_every", "eval_limit", "test_limit", "eval_batch_size")},
         "curve_limit_after": after_curve,
-        "eval_share": {m: _spread(v) for m, v in shares.items()},
-        "wall_s": {m: _spread(v) for m, v in walls.items()},
-        "share_ratio": _spread([b / a for b, a in zip(shares["per_choice"], shares["shared"])]),
+        "eval_share": {m: spread(v) for m, v in shares.items()},
+        "wall_s": {m: spread(v) for m, v in walls.items()},
+        "share_ratio": spread([b / a for b, a in zip(shares["per_choice"], shares["shared"])]),
     }
 
 

@@ -262,7 +262,7 @@ def _reference_candidates(base: torch.nn.Module, batch: dict, device: torch.devi
 # statistics
 
 
-def _spread(xs: list[float]) -> dict[str, Any]:
+def spread(xs: list[float]) -> dict[str, Any]:
     """Median, IQR (inclusive quartiles) and range of ``xs``."""
     q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
     return {"median": statistics.median(xs), "iqr": [q[0], q[2]], "min": min(xs), "max": max(xs), "n": len(xs)}
@@ -276,9 +276,9 @@ def _ratios(cands: dict[str, Candidate]) -> dict[str, dict]:
         ref = by.get(("lora", v))
         if ref is None or m == "lora" or not c.step_s or not ref.step_s:
             continue  # (a candidate timed out in its build has no rounds; one timed out later pairs its first ones)
-        entry = {"time": _spread([a / b for a, b in zip(c.step_s, ref.step_s)])}
+        entry = {"time": spread([a / b for a, b in zip(c.step_s, ref.step_s)])}
         if c.peak_bytes and ref.peak_bytes and all(ref.peak_bytes):
-            entry["peak_memory"] = _spread([a / b for a, b in zip(c.peak_bytes, ref.peak_bytes)])
+            entry["peak_memory"] = spread([a / b for a, b in zip(c.peak_bytes, ref.peak_bytes)])
         out[f"{c.name} / {ref.name}"] = entry
     comps = {"lora+compiled": ("peft+compile", "hf_trainer+peft", "peft", "lora")}
     for mine, others in comps.items():
@@ -286,7 +286,7 @@ def _ratios(cands: dict[str, Candidate]) -> dict[str, dict]:
             continue
         for other in others:
             if other in cands and cands[other].step_s and cands[mine].step_s:
-                out[f"{other} / {mine}"] = {"time": _spread([a / b for a, b in zip(cands[other].step_s, cands[mine].step_s)])}
+                out[f"{other} / {mine}"] = {"time": spread([a / b for a, b in zip(cands[other].step_s, cands[mine].step_s)])}
     return out
 
 
@@ -402,11 +402,11 @@ def _assemble(model_name: str, weights: str, device: torch.device, targets: tupl
         d = {"group": c.group, "method": c.method, "variant": c.variant, "step_s": c.step_s,
              "resident_mib": c.resident_bytes / 2**20}
         if c.step_s:
-            d["step_ms"] = _spread([1e3 * s for s in c.step_s])
+            d["step_ms"] = spread([1e3 * s for s in c.step_s])
         if c.timed_out:
             d["timed_out"] = c.timed_out
         if c.peak_bytes:
-            d["peak_mib"] = _spread([b / 2**20 for b in c.peak_bytes])
+            d["peak_mib"] = spread([b / 2**20 for b in c.peak_bytes])
         if "prepare" in c.info:
             d["prepare"] = c.info["prepare"].to_dict()
         return d

@@ -63,28 +63,32 @@ def load_records(results: str | Path, phase: str = "main") -> list[dict]:
 
 
 def drop_superseded(records: list[dict]) -> list[dict]:
-    """One record per model x task x method x lr x seed: when a folder holds several (the code or a default
-    changed, so a resumed suite trained the cell again under a new run id), the newest finished one is reported
-    and one line names how many older ones were left out. Without this, two configurations of one cell would
-    pass for two lr settings."""
-    def key(rec: dict) -> tuple:
+    """Per model x task x method, only the records of the newest configuration: when the code or a default
+    changed, a resumed suite trains the cell again under new run ids, and the older configuration's records
+    (at any lr and seed) are left out with one line. Otherwise two configurations of one cell would pass for
+    lr settings of one, and selection would compare across them."""
+    def cell(rec: dict) -> tuple:
         c = rec["config"]
-        return c["model"], c["task"], c["method"], float(c["lr"]), c["seed"]
+        return c["model"], c["task"], c["method"]
+
+    def configuration(rec: dict) -> str:
+        return setting_key({k: v for k, v in rec["config"].items() if k != "lr"})
 
     def finished(rec: dict) -> tuple:
         return str((rec.get("provenance") or {}).get("finished_at") or ""), rec["run_id"]
 
     newest: dict[tuple, dict] = {}
     for rec in records:
-        k = key(rec)
+        k = cell(rec)
         if k not in newest or finished(rec) > finished(newest[k]):
             newest[k] = rec
-    keep = {id(r) for r in newest.values()}
-    old = [r["run_id"] for r in records if id(r) not in keep]
+    current = {k: configuration(r) for k, r in newest.items()}
+    keep = [r for r in records if configuration(r) == current[cell(r)]]
+    old = sorted(r["run_id"] for r in records if configuration(r) != current[cell(r)])
     if old:
-        print(f"report: {len(old)} record(s) superseded by a newer run of the same model, task, method, lr and seed "
-              f"are left out (run ids {', '.join(sorted(old)[:5])}{' ...' if len(old) > 5 else ''})", file=sys.stderr)
-    return [r for r in records if id(r) in keep]
+        print(f"report: {len(old)} record(s) of an older configuration of their model, task and method are left "
+              f"out (run ids {', '.join(old[:5])}{' ...' if len(old) > 5 else ''})", file=sys.stderr)
+    return keep
 
 
 def selected_ids(records: list[dict]) -> set[str]:

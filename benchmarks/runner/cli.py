@@ -93,11 +93,12 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
             facts[name] = grid.TaskFacts(t.family, t.default_model, grid.task_fingerprint(t))
         return facts[name]
 
-    # Built assets (the distilled vit-s-swiglu): cached, built here once (a GPU), or a stand-in (no GPU).
+    # Built assets (the distilled vit-s-swiglu): cached, built here once (a GPU), or a stand-in (no GPU). The clock
+    # of --max-minutes starts before: a build counts against a slice's time like its runs.
+    t_start = time.time()
     resolve_built(suite, info_of, build=not dry_run, log=log)
 
     out = Path(out)
-    t_start = time.time()
     left = lambda: None if max_minutes is None else max(0.0, max_minutes - (time.time() - t_start) / 60)  # noqa: E731
 
     def run_phase(phase_specs: list, phase: str) -> bool:

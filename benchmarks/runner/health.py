@@ -6,9 +6,10 @@ A run is **collapsed** when, on the validation split,
   (b) its selection metric is not above chance (one-sided exact binomial test, p >= ``ALPHA`` = 0.05,
       chance from ``Task.chance()``) while its **answer NLL** is within ``NLL_TOL`` (5%) of the NLL of
       uniform answers: the mean over examples of ``-log softmax`` of the gold choice among the K choices'
-      summed log-likelihoods (``tasks.scoring.answer_nll``) against the mean of ``ln K``. The two are equal
-      exactly when the model's choice distribution is uniform, however the choices tokenise: the model
-      learned the answer format, not the task.
+      summed log-likelihoods (``tasks.scoring.answer_nll``) against the mean of ``ln K``. They are equal
+      when the model's choice distribution is uniform, however the choices tokenise (the model learned the
+      answer format, not the task); the band is a heuristic: answers that depend on the input only weakly
+      can also fall in it, and at chance accuracy they are as uninformative.
 Clause (b) needs choices: a free-text task (chance 0, no answer NLL) or a task without per-example answer
 NLLs is judged by clause (a) alone, and the record says so (``clauses``). A model confidently wrong at
 chance (answer NLL far above ln K) is not collapsed: it is a task beyond the model, which the report's
