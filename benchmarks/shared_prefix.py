@@ -11,6 +11,7 @@ torch only (no project imports), so both the model layer and the task layer can 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -30,7 +31,8 @@ def forward_keep(lm: nn.Module, keep: int | None = None, **kwargs):
 
 @torch.no_grad()
 def score_continuations(
-    lm: nn.Module, prefix: dict[str, torch.Tensor], continuations: Sequence[Sequence[Sequence[int]]]
+    lm: nn.Module, prefix: dict[str, torch.Tensor], continuations: Sequence[Sequence[Sequence[int]]],
+    max_rows: int | None = None,
 ) -> torch.Tensor:
     """Summed log-probability of each continuation after its prefix row, flat in row-major order.
 
@@ -38,7 +40,11 @@ def score_continuations(
     left-padded: every row ends with a real token; position ids are derived from the mask).
     ``continuations[i]``: the token-id lists scored after row ``i`` (each non-empty). Returns a float32
     tensor of ``sum(len(c) for c in continuations)`` values: row 0's continuations first, in order.
+    ``max_rows``: at most this many continuation rows per forward (default: the number of prefix rows), so
+    memory does not grow with the number of choices (full-vocabulary logits at every continuation position).
     """
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     mask = prefix["attention_mask"]
     if len(continuations) != mask.shape[0]:
         raise ValueError(f"{len(continuations)} continuation lists for {mask.shape[0]} prefix rows")
@@ -68,14 +74,27 @@ def score_continuations(
         targets[r, : len(c) - 1] = torch.tensor(c[1:])
         cont_mask[r, : len(c) - 1] = 1
     inputs, targets, cont_mask = inputs.to(device), targets.to(device), cont_mask.to(device)
-    cache = out.past_key_values
-    cache.batch_select_indices(rows)  # each prefix row repeated once per continuation
-    start = mask.sum(-1)[rows, None]
-    logits = forward_keep(
-        lm, None, input_ids=inputs, attention_mask=torch.cat([mask[rows], cont_mask], dim=1),
-        past_key_values=cache, position_ids=start + torch.arange(width, device=device), use_cache=False,
-    ).logits
-    # log_softmax gathered at the targets without a second (rows, width, vocab) tensor
-    logits = logits.float()
-    tail = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return logp + (tail * cont_mask).sum(dim=1)
+    cache, start, step = out.past_key_values, mask.sum(-1), max_rows or len(continuations)
+    sums = []
+    for lo in range(0, len(flat), step):
+        chunk = slice(lo, min(lo + step, len(flat)))
+        # The forward appends the continuation to the cache it is given: each chunk but the last gets a copy.
+        chunk_cache = cache if chunk.stop == len(flat) else copy.deepcopy(cache)
+        chunk_cache.batch_select_indices(rows[chunk])  # each prefix row repeated once per continuation
+        logits = forward_keep(
+            lm, None, input_ids=inputs[chunk], attention_mask=torch.cat([mask[rows[chunk]], cont_mask[chunk]], dim=1),
+            past_key_values=chunk_cache, position_ids=start[rows[chunk], None] + torch.arange(width, device=device),
+            use_cache=False,
+        ).logits
+        sums.append(_scored_logp_sums(logits, targets[chunk], cont_mask[chunk]))
+    return logp + torch.cat(sums)
+
+
+def _scored_logp_sums(logits: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """Per row, the summed float32 log-softmax of ``logits`` (``(R, W, V)``) at ``targets`` (``(R, W)``) over the
+    positions where ``scored`` is 1; only those positions are upcast (no float32 copy of all the logits)."""
+    where = scored.bool()
+    picked = logits[where].float()  # (scored positions, vocab)
+    tail = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)
+    tail[where] = picked.gather(-1, targets[where].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(picked, dim=-1)
+    return tail.sum(dim=1)  # zeros at the padding: the same sums as masking a full-width tail

@@ -204,10 +204,10 @@ def loglikelihoods(
 
     Requests with the same context tokens (the choices of one example) run that context once and share its
     KV cache (``benchmarks.shared_prefix``): a forward runs ``batch_size`` contexts, then their continuations
-    (the cache repeated once per continuation: up to ``k x`` the rows for ``k`` choices, over the continuation
+    in forwards of at most ``batch_size`` rows (the cache repeated once per continuation, over the continuation
     tokens only). The others, and all with ``share_context=False``, run one left-padded sequence each
-    (``batch_size`` per forward). Both keep logits
-    of the last ``max(len(continuation))`` positions only: memory stays small with a 256k vocabulary.
+    (``batch_size`` per forward). Both hold logits of ``batch_size`` rows x the last ``max(len(continuation))``
+    positions at most, and upcast only the positions scored: memory stays small with a 256k vocabulary.
     Both give lm-eval's numbers: the model sees ``context + continuation`` as ``_encode_pair`` splits it.
     """
     device = model_device(model)
@@ -222,7 +222,7 @@ def loglikelihoods(
         input_ids, mask = _left_padded([encoded[groups[b][0]][0] for b in batch], pad)
         logp = score_continuations(
             model, {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)},
-            [[encoded[i][1] for i in groups[b]] for b in batch],
+            [[encoded[i][1] for i in groups[b]] for b in batch], max_rows=batch_size,
         ).tolist()
         for i, value in zip((i for b in batch for i in groups[b]), logp):
             out[i] = value

@@ -213,3 +213,41 @@ def test_superseded_records_of_a_cell_are_left_out(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "2 record(s) of an older configuration" in err and all(i in err for i in olds)
     assert snapshot(tmp_path) == before
+
+
+def _curve_record(method: str, training: dict, validation: list) -> dict:
+    """The fields ``plots.curves`` reads, for a run whose validation history is ``validation``."""
+    return {"run_id": method, "status": "ok", "meta": {}, "task_info": {"selection_metric": "acc"},
+            "config": {"model": "m", "task": "t", "method": method, "training": training},
+            "history": {"train_loss": [[1, 2.0], [20, 1.0]], "validation": validation}}
+
+
+def test_curves_keep_the_final_validation_on_all_examples_off_the_subset_curve(tmp_path, monkeypatch):
+    """With curve_limit the final point (all eval_limit examples) is not the curve's last point: drawn apart with
+    its own legend entry. Without it, or when the points' n agree, the curve keeps every point."""
+    from benchmarks.report import plots
+
+    subset = [[5, {"acc": 0.50}], [10, {"acc": 0.55}], [15, {"acc": 0.60}]]
+    limited = _curve_record("lora", {"eval_limit": 96, "curve_limit": 32}, subset + [[20, {"acc": 0.90}]])
+    assert plots.validation_split(limited, "acc") == ([[5, 0.50], [10, 0.55], [15, 0.60]], [[20, 0.90]])
+    full = _curve_record("lora", {"eval_limit": 96, "curve_limit": None}, subset + [[20, {"acc": 0.90}]])
+    assert plots.validation_split(full, "acc") == ([[5, 0.50], [10, 0.55], [15, 0.60], [20, 0.90]], [])
+    # points that carry n decide over the config: n equal (the split is smaller than both limits) -> one curve
+    with_n = [[s, {**m, "n": 20.0}] for s, m in subset + [[20, {"acc": 0.90}]]]
+    assert plots.validation_split(_curve_record("lora", limited["config"]["training"], with_n), "acc")[1] == []
+    with_n[-1][1]["n"] = 96.0
+    assert plots.validation_split(_curve_record("lora", full["config"]["training"], with_n), "acc")[1] == [[20, 0.90]]
+
+    figs: dict[str, object] = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.setdefault(path.name, fig) and path)
+    plots.curves([limited], {"lora"}, tmp_path)
+    ax = figs["curves_m_t.png"].axes[1]
+    curve = next(line for line in ax.get_lines() if line.get_label().startswith("lora"))
+    assert list(curve.get_ydata()) == [0.50, 0.55, 0.60]  # no jump to 0.90 from the subset change
+    assert any(list(line.get_ydata()) == [0.90] and line.get_marker() == "d" for line in ax.get_lines())
+    assert any("final validation, all examples" in t.get_text() for t in ax.get_legend().get_texts())
+    figs.clear()
+    plots.curves([full], {"lora"}, tmp_path)
+    ax = figs["curves_m_t.png"].axes[1]
+    assert list(next(line for line in ax.get_lines() if line.get_label().startswith("lora")).get_ydata())[-1] == 0.90
+    assert not any("final validation" in t.get_text() for t in ax.get_legend().get_texts())

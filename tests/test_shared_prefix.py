@@ -104,6 +104,35 @@ def test_scores_come_back_in_request_order(tiny):
     assert permuted == pytest.approx([base[i] for i in perm], **TOL)
 
 
+def _max_rows_seen(model: torch.nn.Module, fn) -> tuple[object, int]:
+    """``fn()`` and the most rows any forward of ``model`` embedded while it ran."""
+    most = [0]
+    handle = model.get_input_embeddings().register_forward_pre_hook(lambda m, a: most.__setitem__(0, max(most[0], a[0].shape[0])))
+    try:
+        return fn(), most[0]
+    finally:
+        handle.remove()
+
+
+def test_many_choices_run_in_forwards_of_at_most_batch_size_rows(tiny):
+    """7 choices of one context with batch_size 2: the continuation forwards are chunked (the cache copied per
+    chunk), the scores are those of one forward over all 7 rows and of scoring each sequence alone."""
+    model, tok = tiny
+    context = "Q: which word comes next?\nA:"
+    conts = [" a", " bb cc", " the end of it", " dd", " ee ff gg", " hh", " ii jj"]
+    scores, most = _max_rows_seen(model, lambda: loglikelihoods(model, tok, [(context, c) for c in conts], batch_size=2))
+    assert most == 2
+    ctx, _ = encode_pair(tok, context, conts[0])
+    prefix = {"input_ids": torch.tensor([ctx]), "attention_mask": torch.ones(1, len(ctx), dtype=torch.long)}
+    cont_ids = [[encode_pair(tok, context, c)[1] for c in conts]]
+    one, most_one = _max_rows_seen(model, lambda: score_continuations(model, prefix, cont_ids, max_rows=len(conts)))
+    assert most_one == len(conts)  # the reference really is one forward over every choice row
+    assert scores == pytest.approx(one.tolist(), **TOL)
+    assert scores == pytest.approx([_brute(model, tok, context, c) for c in conts], **TOL)
+    with pytest.raises(ValueError, match="max_rows must be >= 1"):
+        score_continuations(model, prefix, cont_ids, max_rows=0)
+
+
 def test_score_continuations_refuses_bad_prefixes(tiny):
     model, _ = tiny
     ids = torch.tensor([[5, 6, 0]])

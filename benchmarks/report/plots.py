@@ -4,7 +4,8 @@
   seed spread as error bars, one legend entry per method (no labels on top of each other).
 - ``paired_<model>.png``: forest plot of every method minus LoRA per task and pooled, with 95% intervals.
 - ``curves_<model>_<task>.png``: training loss and validation score over steps (selected lr, mean over seeds,
-  band = min..max over seeds), a marker per method so identical lines stay visible.
+  band = min..max over seeds), a marker per method so identical lines stay visible. With ``training.curve_limit``
+  the final validation (all ``eval_limit`` examples) is an unjoined hollow thin diamond, not the curve's last point.
 - ``mask_dynamics.png``: NA-LoRA kept fraction, turnover and regime occupancy over steps.
 - ``misalignment.png``: the selection-misalignment diagnostic per method (mean over selected runs).
 """
@@ -24,6 +25,7 @@ import pandas as pd  # noqa: E402
 
 from benchmarks.report.analysis import BASELINE, Analysis, method_order  # noqa: E402
 from benchmarks.report.tables import _safe, scale_of  # noqa: E402
+from benchmarks.runner.train import curve_examples  # noqa: E402
 
 REGIMES = ["suppressed", "selecting", "linear"]
 MARKERS = "osD^v<>phX*P8"
@@ -148,6 +150,23 @@ def _band(series: list[list[list[float]]]) -> tuple[list[float], list[float], li
             [max(by_step[s]) for s in steps])
 
 
+def validation_split(record: dict, metric: str) -> tuple[list[list[Any]], list[list[Any]]]:
+    """A run's validation history as ``(curve, final)`` ``[step, value]`` lists. ``final`` holds the last point
+    when it was scored on other examples than the periodic ones (``training.curve_limit`` < ``eval_limit``), so
+    the curve does not jump from the subset change; else it is empty and the curve has every point."""
+    points = record["history"].get("validation", [])
+    series = [[step, m.get(metric)] for step, m in points]
+    if len(points) < 2:
+        return series, []
+    first_n, last_n = points[0][1].get("n"), points[-1][1].get("n")
+    if first_n is not None and last_n is not None:  # the points say how many examples they scored
+        other = first_n != last_n
+    else:
+        tr = record["config"].get("training", {})
+        other = curve_examples(tr.get("eval_limit"), tr.get("curve_limit")) != tr.get("eval_limit")
+    return (series[:-1], series[-1:]) if other else (series, [])
+
+
 def curves(records: list[dict], selected: set[str], out_dir: Path) -> list[Path]:
     groups: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
@@ -156,15 +175,20 @@ def curves(records: list[dict], selected: set[str], out_dir: Path) -> list[Path]
     paths = []
     for (model, task), by_method in sorted(groups.items()):
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
-        metric = None
+        metric, has_final = None, False
         style = _style(sorted(by_method))
         for method in sorted(by_method):
             recs = by_method[method]
             st = style[method]
             metric = recs[0].get("task_info", {}).get("selection_metric", "acc")
             loss = [r["history"].get("train_loss", []) for r in recs]
-            val = [[[s, m.get(metric)] for s, m in r["history"].get("validation", [])] for r in recs]
-            for ax, series in ((a1, loss), (a2, val)):
+            val, final = zip(*(validation_split(r, metric) for r in recs))
+            steps, mean, lo, hi = _band(list(final))
+            if steps:  # the final validation on all examples: its own marker, not joined to the subset's curve
+                has_final = True
+                a2.errorbar(steps, mean, yerr=[[m - v for m, v in zip(mean, lo)], [v - m for m, v in zip(mean, hi)]],
+                            color=st["color"], marker="d", mfc="none", ms=8, ls="none", lw=0.8)
+            for ax, series in ((a1, loss), (a2, list(val))):
                 steps, mean, lo, hi = _band(series)
                 if not steps:
                     continue
@@ -176,6 +200,9 @@ def curves(records: list[dict], selected: set[str], out_dir: Path) -> list[Path]
                 if len(recs) > 1:
                     ax.fill_between(steps, lo, hi, color=st["color"], alpha=0.12, lw=0)
             a2.margins(x=0.02)
+        if has_final:  # one legend entry says what the hollow diamonds are
+            a2.plot([], [], color="0.3", marker="d", mfc="none", ls="none",
+                    label="final validation, all examples\n(curve: the first curve_limit)")
         a1.margins(x=0.01)
         a1.set(xlabel="optimiser step", ylabel="training loss", title=f"{task}: training loss")
         a2.set(xlabel="optimiser step", ylabel=f"validation {metric}", title=f"{task}: validation")
