@@ -40,8 +40,9 @@ def score_continuations(
     left-padded: every row ends with a real token; position ids are derived from the mask).
     ``continuations[i]``: the token-id lists scored after row ``i`` (each non-empty). Returns a float32
     tensor of ``sum(len(c) for c in continuations)`` values: row 0's continuations first, in order.
-    ``max_rows``: at most this many continuation rows per forward (default: the number of prefix rows), so
-    memory does not grow with the number of choices (full-vocabulary logits at every continuation position).
+    ``max_rows``: at most this many continuation rows per forward (default: all in one), so memory does not
+    grow with the number of choices (full-vocabulary logits at every continuation position); the language
+    tasks pass their evaluation batch size, the composed VLM's short one-image prefixes need no cap.
     """
     if max_rows is not None and max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
@@ -74,7 +75,7 @@ def score_continuations(
         targets[r, : len(c) - 1] = torch.tensor(c[1:])
         cont_mask[r, : len(c) - 1] = 1
     inputs, targets, cont_mask = inputs.to(device), targets.to(device), cont_mask.to(device)
-    cache, start, step = out.past_key_values, mask.sum(-1), max_rows or len(continuations)
+    cache, start, step = out.past_key_values, mask.sum(-1), max_rows or len(flat)
     sums = []
     for lo in range(0, len(flat), step):
         chunk = slice(lo, min(lo + step, len(flat)))
