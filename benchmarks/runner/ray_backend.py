@@ -41,7 +41,11 @@ def _start_ray(address: str | None, workers: int, num_cpus: int | None, max_retr
     # Local workers import the same code as this process: hand them this process's import path.
     path = os.pathsep.join(p for p in sys.path if p)
     # Ray retries a task killed by its host-memory monitor without limit by default: bound it like a crash.
-    ray.init(num_cpus=num_cpus or max(1, workers), include_dashboard=False, log_to_driver=False,
+    if num_cpus is None:  # every task asks for one CPU: enough for `workers` tasks on each visible GPU
+        import torch
+
+        num_cpus = max(1, workers) * max(1, torch.cuda.device_count())
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": path}}, _system_config={"task_oom_retries": max_retries})
     return True
 
@@ -53,7 +57,7 @@ def run_grid_ray(specs: list[RunSpec], root: str, *, phase: str = "main", resolv
     """Run every spec without a result JSON under ``root`` as Ray tasks; same contract as ``pool.run_grid``.
 
     ``workers``: runs sharing one GPU (each task asks for ``1/workers`` GPU); on a CPU-only cluster, runs
-    at a time (one CPU each). ``num_cpus``: CPUs of a local Ray (default ``workers``). ``max_retries``:
+    at a time (one CPU each). ``num_cpus``: CPUs of a local Ray (default ``workers`` per visible GPU). ``max_retries``:
     how often a task whose worker process died is run again before it is recorded failed.
     """
     if workers < 1:

@@ -7,6 +7,9 @@
 #   build [ARGS]            distil vit-s-swiglu into the cache (ARGS to benchmarks.vlm.distill) -> $OUT: its manifest
 #                           record and the entry in 15 MB parts (import here: python -m benchmarks.vlm.distill --import)
 #   steptime NAME [ARGS]    `nalora-bench steptime --out $OUT/NAME ARGS` -> $OUT/NAME/steptime.{json,md}, $OUT/NAME.log
+#   tp NAME MIN [ARGS]      the throughput slice (benchmarks/perf/suites/throughput.yaml) into /tmp/tp-NAME with its
+#                           wall.json (benchmarks/perf/throughput.py reads it) -> $OUT/tp-NAME.tgz; the caller's
+#                           environment picks the step (NALORA_EAGER=1) and the GPUs (CUDA_VISIBLE_DEVICES)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH=$PWD:/tmp/site NALORA_BENCH_CACHE=/tmp/nbcache
@@ -50,6 +53,21 @@ steptime)
   nvidia-smi -L
   timeout 570 python3 -m benchmarks.cli steptime --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$?"
   tr '\r' '\n' < "$OUT/$name.log" | grep -v "^steptime:" | tail -25
+  ;;
+tp)
+  name=${1:?tp NAME MINUTES [ARGS]}; min=${2:?tp NAME MINUTES}; shift 2; d=/tmp/tp-$name
+  rm -rf "$d"; s=$(date +%s.%N)
+  timeout $(( ${min%.*} * 60 + 50 )) python3 -m benchmarks.cli run --suite benchmarks/perf/suites/throughput.yaml \
+    --out "$d" --max-minutes "$min" --no-progress "$@" > "$d.log" 2>&1
+  echo "$name rc=$?"; e=$(date +%s.%N)
+  python3 - "$d" "$s" "$e" "$*" <<'PY'
+import json, os, sys, torch
+d, s, e, args = sys.argv[1:]
+json.dump({"wall_s": float(e) - float(s), "gpus": torch.cuda.device_count(), "device": torch.cuda.get_device_name(0),
+           "args": args, "env": {k: os.environ.get(k, "") for k in ("NALORA_EAGER", "CUDA_VISIBLE_DEVICES")}},
+          open(f"{d}/wall.json", "w"), indent=1)
+PY
+  grep -v "^W1\|warn" "$d.log" | tail -3; cp "$d.log" "$d/"; tar czf "$OUT/tp-$name.tgz" -C /tmp "tp-$name"
   ;;
 *) echo "visit.sh: unknown step $step" >&2; exit 2 ;;
 esac
