@@ -183,6 +183,13 @@ def test_compile_falls_back_to_eager_with_a_reason():
     assert prep.to_dict()["compile_reason"] == prep.compile_reason and "eager" in prep.line()
 
 
+def test_compile_auto_stays_eager_on_a_gpu_until_whole_runs_gain():
+    # The H200 measurement (results/perf/h200x2/throughput.md): compiled whole runs were slower than eager ones.
+    reason = C.auto_compile_reason(torch.device("cuda", 0))
+    assert reason.startswith("auto: eager") and "throughput.md" in reason
+    assert "cpu" in C.auto_compile_reason(torch.device("cpu"))
+
+
 def test_prepare_model_auto_on_cpu_is_eager_and_flags_validated():
     base, _ = tiny_llama()
     prep = C.prepare_model(_lora(copy.deepcopy(base)), mixed_precision="no")

@@ -399,16 +399,23 @@ def test_resolved_config_and_run_ids(tmp_path):
 def test_tower_lr_scale_is_in_the_run_id_only_when_it_changes_something(tmp_path):
     from benchmarks.runner.grid import TaskFacts, expand
 
-    def one(adapter: str):
+    def one(adapter: str, family: str = "vlm"):
         text = tr.BASE_SUITE.replace("dropout: 0.0}", "dropout: 0.0" + adapter + "}")
-        (spec,) = expand(tr.load(tr.write_suite(tmp_path / "s.yaml", text)), lambda n: TaskFacts("llm", "tiny-llama", "fp"))
+        (spec,) = expand(tr.load(tr.write_suite(tmp_path / "s.yaml", text)), lambda n: TaskFacts(family, "tiny-llama", "fp"))
         return spec
 
-    plain = one("")
-    assert "tower_lr_scale" not in plain.config["adapter"]  # runs from before the key keep their ids
-    assert one(", tower_lr_scale: {vision: 1.0}").run_id == plain.run_id  # a scale of 1 changes nothing
+    plain = one(", tower_lr_scale: {vision: 1.0}")  # a scale of 1 changes nothing: runs from before the key keep ids
+    assert "tower_lr_scale" not in plain.config["adapter"]
+    assert one(", tower_lr_scale: {}").config["adapter"]["tower_lr_scale"] == {"vision": 0.3}  # merged: {} keeps it
     scaled = one(", tower_lr_scale: {vision: 0.1}")
     assert scaled.config["adapter"]["tower_lr_scale"] == {"vision": 0.1} and scaled.run_id != plain.run_id
+    # The recipe's default ({vision: 0.3}, defaults.yaml) reaches VLM runs; a language model has no vision tower,
+    # so its runs drop the multiplier and keep their ids.
+    assert one("").config["adapter"]["tower_lr_scale"] == {"vision": 0.3}
+    llm = one("", family="llm")
+    assert "tower_lr_scale" not in llm.config["adapter"]
+    assert llm.run_id == one(", tower_lr_scale: {}", family="llm").run_id
+    assert one(", tower_lr_scale: {language: 0.5}", family="llm").config["adapter"]["tower_lr_scale"] == {"language": 0.5}
 
 
 def test_an_adapted_that_ignores_the_tower_multiplier_fails_the_run(tmp_path):

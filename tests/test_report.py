@@ -251,3 +251,12 @@ def test_curves_keep_the_final_validation_on_all_examples_off_the_subset_curve(t
     ax = figs["curves_m_t.png"].axes[1]
     assert list(next(line for line in ax.get_lines() if line.get_label().startswith("lora")).get_ydata())[-1] == 0.90
     assert not any("final validation" in t.get_text() for t in ax.get_legend().get_texts())
+
+
+def test_lr_table_counts_every_run_per_lr(tmp_path):
+    make_results(tmp_path)
+    report(tmp_path)
+    text = (tmp_path / "tables/lrs.md").read_text()
+    # lora on t1 at 1e-4: three ok seeds, validation 0.60 + 0/.01/.02 -> mean 0.61
+    assert "| m | t1 | lora | 0.0001 | 3 | 3 | — | 0.6100 |" in text
+    assert "| m | t3 | lora | 0.001 | 1 | 0 | 1 failed | — |" in text  # a failed run is counted, never averaged

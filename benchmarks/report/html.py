@@ -147,7 +147,7 @@ def page(results: Path, lb: pd.DataFrame, records: list[dict], tables: dict[str,
                 ("plots", "Pareto, curves, mask dynamics, misalignment",
                  "".join(_img(p) for k in ("pareto_", "curves_", "mask_", "misalignment") for p in by_kind[k])),
                 ("selection", "Selection and tuning",
-                 "".join(md_to_html(tables[n]) for n in ("selection.md", "tuning.md") if n in tables))]
+                 "".join(md_to_html(tables[n]) for n in ("selection.md", "lrs.md", "tuning.md") if n in tables))]
     nav = "".join(f'<a href="#{k}">{html.escape(title.split(" (")[0])}</a>' for k, title, _ in sections)
     body = "".join(f'<section id="{k}"><h2>{html.escape(title)}</h2>{content}</section>' for k, title, content in sections)
     name = html.escape(results.resolve().name)

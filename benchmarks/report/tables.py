@@ -7,6 +7,8 @@
   side (only where a suite ran such variants, e.g. ``vision-tower.yaml``).
 - ``activation.md``: the pooled method-minus-LoRA difference per gated-MLP activation (SwiGLU, GeGLU, ...).
 - ``selection.md``: the lr picked on validation per model x task x method, its grid, edge marks, run statuses.
+- ``lrs.md``: every lr run per model x task x method: run statuses and mean validation of the `ok` runs (where
+  along the grid runs collapse or diverge).
 - ``tuning.md``: option values tuned on the dev task(s), when there was tuning.
 """
 
@@ -281,6 +283,20 @@ def selection_table(an: Analysis) -> str:
         rows)
 
 
+def lr_table(lb: pd.DataFrame) -> str:
+    """Per model x task x method x lr: how many runs, how each ended, and the `ok` runs' mean validation score."""
+    rows = []
+    for (model, task, method, lr), g in lb.groupby(["model", "task", "method", "lr"], sort=True):
+        ok = g[g["status"] == "ok"]
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(g["status"].value_counts().items()) if s != "ok") or DASH
+        val = _fmt(float(ok["val_score"].mean()), 4) if len(ok) and ok["val_score"].notna().any() else DASH
+        rows.append([model, task, method, f"{lr:g}", str(len(g)), str(len(ok)), counts, val])
+    note = ("Every lr run, with every seed's run counted: `ok` runs, the others by status (never selectable), and the "
+            "mean validation score of the `ok` runs. Where along the grid runs stop training shows here.\n")
+    return "## Runs per learning rate\n\n" + note + "\n" + _md(
+        ["model", "task", "method", "lr", "runs", "ok", "not ok", "val mean (ok)"], rows)
+
+
 def tuning_table(chosen: dict) -> str:
     rows = [[s["method"], ", ".join(f"{k}={v}" for k, v in sorted(s["options"].items())), _fmt(s["val_mean"], 4),
              str(s["n_tasks"]), "yes" if chosen["chosen"].get(s["method"]) == s["options"] else ""]
@@ -300,6 +316,8 @@ def all_tables(an: Analysis, lb: pd.DataFrame, chosen: dict | None = None) -> di
         if act:
             files["activation.md"] = act
         files["selection.md"] = selection_table(an)
+    if len(lb):
+        files["lrs.md"] = lr_table(lb)
     if chosen:
         files["tuning.md"] = tuning_table(chosen)
     return files

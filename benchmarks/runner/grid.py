@@ -76,8 +76,12 @@ def _models_for(suite: Suite, spec: TaskSpec, family: str, default_model: str) -
     return suite.models_for(spec, family, default_model)  # kept for old callers; use Suite.models_for
 
 
+# The towers a task family's models have: a multiplier for a tower the model lacks changes nothing and is dropped.
+FAMILY_TOWERS = {"llm": ("language",), "vlm": ("language", "vision")}
+
+
 def _config(task: TaskSpec, model: str, m: MethodSpec, seed: int, lr: float, options: dict,
-            fingerprint: str | None) -> dict:
+            fingerprint: str | None, family: str | None = None) -> dict:
     """The whole resolved configuration of one run (hashed into its id)."""
     config = {
         "model": model,
@@ -90,6 +94,9 @@ def _config(task: TaskSpec, model: str, m: MethodSpec, seed: int, lr: float, opt
         "options": dict(sorted(options.items())),
         "training": task.training.model_dump(mode="json"),
     }
+    if family in FAMILY_TOWERS:  # so the VLM recipe's {vision: ...} default leaves language-model runs' ids alone
+        config["adapter"]["tower_lr_scale"] = {t: s for t, s in config["adapter"]["tower_lr_scale"].items()
+                                               if t in FAMILY_TOWERS[family]}
     if not config["adapter"]["tower_lr_scale"]:  # empty is the behaviour before the key: those runs keep their ids
         del config["adapter"]["tower_lr_scale"]
     if config["training"]["curve_limit"] is None:  # null is the behaviour before the key: those runs keep their ids
@@ -169,7 +176,7 @@ def expand(suite: Suite, info_of: Callable[[str], Any], chosen: dict[str, dict] 
         lrs = grids.get(cell, {float(lr): 0 for lr in m.lr_grid})
         for lr in sorted(lrs):
             for seed in m.seeds:
-                specs.append(RunSpec(_config(t, cell[0], m, seed, lr, opts, facts.fingerprint),
+                specs.append(RunSpec(_config(t, cell[0], m, seed, lr, opts, facts.fingerprint, facts.family),
                                      _meta(suite, m, facts.family, "main", lrs, lr, substituted)))
     return specs
 
@@ -199,7 +206,7 @@ def expand_tune(suite: Suite, info_of: Callable[[str], Any]) -> list[RunSpec]:
                         for seed in suite.tune["seeds"]:
                             meta = _meta(suite, m, facts.family, "tune", substituted=substituted) | {
                                 "tuned_keys": sorted(combo), "tuned_values": combo}
-                            specs.append(RunSpec(_config(t, model, m, seed, lr, opts, facts.fingerprint), meta))
+                            specs.append(RunSpec(_config(t, model, m, seed, lr, opts, facts.fingerprint, facts.family), meta))
     return specs
 
 
