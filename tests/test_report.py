@@ -260,3 +260,14 @@ def test_lr_table_counts_every_run_per_lr(tmp_path):
     # lora on t1 at 1e-4: three ok seeds, validation 0.60 + 0/.01/.02 -> mean 0.61
     assert "| m | t1 | lora | 0.0001 | 3 | 3 | — | 0.6100 |" in text
     assert "| m | t3 | lora | 0.001 | 1 | 0 | 1 failed | — |" in text  # a failed run is counted, never averaged
+
+
+def test_runs_line_gives_the_trained_share_per_family():
+    from benchmarks.report.findings import _trained_share
+
+    recs = [_record("m", "t1", "lora", 1e-3, s) for s in range(4)] + [_record("m", "t3", "lora", 1e-3, 0, status="failed")]
+    recs[0]["status"] = "collapsed"
+    vlm = _record("v", "t1", "lora", 1e-4, 0)
+    vlm["meta"]["family"] = "vlm"
+    # failed runs are infrastructure, not training outcomes: left out of the share
+    assert _trained_share(recs + [vlm]) == " (trained without collapse or divergence: llm 3 of 4, 75.0%, vlm 1 of 1, 100.0%)"

@@ -43,10 +43,25 @@ def _runs_line(records: list[dict]) -> str:
     versions = [rule_version(r.get("health")) for r in records]
     older = sum(1 for v in versions if v is not None and v < RULE_VERSION)
     return (f"{len(records)} reported runs: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+            + _trained_share(records)
             + f"; seeds {', '.join(map(str, seeds))}; {'/'.join(map(str, steps))} optimiser steps of batch "
             f"{'/'.join(map(str, batch))}; hardware: {', '.join(gpus)}."
             + (f" {older} of these runs were judged by an older collapse rule (v1: per-token train loss, blind to "
                f"collapse on answers of several tokens; docs/protocol.md) and keep that status." if older else ""))
+
+
+def _trained_share(records: list[dict]) -> str:
+    """`` (trained: ...)``: per task family, the finished runs (failed ones excluded) that neither collapsed nor diverged."""
+    fams: dict[str, list[int]] = {}
+    for r in records:
+        if r.get("status") in ("ok", "collapsed", "diverged"):
+            n = fams.setdefault((r.get("meta") or {}).get("family") or "?", [0, 0])
+            n[0] += r["status"] == "ok"
+            n[1] += 1
+    if not fams:
+        return ""
+    return " (trained without collapse or divergence: " + ", ".join(
+        f"{fam} {ok} of {n}, {100 * ok / n:.1f}%" for fam, (ok, n) in sorted(fams.items())) + ")"
 
 
 def model_findings(an: Analysis, model: str) -> list[str]:
