@@ -378,3 +378,12 @@ def test_setup_prints_a_line_per_step_and_lets_pip_speak(tmp_path):
     again = subprocess.run(["bash", "scripts/setup.sh"], cwd=tmp_path, env={**os.environ, "PYTHON": str(fake)},
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and again.stderr == "" and len(log.read_text().splitlines()) == 3  # idempotent
+
+
+def test_hardware_provenance_names_the_gpu_a_run_was_pinned_to(monkeypatch):
+    from benchmarks.runner.provenance import hardware
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert hardware()["cuda_visible_devices"] == "1"  # how the pool / Ray spread a grid shows in the records
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert "cuda_visible_devices" not in hardware()

@@ -51,10 +51,17 @@ def hardware() -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(), "cuda": None, "gpu": None}
+    # Which GPU of the machine a run had (the pool and Ray pin each run with CUDA_VISIBLE_DEVICES): with the
+    # device's UUID this shows from the records alone how a grid spread over the GPUs.
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        info["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
     if torch.cuda.is_available():
         info["cuda"] = torch.version.cuda
         info["gpu"] = torch.cuda.get_device_name(torch.cuda.current_device())
         info["gpu_count"] = torch.cuda.device_count()
+        uuid = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "uuid", None)
+        if uuid is not None:
+            info["gpu_uuid"] = str(uuid)
     return info
 
 
