@@ -214,6 +214,10 @@ class NALoRAController(StepRescaler):
         # one cast and one sum per forward, shared by every FFN (it was one of each per FFN)
         self._attn_w = None if self._attn is None else self._attn.reshape(-1).to(torch.float32)
         self._attn_n = None if self._attn_w is None else self._attn_w.sum()
+        if self._attn_w is not None and not torch.compiler.is_compiling():
+            # Read by the gate hooks inside separately compiled layers (regional compile), where it is not a
+            # graph input: dynamic tokens from the start, or the next sequence length would recompile them.
+            torch._dynamo.maybe_mark_dynamic(self._attn_w, 0)
 
     @staticmethod
     def _part(out: torch.Tensor, rows: slice | None, dim: int) -> torch.Tensor:

@@ -164,7 +164,8 @@ def test_pad_to_bucket_keeps_the_loss():
 # compile
 
 
-def test_compile_falls_back_to_eager_with_a_reason():
+@pytest.mark.parametrize("scope", ["regional", "model"])
+def test_compile_falls_back_to_eager_with_a_reason(scope):
     def broken_backend(gm, example_inputs):
         raise RuntimeError("no compiler here")
 
@@ -173,14 +174,91 @@ def test_compile_falls_back_to_eager_with_a_reason():
     ref = _lora(copy.deepcopy(base)).train()
     logs = []
     prep = C.prepare_model(model, compile=True, bf16_frozen=False, light_loss=False, backend=broken_backend,
-                           log=logs.append)
-    assert prep.compiled and prep.model is model
+                           compile_scope=scope, log=logs.append)
+    assert prep.compiled and prep.model is model and prep.compile_scope == scope
     batch = _batch(3)
     torch.testing.assert_close(model(**batch).loss, ref(**batch).loss)
     assert not prep.compiled and "no compiler here" in prep.compile_reason
     assert any("training eagerly" in line for line in logs)
-    assert model._compiled_call_impl is None
+    # every compiled module (each block, for regional) is eager for good
+    assert all(getattr(m, "_compiled_call_impl", None) is None for m in model.modules())
     assert prep.to_dict()["compile_reason"] == prep.compile_reason and "eager" in prep.line()
+
+
+class _CountingBackend:
+    """A torch.compile backend that runs the captured graph eagerly and counts the graphs it was given."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+def test_repeated_blocks_are_the_outermost_repeated_list_children():
+    from benchmarks.runner.regional import repeated_blocks
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])  # repeated, but inside
+
+    class TwoTowers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vision = torch.nn.ModuleList([Block(), Block(), Block()])
+            self.language = torch.nn.ModuleDict({"layers": torch.nn.ModuleList([Block(), Block()])})
+            self.misc = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.ReLU()])  # nothing repeats
+
+    names = [n for n, _ in repeated_blocks(TwoTowers())]
+    assert names == ["vision.0", "vision.1", "vision.2", "language.layers.0", "language.layers.1"]
+    peft_names = [n for n, _ in repeated_blocks(_lora(tiny_llama()[0]))]
+    assert peft_names == ["base_model.model.model.layers.0", "base_model.model.model.layers.1"]
+    assert repeated_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2))) == []
+
+
+def test_regional_compile_matches_eager_and_new_buckets_do_not_recompile():
+    """Each decoder layer compiled on its own, sequence length dynamic from the start: the loss and gradients
+    of eager, and no new graph when the bucketed length changes (a whole-model compile recompiles there)."""
+    base, _ = tiny_llama()
+    ref = _lora(copy.deepcopy(base)).train()
+    model = _lora(copy.deepcopy(base)).train()
+    backend = _CountingBackend()
+    prep = C.prepare_model(model, compile=True, bf16_frozen=False, light_loss=True, backend=backend)
+    assert (prep.compile_scope, prep.compiled_blocks) == ("regional", 2) and "regional" in prep.line()
+    assert prep.to_dict()["compile_scope"] == "regional"
+    graphs = []
+    for i, T in enumerate((16, 32, 48, 16)):
+        batch = _batch(i, B=2, T=T)
+        out = model(**batch).loss
+        out.backward()
+        expected = ref(**batch).loss
+        expected.backward()
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        g, g_ref = _lora_grads(model), _lora_grads(ref)
+        for k in g:
+            torch.testing.assert_close(g[k], g_ref[k], rtol=1e-4, atol=1e-6)
+        model.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        graphs.append(backend.graphs)
+    assert prep.compiled, prep.compile_reason
+    # one graph reused by every layer after the first, one for the first (its input needs no gradient)
+    assert graphs == [2, 2, 2, 2], graphs
+    with C.eager_mode(model):  # evaluation: no block runs compiled, nothing new is compiled
+        assert all(getattr(m, "_compiled_call_impl", None) is None for m in model.modules())
+        with torch.no_grad():
+            model(**_batch(9, B=3, T=23))
+    assert backend.graphs == 2 and sum(m._compiled_call_impl is not None for m in model.modules()) == 2
+
+
+def test_regional_compile_without_repeated_blocks_compiles_the_whole_model():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
+    prep = C.prepare_model(model, compile=True, backend=_CountingBackend())
+    assert prep.compiled and (prep.compile_scope, prep.compiled_blocks) == ("model", 1)
+    assert model._compiled_call_impl is not None and "no repeated blocks" in prep.notes[0]
+    with pytest.raises(ValueError, match="compile scope"):
+        C.prepare_model(model, compile_scope="layers")
 
 
 def test_compile_auto_stays_eager_on_a_gpu_until_whole_runs_gain():
@@ -200,7 +278,8 @@ def test_prepare_model_auto_on_cpu_is_eager_and_flags_validated():
         C.prepare_model(base, compile="yes")
 
 
-def _nalora_train(model_base, *, compiled: str | None, steps: int = 9, light_loss: bool = False):
+def _nalora_train(model_base, *, compiled: str | None, steps: int = 9, light_loss: bool = False,
+                  scope: str = "regional"):
     """Train NA-LoRA (mask refresh every 2 steps, schedule over ``steps``) on fixed batches; the params."""
     from nalora import inject
 
@@ -211,7 +290,9 @@ def _nalora_train(model_base, *, compiled: str | None, steps: int = 9, light_los
     model = adapted.model.train()
     prep = None
     if compiled:
-        prep = C.prepare_model(model, compile=True, bf16_frozen=False, light_loss=light_loss, backend=compiled)
+        prep = C.prepare_model(model, compile=True, bf16_frozen=False, light_loss=light_loss, backend=compiled,
+                               compile_scope=scope)
+        assert prep.compile_scope == scope
     for step in range(steps):
         loss = model(**_batch(step, B=2, T=16)).loss
         loss.backward()
@@ -224,13 +305,15 @@ def _nalora_train(model_base, *, compiled: str | None, steps: int = 9, light_los
             ctrl.stat_calls, [u.k for u in ctrl.units], ctrl.history())
 
 
-def test_nalora_hooks_work_under_compile():
-    """The controller's statistics hooks (added on refresh steps, removed after), its gradient mask and its
-    optimiser-step scaling give the same parameters compiled as eager. Backend aot_eager: the same Dynamo
-    graph capture and AOT autograd as inductor, without the C compiler (the inductor test is below)."""
+@pytest.mark.parametrize("scope", ["regional", "model"])
+def test_nalora_hooks_work_under_compile(scope):
+    """The controller's statistics hooks (added on refresh steps, removed after; inside the compiled layers
+    for the regional scope), its gradient mask and its optimiser-step scaling give the same parameters
+    compiled as eager. Backend aot_eager: the same Dynamo graph capture and AOT autograd as inductor, without
+    the C compiler (the inductor test is below)."""
     base, _ = tiny_llama()
     eager, eager_calls, eager_k, hist = _nalora_train(base, compiled=None)
-    comp, comp_calls, comp_k, comp_hist = _nalora_train(base, compiled="aot_eager")
+    comp, comp_calls, comp_k, comp_hist = _nalora_train(base, compiled="aot_eager", scope=scope)
     assert eager_calls == comp_calls > 0  # statistics gathered on exactly the refresh steps
     assert eager_k == comp_k and min(eager_k) < 64  # the mask shrank (d_ff=64)
     assert comp_hist["step"] == hist["step"]
@@ -246,9 +329,12 @@ def test_nalora_light_loss_under_compile_matches_eager():
         torch.testing.assert_close(comp[k], eager[k], rtol=1e-4, atol=1e-5)
 
 
-def test_nalora_compiled_graphs_bounded_over_many_steps():
+@pytest.mark.parametrize("scope", ["regional", "model"])
+def test_nalora_compiled_graphs_bounded_over_many_steps(scope):
     """Compiled NA-LoRA over 36 steps with a refresh every 3 (12 refreshes through warm-up, the cubic decrease
-    and the final budget) compiles a fixed number of graphs: one with the statistics hooks, one without.
+    and the final budget) compiles a fixed number of graphs: one with the statistics hooks, one without (for
+    the regional scope each twice: the first layer, whose input needs no gradient, and the others; and the
+    bucketed sequence length changes too, as in real runs).
     A value that changes per step and is read in the forward (it once was a refresh counter) is a Dynamo guard
     and recompiled the model on every refresh, minutes each on a GPU, until the recompile limit (8)."""
     from torch._dynamo.utils import counters
@@ -262,18 +348,20 @@ def test_nalora_compiled_graphs_bounded_over_many_steps():
                      method_options={"mask_interval": 3, "warmup_frac": 0.2, "final_frac": 0.6})
     opt = adapted.make_optimizer(1e-2, total_steps=steps)
     model = adapted.model.train()
-    prep = C.prepare_model(model, compile=True, bf16_frozen=False, light_loss=True, backend="aot_eager")
+    prep = C.prepare_model(model, compile=True, bf16_frozen=False, light_loss=True, backend="aot_eager",
+                           compile_scope=scope)
     counters.clear()
     graphs = []
     for step in range(steps):
-        model(**_batch(step % 2, B=2, T=16)).loss.backward()
+        length = 16 if scope == "model" or step < 12 else (32 if step < 24 else 48)
+        model(**_batch(step % 2, B=2, T=length)).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         graphs.append(counters["stats"]["unique_graphs"])
     assert prep.compiled, prep.compile_reason
     assert adapted.controller.units[0].k < adapted.controller.units[0].d_ff  # the schedule really moved
     assert adapted.controller.stat_calls == 12 * len(adapted.controller.units)  # counted outside the graph
-    assert graphs[-1] == graphs[2] <= 3, graphs  # nothing new after the first refresh cycle
+    assert graphs[-1] == graphs[2] <= (4 if scope == "regional" else 3), graphs  # nothing new after the first cycle
 
 
 @pytest.mark.slow
@@ -312,7 +400,7 @@ def test_steptime_reference_on_cpu(tmp_path):
 
     from benchmarks.perf import step_time
 
-    assert step_time.main(_steptime_args(tmp_path, variants="eager,lean,compiled", reference=True)) == 0
+    assert step_time.main(_steptime_args(tmp_path, variants="eager,lean,compiled,compiled_model", reference=True)) == 0
     r = json.loads((tmp_path / "steptime.json").read_text())
     names = set(r["candidates"])
     assert {"lora", "nalora", "lora+lean", "nalora+compiled", "peft", "peft+compile", "hf_trainer+peft"} <= names
@@ -320,6 +408,11 @@ def test_steptime_reference_on_cpu(tmp_path):
         assert len(c["step_s"]) == 9 and all(s > 0 for s in c["step_s"])
         assert c["step_ms"]["iqr"][0] <= c["step_ms"]["median"] <= c["step_ms"]["iqr"][1]
     assert r["candidates"]["nalora+compiled"]["prepare"]["compiled"] is True
+    # the steptime variant "compiled" is what runs use (prepare_model's default scope); the whole model beside it
+    assert r["candidates"]["nalora+compiled"]["prepare"]["compile_scope"] == "regional"
+    assert r["candidates"]["nalora+compiled_model"]["prepare"]["compile_scope"] == "model"
+    assert r["candidates"]["lora+compiled"]["graphs"] > 0 == r["candidates"]["lora"]["graphs"]
+    assert all(c["build_s"] > 0 for c in r["candidates"].values())
     ratio = r["ratios"]["nalora+compiled / lora+compiled"]["time"]
     assert ratio["n"] == 9 and ratio["min"] <= ratio["median"] <= ratio["max"]
     assert "hf_trainer+peft / lora+compiled" in r["ratios"]
@@ -366,6 +459,7 @@ def test_steptime_records_a_stuck_candidate_and_finishes(tmp_path, monkeypatch):
     r = json.loads((tmp_path / "steptime.json").read_text())
     assert r["candidates"]["nalora"]["timed_out"] == "round 0" and r["candidates"]["nalora"]["step_s"] == []
     assert len(r["candidates"]["lora"]["step_s"]) == 3 and "timed_out" not in r["candidates"]["lora"]
+    assert r["candidates"]["lora"]["build_s"] >= 0 and r["candidates"]["lora"]["graphs"] == 0
     assert r["ratios"] == {} and r["rounds"] == 3
     assert "| nalora | timed out (round 0) |" in (tmp_path / "steptime.md").read_text()
 
@@ -394,10 +488,14 @@ def test_spread_and_paired_ratios():
 
 
 def test_step_options_from_config_and_environment():
-    assert C.step_options({}, {}) == {"compile": "auto", "bf16_frozen": "auto", "light_loss": "auto"}
-    assert C.step_options({"compile": False}, {"NALORA_LIGHT_LOSS": "0"}) == \
-        {"compile": False, "bf16_frozen": "auto", "light_loss": False}
-    assert set(C.step_options({"compile": True}, {"NALORA_EAGER": "1"}).values()) == {False}
+    assert C.step_options({}, {}) == {"compile": "auto", "bf16_frozen": "auto", "light_loss": "auto",
+                                      "compile_scope": "regional"}
+    assert C.step_options({"compile": False}, {"NALORA_LIGHT_LOSS": "0", "NALORA_COMPILE_SCOPE": "model"}) == \
+        {"compile": False, "bf16_frozen": "auto", "light_loss": False, "compile_scope": "model"}
+    with pytest.raises(ValueError, match="NALORA_COMPILE_SCOPE"):
+        C.step_options({}, {"NALORA_COMPILE_SCOPE": "layers"})
+    eager = C.step_options({"compile": True}, {"NALORA_EAGER": "1"})
+    assert {k: v for k, v in eager.items() if k != "compile_scope"} == dict.fromkeys(("compile", "bf16_frozen", "light_loss"), False)
     with pytest.raises(ValueError, match="NALORA_COMPILE"):
         C.step_options({}, {"NALORA_COMPILE": "maybe"})
     with pytest.raises(ValueError, match="training.bf16_frozen"):

@@ -8,13 +8,17 @@ timed with CUDA events on a GPU (no host sync inside the timed block) and ``perf
 Reported: median step time with its IQR and range, peak memory, and the per-round ratios of every
 method to ``lora`` of the same variant (median and IQR of the paired ratios).
 
+Each candidate's build (model, adapter, ``prepare_model``) and first step, compilation included, are timed
+once (``build_s``), and the graphs dynamo compiles for it are counted (``graphs``): the compile cost.
+
 A candidate that runs past ``--candidate-timeout`` seconds in its build (compilation included) or in one
 round is recorded as timed out (where) and left out of the later rounds; the others go on (a recompiling
 model once stalled a whole command).
 
 Variants of the project's runner step: ``eager`` (today's step: fp32 master weights under bf16 autocast,
 the model's own loss), ``lean`` (``prepare_model`` without compile: frozen weights in bf16, chunked loss),
-``compiled`` (``prepare_model``: lean + ``torch.compile``).
+``compiled`` (``prepare_model``: lean + ``torch.compile``, its default scope: each repeated block, as runs
+compile), ``compiled_model`` (the same with the whole model compiled, the earlier scope).
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 DEFAULT_METHODS = "lora,nalora,nalora_mask,nalora_scale,dora,pissa"
-VARIANTS = ("eager", "lean", "compiled")
+VARIANTS = ("eager", "lean", "compiled", "compiled_model")
+_SCOPES = {"compiled": "regional", "compiled_model": "model"}  # variant -> prepare_model's compile_scope
 REFERENCES = ("peft", "peft+compile", "hf_trainer+peft")
 
 
@@ -113,6 +118,8 @@ class Candidate:
     resident_bytes: int = 0
     runner: Callable[[int, int, _Timer], None] | None = None
     timed_out: str | None = None  # "build" or "round N" when it ran past the per-candidate limit
+    build_s: float = 0.0  # wall time of build() and the first step (compilation included)
+    graphs: int = 0  # graphs dynamo compiled while this candidate ran (build and rounds)
 
 
 class CandidateTimeout(Exception):
@@ -176,9 +183,9 @@ def _runner_candidate(method: str, variant: str, base: torch.nn.Module, batch: d
         opt = adapted.make_optimizer(1e-4, total_steps=total_steps)
         model = adapted.model.train()
         if variant != "eager":
-            prep = prepare_model(model, compile=variant == "compiled", bf16_frozen=True, method=method,
+            prep = prepare_model(model, compile=variant in _SCOPES, bf16_frozen=True, method=method,
                                  mixed_precision="bf16" if device.type == "cuda" else "no", light_loss=True,
-                                 backend=backend)
+                                 backend=backend, compile_scope=_SCOPES.get(variant, "regional"))
             cand.info["prepare"] = prep
         return _loop(model, opt, batch, device, [p for p in model.parameters() if p.requires_grad])
 
@@ -317,6 +324,18 @@ def _read_json(path: str) -> dict:
     return d
 
 
+@contextlib.contextmanager
+def _count_graphs(c: Candidate) -> Iterator[None]:
+    """Add the graphs dynamo compiles inside the block to ``c.graphs`` (its global counter, read before and after)."""
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    try:
+        yield
+    finally:
+        c.graphs += counters["stats"]["unique_graphs"] - before
+
+
 def measure(model_name: str, methods: list[str], *, variants: tuple[str, ...] = ("eager", "compiled"),
             reference: bool = False, targets: tuple[str, ...] = ("gate", "up", "down"), rank: int = 8,
             batch_size: int = 8, seq_len: int = 512, steps: int = 30, warmup: int = 5, rounds: int = 9,
@@ -350,9 +369,9 @@ def measure(model_name: str, methods: list[str], *, variants: tuple[str, ...] = 
     order = list(cands.values())
     bar = tqdm(total=len(order) * (rounds + 1), desc="steptime", disable=not progress)
     for c in order:  # build + first (compiling) steps, outside the timed rounds; resident memory measured here
-        before = _mem_now(device)
+        before, t0 = _mem_now(device), time.perf_counter()
         try:
-            with time_limit(candidate_timeout):
+            with time_limit(candidate_timeout), _count_graphs(c):
                 c.runner = c.build()
                 c.runner(1, 1, _Timer(device))
                 if device.type == "cuda":
@@ -360,6 +379,7 @@ def measure(model_name: str, methods: list[str], *, variants: tuple[str, ...] = 
         except CandidateTimeout as err:
             c.timed_out = "build"
             print(f"steptime: {c.name} timed out in its build ({err}); left out", file=sys.stderr)
+        c.build_s = time.perf_counter() - t0
         c.resident_bytes = _mem_now(device) - before
         bar.update(1)
 
@@ -378,7 +398,7 @@ def measure(model_name: str, methods: list[str], *, variants: tuple[str, ...] = 
                 torch.cuda.reset_peak_memory_stats(device)
             start = _mem_now(device)
             try:
-                with time_limit(candidate_timeout):
+                with time_limit(candidate_timeout), _count_graphs(c):
                     c.runner(warmup, steps, timer)
                     seconds = timer.seconds()
             except CandidateTimeout as err:
@@ -400,7 +420,7 @@ def _assemble(model_name: str, weights: str, device: torch.device, targets: tupl
     """The measurement so far as a JSON-able dict (``rounds``: rounds finished)."""
     def cand_json(c: Candidate) -> dict:
         d = {"group": c.group, "method": c.method, "variant": c.variant, "step_s": c.step_s,
-             "resident_mib": c.resident_bytes / 2**20}
+             "resident_mib": c.resident_bytes / 2**20, "build_s": c.build_s, "graphs": c.graphs}
         if c.step_s:
             d["step_ms"] = spread([1e3 * s for s in c.step_s])
         if c.timed_out:
@@ -434,11 +454,13 @@ def to_markdown(r: dict[str, Any]) -> str:
              f"batch {r['batch_size']} x {r['seq_len']} tokens, targets {'+'.join(r['targets'])}, rank {r['rank']}, "
              f"{r['mixed_precision']} autocast, {r['rounds']} interleaved rounds of {r['steps']} steps after "
              f"{r['warmup']} untimed ones, timed with {r['timer']}, torch {r['torch']}.", "",
-             "| candidate | median step (ms) | IQR (ms) | min-max (ms) | peak memory (MiB) | step setup |",
-             "|---|---|---|---|---|---|"]
+             "| candidate | median step (ms) | IQR (ms) | min-max (ms) | peak memory (MiB) | step setup "
+             "| build + first step (s) | graphs |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, c in r["candidates"].items():
         if "step_ms" not in c:
-            lines.append(f"| {name} | timed out ({c.get('timed_out', 'no rounds')}) | - | - | - | {c['group']} |")
+            lines.append(f"| {name} | timed out ({c.get('timed_out', 'no rounds')}) | - | - | - | {c['group']} "
+                         f"| {c.get('build_s', 0):.1f} | {c.get('graphs', '-')} |")
             continue
         s = c["step_ms"]
         if c.get("timed_out"):
@@ -446,10 +468,11 @@ def to_markdown(r: dict[str, Any]) -> str:
         peak = f"{c['peak_mib']['median']:.0f}" if "peak_mib" in c else "-"
         prep = c.get("prepare")
         how = c["group"] if prep is None else (
-            ("compiled" if prep["compiled"] else f"eager: {prep['compile_reason']}")
+            (f"compiled ({prep.get('compile_scope') or 'model'})" if prep["compiled"]
+             else f"eager: {prep['compile_reason']}")
             + f", {prep['bf16_frozen_params']} bf16 frozen, loss {prep['loss']}")
         lines.append(f"| {name} | {s['median']:.2f} | {s['iqr'][0]:.2f}-{s['iqr'][1]:.2f} | "
-                     f"{s['min']:.2f}-{s['max']:.2f} | {peak} | {how} |")
+                     f"{s['min']:.2f}-{s['max']:.2f} | {peak} | {how} | {c.get('build_s', 0):.1f} | {c.get('graphs', '-')} |")
     if r["ratios"]:
         lines += ["", "Paired per-round ratios (median, IQR):", "",
                   "| ratio | time | time IQR | peak memory |", "|---|---|---|---|"]

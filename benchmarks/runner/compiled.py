@@ -2,8 +2,10 @@
 
 * ``prepare_model(model, compile=..., bf16_frozen=...)``: frozen base Linear weights stored in bf16 where
   that is bit-exact for the method (bf16 autocast casts them to bf16 for the matmul anyway; adapters keep
-  fp32 master weights; never for ``full`` or DoRA), ``torch.compile`` of the model in place with eager as
-  a flag and as the automatic fallback (one-line reason), and the memory-light loss installed.
+  fp32 master weights; never for ``full`` or DoRA), ``torch.compile`` in place with eager as a flag and as
+  the automatic fallback (one-line reason), and the memory-light loss installed. Compile scope "regional"
+  (the default) compiles each repeated block (``regional.repeated_blocks``: one graph per block class, reused
+  by every layer, sequence length dynamic from the start); "model" compiles the whole model.
 * ``light_causal_lm_loss`` / ``linear_cross_entropy``: the causal-LM loss computed in token chunks from the
   last hidden state and the output embedding, never holding fp32 logits for all tokens (liger-kernel's
   fused kernel on CUDA when it is installed, else plain torch).
@@ -42,6 +44,8 @@ class Prepared:
     model: nn.Module
     compiled: bool = False
     compile_reason: str = ""  # why the model runs eagerly (flag, CPU, fallback after an error)
+    compile_scope: str = ""  # what was compiled: "regional" (each repeated block) | "model" (whole); "" = eager
+    compiled_blocks: int = 0  # modules compiled in place (regional: the blocks; model: 1)
     bf16_frozen_params: int = 0
     bf16_reason: str = ""
     loss: str = "model"  # "model" (the model's own loss) | "chunked" | "liger"
@@ -53,7 +57,8 @@ class Prepared:
 
     def line(self) -> str:
         """One line for the log."""
-        comp = "compiled" if self.compiled else f"eager ({self.compile_reason})"
+        comp = f"compiled ({self.compile_scope}, {self.compiled_blocks} modules)" if self.compiled \
+            else f"eager ({self.compile_reason})"
         bf = f"{self.bf16_frozen_params} frozen weights bf16" if self.bf16_frozen_params else f"fp32 frozen ({self.bf16_reason})"
         loss = self.loss if self.loss != "model" else f"model loss ({self.loss_reason})"
         return f"step: {comp}; {bf}; loss: {loss}"
@@ -333,14 +338,17 @@ def _describe(err: BaseException) -> str:
 
 
 class _FallbackCall:
-    """``module._compiled_call_impl`` that drops to eager for good on the first error of the compiled call.
+    """``module._compiled_call_impl`` that drops every module of ``group`` to eager for good on the first
+    error of a compiled call (regional scope: one block failing sends all blocks to eager).
 
     Eager then reruns the same call: a genuine error (bad batch, OOM) raises again from eager. Dynamo
-    buffers Python side effects (hook state) until a graph has compiled, so a failed compile leaves none.
+    buffers Python side effects (hook state) until a graph has compiled, so a failed compile leaves none;
+    blocks that already ran compiled in this forward produced valid outputs, so the forward goes on.
     """
 
-    def __init__(self, module: nn.Module, fn: Callable, state: Prepared, log: Callable[[str], None]) -> None:
-        self.module, self.fn, self.state, self.log = module, fn, state, log
+    def __init__(self, module: nn.Module, fn: Callable, state: Prepared, log: Callable[[str], None],
+                 group: list[nn.Module]) -> None:
+        self.module, self.fn, self.state, self.log, self.group = module, fn, state, log, group
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -349,18 +357,31 @@ class _FallbackCall:
             raise
         except Exception as err:  # noqa: BLE001 - any compile failure: the eager model is always correct
             reason = f"fallback after {_describe(err)}"
-            self.module._compiled_call_impl = None
+            for mod in self.group:
+                mod._compiled_call_impl = None
             self.state.compiled, self.state.compile_reason = False, reason
             self.log(f"torch.compile failed, training eagerly: {reason}")
             return self.module._call_impl(*args, **kwargs)
 
 
+COMPILE_SCOPES = ("regional", "model")
+
+
 def compile_in_place(model: nn.Module, state: Prepared, *, backend: str | Callable = "inductor",
-                     mode: str | None = None, dynamic: bool | None = None,
+                     mode: str | None = None, dynamic: bool | None = None, scope: str = "regional",
                      log: Callable[[str], None] = print) -> None:
-    """``model.compile(...)`` in place (the module object, its attributes and hooks stay), with fallback."""
+    """Compile ``model`` in place (module objects, attributes and hooks stay), with the eager fallback.
+
+    ``scope`` "regional": ``module.compile(...)`` of each repeated block (``repeated_blocks``), the whole model
+    when it has none (noted); "model": of the whole model. ``dynamic`` None: True for regional (bucketed
+    sequence lengths then never recompile), dynamo's automatic dynamic shapes for the whole model.
+    """
     import torch._dynamo.config as dcfg
 
+    from benchmarks.runner.regional import repeated_blocks
+
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile scope must be one of {', '.join(COMPILE_SCOPES)}, got {scope!r}")
     # NA-LoRA adds its statistics hooks on refresh steps and removes them after: guard on hooks, so that
     # the compiled graph follows (one extra graph); the default skips these guards and would keep stale hooks.
     dcfg.skip_nnmodule_hook_guards = False
@@ -368,20 +389,31 @@ def compile_in_place(model: nn.Module, state: Prepared, *, backend: str | Callab
     # each run adds cache entries until the recompile limit (8) silently sends later runs to eager.
     # Inductor's on-disk graph cache still makes the next run's compile cheap.
     torch._dynamo.reset()
-    model.compile(backend=backend, mode=mode, dynamic=dynamic)
-    model._compiled_call_impl = _FallbackCall(model, model._compiled_call_impl, state, log)
+    blocks = [mod for _, mod in repeated_blocks(model)] if scope == "regional" else []
+    if scope == "regional" and not blocks:
+        state.notes.append("regional compile: no repeated blocks (nn.ModuleList children); whole model compiled")
+        scope = "model"
+    group = blocks or [model]
+    for mod in group:
+        mod.compile(backend=backend, mode=mode, dynamic=(scope == "regional") if dynamic is None else dynamic)
+        mod._compiled_call_impl = _FallbackCall(mod, mod._compiled_call_impl, state, log, group)
     state.compiled, state.compile_reason = True, ""
+    state.compile_scope, state.compiled_blocks = scope, len(group)
 
 
 @contextlib.contextmanager
 def eager_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run a model compiled in place eagerly inside the block (evaluation: many shapes, no backward)."""
-    saved = getattr(model, "_compiled_call_impl", None)
-    model._compiled_call_impl = None
+    """Run a model compiled in place (whole or by blocks) eagerly inside the block (evaluation: many shapes,
+    no backward)."""
+    saved = [(mod, mod._compiled_call_impl) for mod in model.modules()
+             if getattr(mod, "_compiled_call_impl", None) is not None]
+    for mod, _ in saved:
+        mod._compiled_call_impl = None
     try:
         yield model
     finally:
-        model._compiled_call_impl = saved
+        for mod, impl in saved:
+            mod._compiled_call_impl = impl
 
 
 # --------------------------------------------------------------------------------------------------
@@ -440,12 +472,12 @@ def _default_bf16() -> bool:
 def prepare_model(model: nn.Module, *, compile: bool | str = "auto", bf16_frozen: bool | str = "auto",
                   method: str | None = None, mixed_precision: str | None = None, light_loss: bool | str = "auto",
                   backend: str | Callable = "inductor", mode: str | None = None, dynamic: bool | None = None,
-                  log: Callable[[str], None] | None = None) -> Prepared:
+                  compile_scope: str = "regional", log: Callable[[str], None] | None = None) -> Prepared:
     """Make ``model`` (already on its device, after ``inject`` and ``accelerator.prepare``) fast to train.
 
     ``compile``: True, False, or "auto" (eager for now: compiling pays per step but not yet per run, see
-    ``auto_compile_reason``). ``bf16_frozen``: True / "auto"
-    (cast when exact, see ``cast_frozen_to_bf16``) or False. ``mixed_precision``: the run's setting
+    ``auto_compile_reason``); ``compile_scope``: "regional" or "model" (``compile_in_place``).
+    ``bf16_frozen``: True / "auto" (cast when exact, see ``cast_frozen_to_bf16``) or False. ``mixed_precision``: the run's setting
     ("bf16" | "fp16" | "no"; None: bf16 where the GPU has it). ``light_loss``: install the chunked
     vocabulary loss (True / "auto") or not. Returns ``Prepared`` (``.model`` is ``model``: compiled in place).
     """
@@ -454,6 +486,8 @@ def prepare_model(model: nn.Module, *, compile: bool | str = "auto", bf16_frozen
             or light_loss not in (True, False, "auto"):
         raise ValueError(f"compile/bf16_frozen/light_loss must be true, false or 'auto', got "
                          f"{compile!r}/{bf16_frozen!r}/{light_loss!r}")
+    if compile_scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile scope must be one of {', '.join(COMPILE_SCOPES)}, got {compile_scope!r}")
     state = Prepared(model=model)
     try:
         device = next(model.parameters()).device
@@ -473,7 +507,7 @@ def prepare_model(model: nn.Module, *, compile: bool | str = "auto", bf16_frozen
     elif compile == "auto" and auto_compile_reason(device):
         state.compile_reason = auto_compile_reason(device)
     else:
-        compile_in_place(model, state, backend=backend, mode=mode, dynamic=dynamic, log=log)
+        compile_in_place(model, state, backend=backend, mode=mode, dynamic=dynamic, scope=compile_scope, log=log)
     log(state.line())
     return state
 
@@ -486,7 +520,9 @@ def step_options(training: dict | None = None, environ: dict | None = None) -> d
     ``bf16_frozen`` and ``light_loss`` (true / false / "auto"; default "auto"), overridden by the
     environment variables ``NALORA_COMPILE``, ``NALORA_BF16_FROZEN``, ``NALORA_LIGHT_LOSS``
     (1/0/auto; the environment reaches spawned and local-Ray workers), or all three off with
-    ``NALORA_EAGER=1`` (today's eager step, for side-by-side throughput). Bad values: one-line ValueError.
+    ``NALORA_EAGER=1`` (today's eager step, for side-by-side throughput). ``compile_scope`` comes from
+    ``NALORA_COMPILE_SCOPE`` alone (regional / model; default regional): it is no training key, so that run
+    ids do not change with it (the record's ``perf.step`` says which ran). Bad values: one-line ValueError.
     """
     env = os.environ if environ is None else environ
     training = training or {}
@@ -504,4 +540,8 @@ def step_options(training: dict | None = None, environ: dict | None = None) -> d
         if value not in (True, False, "auto"):
             raise ValueError(f"training.{key} must be true, false or auto, got {value!r}")
         out[key] = value
+    scope = env.get("NALORA_COMPILE_SCOPE", "").strip().lower() or "regional"
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"NALORA_COMPILE_SCOPE={env['NALORA_COMPILE_SCOPE']!r}: expected {' or '.join(COMPILE_SCOPES)}")
+    out["compile_scope"] = scope
     return out
