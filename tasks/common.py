@@ -42,13 +42,13 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
-def tiny_llama(seed: int = 0):
-    """A random-weight 2-layer Llama (SwiGLU) with ``tiny_tokenizer()``: for tests and dry runs."""
+def tiny_llama(seed: int = 0, layers: int = 2):
+    """A random-weight Llama (SwiGLU; 2 layers unless ``layers``) with ``tiny_tokenizer()``: for tests and dry runs."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = tiny_tokenizer()
     cfg = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, hidden_act="silu",
         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,

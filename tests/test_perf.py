@@ -220,13 +220,14 @@ def test_repeated_blocks_are_the_outermost_repeated_list_children():
 
 def test_regional_compile_matches_eager_and_new_buckets_do_not_recompile():
     """Each decoder layer compiled on its own, sequence length dynamic from the start: the loss and gradients
-    of eager, and no new graph when the bucketed length changes (a whole-model compile recompiles there)."""
-    base, _ = tiny_llama()
+    of eager, and no new graph when the bucketed length changes (a whole-model compile recompiles there).
+    Four layers: a graph per layer (the KV cache's per-layer entry once made one) would show."""
+    base, _ = tiny_llama(layers=4)
     ref = _lora(copy.deepcopy(base)).train()
     model = _lora(copy.deepcopy(base)).train()
     backend = _CountingBackend()
     prep = C.prepare_model(model, compile=True, bf16_frozen=False, light_loss=True, backend=backend)
-    assert (prep.compile_scope, prep.compiled_blocks) == ("regional", 2) and "regional" in prep.line()
+    assert (prep.compile_scope, prep.compiled_blocks) == ("regional", 4) and "regional" in prep.line()
     assert prep.to_dict()["compile_scope"] == "regional"
     graphs = []
     for i, T in enumerate((16, 32, 48, 16)):
@@ -249,7 +250,24 @@ def test_regional_compile_matches_eager_and_new_buckets_do_not_recompile():
         assert all(getattr(m, "_compiled_call_impl", None) is None for m in model.modules())
         with torch.no_grad():
             model(**_batch(9, B=3, T=23))
-    assert backend.graphs == 2 and sum(m._compiled_call_impl is not None for m in model.modules()) == 2
+    assert backend.graphs == 2 and sum(m._compiled_call_impl is not None for m in model.modules()) == 4
+
+
+def test_training_forwards_build_no_kv_cache():
+    from benchmarks.runner.regional import drop_training_cache
+
+    model, _ = tiny_llama()
+    seen = []
+    model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw.get("past_key_values")), with_kwargs=True)
+    assert model.config.use_cache and drop_training_cache(model) == 2  # LlamaForCausalLM and LlamaModel
+    assert drop_training_cache(model) == 0  # installed once
+    batch = _batch(0)
+    model(**batch).loss.backward()
+    assert seen == [None]
+    with torch.no_grad():  # evaluation and generation keep their cache
+        model(**batch)
+    assert seen[-1] is not None
 
 
 def test_regional_compile_without_repeated_blocks_compiles_the_whole_model():
@@ -341,7 +359,7 @@ def test_nalora_compiled_graphs_bounded_over_many_steps(scope):
 
     from nalora import inject
 
-    base, _ = tiny_llama()
+    base, _ = tiny_llama(layers=4 if scope == "regional" else 2)  # regional: four layers share the graphs
     steps = 36
     torch.manual_seed(0)
     adapted = inject(copy.deepcopy(base), "nalora", targets=("gate", "up", "down"), rank=4, alpha=8,

@@ -378,7 +378,7 @@ def compile_in_place(model: nn.Module, state: Prepared, *, backend: str | Callab
     """
     import torch._dynamo.config as dcfg
 
-    from benchmarks.runner.regional import repeated_blocks
+    from benchmarks.runner.regional import drop_training_cache, repeated_blocks
 
     if scope not in COMPILE_SCOPES:
         raise ValueError(f"compile scope must be one of {', '.join(COMPILE_SCOPES)}, got {scope!r}")
@@ -393,6 +393,8 @@ def compile_in_place(model: nn.Module, state: Prepared, *, backend: str | Callab
     if scope == "regional" and not blocks:
         state.notes.append("regional compile: no repeated blocks (nn.ModuleList children); whole model compiled")
         scope = "model"
+    if blocks:  # else each layer, reading its own entry of an unused KV cache, would compile its own graph
+        drop_training_cache(model)
     group = blocks or [model]
     for mod in group:
         mod.compile(backend=backend, mode=mode, dynamic=(scope == "regional") if dynamic is None else dynamic)

@@ -8,8 +8,11 @@ the whole stack, while nearly all of the step's work still runs compiled.
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
+from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -33,3 +36,39 @@ def repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _inside(name: str, block: str) -> bool:
     return name.startswith(block + ".")
+
+
+def drop_training_cache(model: nn.Module) -> int:
+    """Pre-hooks that pass ``use_cache=False`` to every Hugging Face model (``PreTrainedModel``: they build the
+    cache; their layers only use it) whose forward takes ``use_cache`` when it runs with gradients and no cache
+    was asked for; returns how many modules got one (0 when already installed).
+
+    Hugging Face models build a KV cache by default even in training, where nothing reads it; each layer then
+    gets the cache and reads its own entry, and dynamo guards on that entry, so one compiled layer graph per
+    layer instead of one for all. Outputs do not change (one full forward never reads the cache).
+    """
+    hooked = 0
+    for mod in model.modules():
+        if getattr(mod, "_nalora_no_train_cache", False) or not _takes_use_cache(mod):
+            continue
+        mod.register_forward_pre_hook(_no_cache_when_training, with_kwargs=True)
+        mod._nalora_no_train_cache = True
+        hooked += 1
+    return hooked
+
+
+def _takes_use_cache(mod: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    if not isinstance(mod, PreTrainedModel):
+        return False
+    try:
+        return "use_cache" in inspect.signature(mod.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _no_cache_when_training(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+    if not torch.is_grad_enabled() or kwargs.get("use_cache") or kwargs.get("past_key_values") is not None:
+        return None
+    return args, {**kwargs, "use_cache": False}
