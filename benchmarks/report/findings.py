@@ -51,7 +51,8 @@ def _runs_line(records: list[dict]) -> str:
 
 
 def _trained_share(records: list[dict]) -> str:
-    """`` (trained: ...)``: per task family, the finished runs (failed ones excluded) that neither collapsed nor diverged."""
+    """`` (trained without collapse or divergence: ...)``: per task family, the share of finished runs (failed ones
+    left out: they say nothing about training) whose status is ``ok``."""
     fams: dict[str, list[int]] = {}
     for r in records:
         if r.get("status") in ("ok", "collapsed", "diverged"):
