@@ -545,3 +545,17 @@ def test_throughput_summary_of_two_result_folders(tmp_path):
     assert "| improved | cpu | 1 | 2 | 10.0 |" in (tmp_path / "tp.md").read_text()
     with pytest.raises(ValueError, match="wall.json"):
         throughput.summarise(tmp_path)
+
+
+def test_compile_check_matches_eager_with_bounded_graphs():
+    """The pre-flight check (benchmarks/perf/compile_check.py) on a 4-layer model: the regional compiled step
+    trains exactly as eager over changing lengths and a midway evaluation, with a graph count independent of
+    the number of layers and lengths."""
+    from benchmarks.perf.compile_check import check
+
+    base, _ = tiny_llama(layers=4)
+    for method in ("lora", "nalora"):
+        r = check("tiny-llama", method, [16, 32, 48, 64], steps=8, base=base)
+        assert r["max_abs_loss_diff"] == 0.0 and len(r["compiled_losses"]) == 8
+        assert r["step"]["compile_scope"] == "regional" and r["step"]["compiled_blocks"] == 4
+        assert 1 <= r["graphs"] <= 6, r["graphs"]
