@@ -506,8 +506,8 @@ def prepare_model(model: nn.Module, *, compile: bool | str = "auto", bf16_frozen
         state.loss, state.loss_reason = install_light_loss(model)
     if compile is False:
         state.compile_reason = "off (flag)"
-    elif compile == "auto" and auto_compile_reason(device):
-        state.compile_reason = auto_compile_reason(device)
+    elif compile == "auto" and (reason := auto_compile_reason(device)):
+        state.compile_reason = reason
     else:
         compile_in_place(model, state, backend=backend, mode=mode, dynamic=dynamic, scope=compile_scope, log=log)
     log(state.line())
