@@ -24,7 +24,11 @@ def record(label: str, lr: float, seed: int, status: str = "ok") -> dict:
     best = 3e-4 if label == "nalora-vision" else 1e-3
     val = 0.7 if lr == best else 0.5
     test = TEST[label] + 0.01 * seed if lr == best else 0.3
-    result = {"metrics": {"validation": {"acc": val}, "test": {"acc": test}},
+    layers = {"vision": 12, "language": 30}
+    adapted = [{"name": f"{tower}_tower.blocks.{i}.mlp.{role}", "tower": tower, "kind": "gated", "role": role,
+                "applied": base if role == "gate" else "lora"}
+               for tower in TOWERS[where] for i in range(layers[tower]) for role in ("gate", "up", "down")]
+    result = {"metrics": {"validation": {"acc": val}, "test": {"acc": test}}, "adapted_modules": adapted,
               "history": {"train_loss": [[1, 2.0]], "validation": []}, "trainable_params": 10, "total_params": 100}
     meta = {"suite": "vision-tower", "phase": "main", "family": "vlm", "lr_grid": [1e-4, 3e-4, 1e-3],
             "lr_bounds": [1e-5, 1e-2], "ablation": False}
@@ -38,8 +42,8 @@ def test_towers_table_separates_vision_language_both(tmp_path):
     for label in TEST:
         for lr in (1e-4, 3e-4, 1e-3):
             for seed in (0, 1, 2):
-                store.write(record(label, lr, seed))
-    store.write(record("lora-vision", 1e-4, 3, status="collapsed"))
+                bad = (label, lr, seed) == ("lora-vision", 1e-4, 2)  # an lr that is not selected
+                store.write(record(label, lr, seed, status="collapsed" if bad else "ok"))
     build_report(tmp_path, plots=False)
     table = (tmp_path / "tables" / "towers_vit-s-swiglu_smollm2-135m.md").read_text()
     lines = [x for x in table.splitlines() if x.startswith("| ")]
@@ -50,6 +54,10 @@ def test_towers_table_separates_vision_language_both(tmp_path):
     assert "| 71.0 ± 1.0 (n=3)† |" in lora and "| 81.0 ± 1.0 (n=3)† |" in lora
     assert lora.endswith("| lora-vision, lora-language, lora-both |")
     assert nalora.startswith("| nalora |") and "| 63.0 ± 1.0 (n=3) |" in nalora  # 3e-4: interior, no mark
+    # which FFNs each entry adapted, per tower, read from the selected runs' records
+    assert ("- `nalora-both`: language 30 gated FFNs (down lora, gate nalora, up lora); "
+            "vision 12 gated FFNs (down lora, gate nalora, up lora)") in table
+    assert "- `lora-vision`: vision 12 gated FFNs (down lora, gate lora, up lora)" in table
 
 
 def test_no_towers_table_without_tower_variants(tmp_path):

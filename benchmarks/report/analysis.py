@@ -52,6 +52,7 @@ class Cell:
     val_mean: float | None = None
     towers: tuple[str, ...] = ()  # config.adapter.towers of the cell's runs (sorted; empty: not recorded)
     options: str = ""  # config.options of the cell's runs as canonical JSON (one method setting)
+    missing: str = ""  # what of the cell's grid (every lr of meta.lr_grid x every seed run) has no record yet
 
     @property
     def scores(self) -> list[float]:
@@ -61,6 +62,11 @@ class Cell:
     def mean(self) -> float | None:
         s = self.scores
         return sum(s) / len(s) if s else None
+
+    @property
+    def finished(self) -> bool:
+        """A selection was made and every lr x seed of the cell's grid has a record: only such cells are compared."""
+        return self.mean is not None and not self.missing
 
     @property
     def is_control(self) -> bool:
@@ -121,6 +127,7 @@ def cells(records: list[dict]) -> dict[tuple[str, str, str], Cell]:
         cell.counts[status] += 1
     for key, cell in out.items():
         cell.lrs.sort()
+        cell.missing = _missing(key, records)
         sel = chosen.get(key)
         if sel is None:
             continue
@@ -138,6 +145,29 @@ def cells(records: list[dict]) -> dict[tuple[str, str, str], Cell]:
             if side and bounds:
                 cell.at_bound = _same(cell.selected_lr, float(bounds[0 if side == "low" else 1]))
     return out
+
+
+def _missing(key: tuple[str, str, str], records: list[dict]) -> str:
+    """The lrs and seeds of a cell's grid without a record (any status), e.g. "lr 0.001: seeds 3, 4".
+
+    The grid is every lr any of the cell's records lists in ``meta.lr_grid`` (its lrs so far, extensions
+    included) times every seed the cell ran or its records list in ``meta.seeds``; a slice that stopped mid-grid leaves holes, and selecting from
+    them would compare lrs on different seeds, or miss an lr."""
+    recs = [r for r in records if (r["config"]["model"], r["config"]["task"], r["config"]["method"]) == key]
+    lrs = {float(r["config"]["lr"]) for r in recs}
+    for r in recs:
+        lrs |= {float(x) for x in ((r.get("meta") or {}).get("lr_grid") or [])}
+    seeds = {int(r["config"]["seed"]) for r in recs}
+    for r in recs:
+        seeds |= {int(x) for x in ((r.get("meta") or {}).get("seeds") or [])}
+    holes = []
+    for lr in sorted(lrs):
+        have = {int(r["config"]["seed"]) for r in recs if _same(float(r["config"]["lr"]), lr)}
+        if not have:
+            holes.append(f"lr {lr:g}: not run")
+        elif have != seeds:
+            holes.append(f"lr {lr:g}: seeds {', '.join(str(x) for x in sorted(seeds - have))}")
+    return "; ".join(holes)
 
 
 def _chance(records: list[dict], metric: str) -> float | None:
@@ -246,7 +276,7 @@ def analyse(records: list[dict], base: str = BASELINE) -> Analysis:
             per_task = []
             for task in sorted({t for m, t, _ in cs if m == model}):
                 a, b = cs.get((model, task, method)), cs.get((model, task, base))
-                if a is None or b is None:
+                if a is None or b is None or a.missing or b.missing:  # a grid still running is not compared
                     continue
                 comp = compare(a, b, ts[(model, task)].n)
                 if comp is None:

@@ -78,11 +78,17 @@ def model_findings(an: Analysis, model: str) -> list[str]:
                + (f" ({len(bound)} at the documented bound)" if bound else "")
                + (": " + ", ".join(f"{c.task}/{c.method} ({c.edge})" for c in edge[:12])
                   + (f" and {len(edge) - 12} more (tables/selection.md)" if len(edge) > 12 else "") if edge else "") + ".")
+    partial = [c for c in cells if c.missing]
+    if partial:
+        out.append(f"Grid still running in {len(partial)} of {len(cells)} cells (provisional, {T.PARTIAL}; left out of "
+                   "averages, paired comparisons and pooled estimates): "
+                   + ", ".join(f"{c.task}/{c.method} ({c.missing})" for c in partial[:8])
+                   + (f" and {len(partial) - 8} more (tables/selection.md)" if len(partial) > 8 else "") + ".")
     bad = {s: sum(c.counts.get(s, 0) for c in cells) for s in BAD_STATUSES}
     if any(bad.values()):
         worst = sorted(cells, key=lambda c: (-sum(c.counts.get(s, 0) for s in BAD_STATUSES), c.task, c.method))[:5]
         out.append("Runs not ok: " + ", ".join(f"{v} {k}" for k, v in bad.items() if v) + "; most in "
-                   + ", ".join(f"{c.task}/{c.method} ({T.mark(c).strip()})" for c in worst if T.mark(c).strip("†‡ ")) + ".")
+                   + ", ".join(f"{c.task}/{c.method} ({T.mark(c).strip()})" for c in worst if T.mark(c).strip("†‡◊ ")) + ".")
     else:
         out.append("Every run finished ok (none collapsed, diverged or failed).")
     infos = [an.tasks[(model, t)] for t in an.task_names(model)]
@@ -114,7 +120,7 @@ def model_findings(an: Analysis, model: str) -> list[str]:
     main = [c for c in cells if not c.is_control and c.mean is not None]
     tasks = [t for t in an.task_names(model) if an.informative(model, t)]
     methods = sorted({c.method for c in main})
-    common = [t for t in tasks if all(an.cells.get((model, t, m)) and an.cells[(model, t, m)].mean is not None
+    common = [t for t in tasks if all(an.cells.get((model, t, m)) and an.cells[(model, t, m)].finished
                                       for m in methods)]
     if common and methods:
         avg = {m: sum(an.cells[(model, t, m)].mean for t in common) / len(common) * scale for m in methods}

@@ -25,9 +25,11 @@ from benchmarks.report.stats import paired_ci, t975  # noqa: F401  (public: kept
 from benchmarks.runner.store import atomic_write_text
 
 DASH = "—"
-EDGE, BOUND = "†", "‡"
+EDGE, BOUND, PARTIAL = "†", "‡", "◊"
 LEGEND = (f"{EDGE} selected lr is at an edge of the lrs run for this cell (the grid does not bracket the optimum); "
-          f"{BOUND} at an edge that is the documented lr bound (the grid cannot extend further). "
+          f"{BOUND} at an edge that is the documented lr bound (the grid cannot extend further); "
+          f"{PARTIAL} the cell's grid is still running (an lr or seed has no record yet: tables/selection.md says "
+          "which): its score is provisional and left out of Avg, paired comparisons and pooled estimates. "
           "[k collapsed/diverged/failed] counts runs of the cell (all lrs and seeds) that are not `ok` and were "
           "never selectable. Tasks marked (uninformative) (no method's selected test score beats chance: one-sided "
           f"exact binomial test, p < {0.05}) are left out of Avg and of pooled estimates.")
@@ -59,7 +61,7 @@ def unit(scale: float) -> str:
 
 def mark(cell: Cell) -> str:
     """Edge/bound mark and non-ok run counts of a cell."""
-    m = (BOUND if cell.at_bound else EDGE) if cell.edge else ""
+    m = ((BOUND if cell.at_bound else EDGE) if cell.edge else "") + (PARTIAL if cell.missing else "")
     bad = [f"{cell.counts[s]} {s}" for s in BAD_STATUSES if cell.counts.get(s)]
     return m + (f" [{', '.join(bad)}]" if bad else "")
 
@@ -102,7 +104,7 @@ def score_table(an: Analysis, lb: pd.DataFrame, model: str, methods: list[str], 
     tasks = an.task_names(model)
     get = an.cells.get
     informative = [t for t in tasks if an.informative(model, t)]
-    common = [t for t in informative if all(get((model, t, m)) and get((model, t, m)).mean is not None for m in methods)]
+    common = [t for t in informative if all(get((model, t, m)) and get((model, t, m)).finished for m in methods)]
     avgs = {m: sum(get((model, t, m)).mean * scale for t in common) / len(common) if common else math.nan for m in methods}
     ranked = sorted(((a, m) for m, a in avgs.items() if not math.isnan(a)), key=lambda x: (-x[0], x[1]))
     rank = {m: 1 + sum(round(a2, 2) > round(a, 2) for a2, _ in ranked) for a, m in ranked}
@@ -125,7 +127,7 @@ def score_table(an: Analysis, lb: pd.DataFrame, model: str, methods: list[str], 
     left = [t for t in tasks if t not in common]
     note = (f"Test {an.tasks[(model, tasks[0])].metric} ({'%' if scale == 100 else 'score'}) of the lr selected on "
             "validation (mean over seeds, `ok` runs only), mean ± std over seeds (n). "
-            f"Avg over the {len(common)} informative task(s) every listed method finished"
+            f"Avg over the {len(common)} informative task(s) where every listed method's grid finished"
             + (f" (left out: {', '.join(left)})" if left else "") + "; Rank by Avg, 1 = best. "
             "n in a task header = test examples (n≈: inferred from the scores, for records without per-example results); "
             "chance = the score of uniform guessing (`Task.chance()`, — when the records do not give it). "
@@ -224,15 +226,36 @@ def towers_tables(an: Analysis) -> dict[str, str]:
             rows.append([base, task_header(an, model, task), *texts, labels])
         if not rows:
             continue
+        adapted = [f"`{c.method}`: {_tower_modules(c)}" for by in groups.values() if len(by) > 1
+                   for t in TOWER_COLUMNS for c in sorted(by.get(t, []), key=lambda c: c.method)]
         note = (f"Test {an.tasks[(model, an.task_names(model)[0])].metric} ({'%' if scale == 100 else 'score'}) of the lr "
                 "selected on validation, mean ± std over seeds (n), as in the main table, for entries of one method and "
                 "option setting that differ only in the towers the shared budget's targets are placed in "
                 "(`adapter.towers`): vision = the image encoder only, language = the language model only, both = "
                 "both towers. Two entries of one setting and tower set are shown separated by /, in the order of "
                 "`suite entries`. " + LEGEND + "\n")
+        adapted_note = ("\nAdapted FFNs per tower, from the selected runs' records (`adapted_modules`; the FFN kind, then "
+                        "which method each projection role got):\n\n" + "\n".join(f"- {a}" for a in adapted) + "\n")
         out[f"towers_{_safe(model)}.md"] = (f"## {model}: adapters by tower\n\n{note}\n"
-                                            + _md(["method", "task", *TOWER_COLUMNS.values(), "suite entries"], rows))
+                                            + _md(["method", "task", *TOWER_COLUMNS.values(), "suite entries"], rows)
+                                            + adapted_note)
     return out
+
+
+def _tower_modules(cell: Cell) -> str:
+    """What one of the cell's selected runs adapted, per tower: e.g. "vision 12 gated FFNs (gate nalora, up lora)"."""
+    rec = next(iter(cell.runs.values()), None)
+    mods = ((rec or {}).get("adapted_modules") or []) if rec else []
+    if not mods:
+        return "not recorded"
+    parts = []
+    for tower in sorted({m.get("tower", "?") for m in mods}):
+        ms = [m for m in mods if m.get("tower", "?") == tower]
+        kinds = sorted({m.get("kind", "?") for m in ms})
+        ffns = len({m["name"].rsplit(".", 1)[0] for m in ms})
+        roles = sorted({(m.get("role", "?"), m.get("applied", "?")) for m in ms})
+        parts.append(f"{tower} {ffns} {'/'.join(kinds)} FFNs ({', '.join(f'{r} {a}' for r, a in roles)})")
+    return "; ".join(parts)
 
 
 def activation_table(an: Analysis) -> str | None:
@@ -271,15 +294,17 @@ def selection_table(an: Analysis) -> str:
             opts = ";".join(f"{k}={v}" for k, v in sorted(o.items()))
         chance = an.tasks[(model, task)].chance if (model, task) in an.tasks else None
         rows.append([model, task, method, DASH if c.selected_lr is None else f"{c.selected_lr:g}", grid, edge,
-                     _fmt(c.val_mean, 4), _fmt(chance, 4), str(len(c.runs)), counts, opts or DASH])
+                     _fmt(c.val_mean, 4), _fmt(chance, 4), str(len(c.runs)), counts, c.missing or DASH, opts or DASH])
     note = ("The setting with the best mean validation score over its `ok` seeds (settings where a seed was not ok rank "
             "after complete ones; ties go to the smaller lr); only its test score is reported. `edge`: the selected lr "
             "is the smallest (low) or largest (high) lr run; `at bound` when that is the documented limit "
             "(`meta.lr_bounds`). `ok seeds` = seeds of the selected setting that finished ok; `not ok` counts every run "
             "of the cell that collapsed, diverged or failed. `chance`: the score of uniform guessing on the task's "
-            "reported metric.\n")
+            "reported metric. `still to run`: the lrs and seeds of the cell's grid without a record yet (a slice that "
+            "stopped mid-grid); such a cell's selection is provisional.\n")
     return "## Selected hyperparameters\n\n" + note + "\n" + _md(
-        ["model", "task", "method", "selected lr", "lrs run", "edge", "val mean", "chance", "ok seeds", "not ok", "options"],
+        ["model", "task", "method", "selected lr", "lrs run", "edge", "val mean", "chance", "ok seeds", "not ok",
+         "still to run", "options"],
         rows)
 
 

