@@ -70,7 +70,7 @@ cc)
     TORCHINDUCTOR_CACHE_DIR=/tmp/ind-$n timeout 300 python3 -m benchmarks.cli steptime --model $M --methods "${v%:*}" \
       --variants "${v#*:}" --rounds 1 --steps 5 --warmup 1 --out "/tmp/cc-$n" > "/tmp/cc-$n.log" 2>&1
     echo "$v rc=$? wall_s=$(python3 -c "print(round($(date +%s.%N) - $s, 1))")" >> "$OUT/compile_cost.log"
-    grep "^| ${v%:*}" "/tmp/cc-$n/steptime.md" >> "$OUT/compile_cost.log"; tail -2 "/tmp/cc-$n.log" >> "$OUT/compile_cost.log"
+    grep "^| ${v%:*}" "/tmp/cc-$n/steptime.md" >> "$OUT/compile_cost.log" || tail -2 "/tmp/cc-$n.log" >> "$OUT/compile_cost.log"
   done
   cat "$OUT/compile_cost.log"
   ;;
