@@ -151,8 +151,8 @@ def _missing(key: tuple[str, str, str], records: list[dict]) -> str:
     """The lrs and seeds of a cell's grid without a record (any status), e.g. "lr 0.001: seeds 3, 4".
 
     The grid is every lr any of the cell's records lists in ``meta.lr_grid`` (its lrs so far, extensions
-    included) times every seed the cell ran or its records list in ``meta.seeds``; a slice that stopped mid-grid leaves holes, and selecting from
-    them would compare lrs on different seeds, or miss an lr."""
+    included) times every seed the cell ran or its records list in ``meta.seeds``; a slice that stopped
+    mid-grid leaves holes, and selecting from them would compare lrs on different seeds, or miss an lr."""
     recs = [r for r in records if (r["config"]["model"], r["config"]["task"], r["config"]["method"]) == key]
     lrs = {float(r["config"]["lr"]) for r in recs}
     for r in recs:
