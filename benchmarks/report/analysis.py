@@ -111,9 +111,11 @@ def cells(records: list[dict]) -> dict[tuple[str, str, str], Cell]:
     """Every (model, task, method) with its selection, status counts and lr-edge marks."""
     chosen = select_settings(records)
     out: dict[tuple[str, str, str], Cell] = {}
+    by_cell: dict[tuple[str, str, str], list[dict]] = {}
     for rec in sorted(records, key=lambda r: r["run_id"]):
         c = rec["config"]
         key = (c["model"], c["task"], c["method"])
+        by_cell.setdefault(key, []).append(rec)
         cell = out.get(key)
         if cell is None:
             cell = out[key] = Cell(c["model"], c["task"], c["method"], c.get("base_method", c["method"]),
@@ -127,7 +129,7 @@ def cells(records: list[dict]) -> dict[tuple[str, str, str], Cell]:
         cell.counts[status] += 1
     for key, cell in out.items():
         cell.lrs.sort()
-        cell.missing = _missing(key, records)
+        cell.missing = _missing(by_cell[key])
         sel = chosen.get(key)
         if sel is None:
             continue
@@ -147,13 +149,12 @@ def cells(records: list[dict]) -> dict[tuple[str, str, str], Cell]:
     return out
 
 
-def _missing(key: tuple[str, str, str], records: list[dict]) -> str:
-    """The lrs and seeds of a cell's grid without a record (any status), e.g. "lr 0.001: seeds 3, 4".
+def _missing(recs: list[dict]) -> str:
+    """The lrs and seeds of a cell's grid (``recs``: its records) without a record, e.g. "lr 0.001: seeds 3, 4".
 
     The grid is every lr any of the cell's records lists in ``meta.lr_grid`` (its lrs so far, extensions
     included) times every seed the cell ran or its records list in ``meta.seeds``; a slice that stopped
     mid-grid leaves holes, and selecting from them would compare lrs on different seeds, or miss an lr."""
-    recs = [r for r in records if (r["config"]["model"], r["config"]["task"], r["config"]["method"]) == key]
     lrs = {float(r["config"]["lr"]) for r in recs}
     for r in recs:
         lrs |= {float(x) for x in ((r.get("meta") or {}).get("lr_grid") or [])}

@@ -244,8 +244,8 @@ def towers_tables(an: Analysis) -> dict[str, str]:
 
 def _tower_modules(cell: Cell) -> str:
     """What one of the cell's selected runs adapted, per tower: e.g. "vision 12 gated FFNs (gate nalora, up lora)"."""
-    rec = next(iter(cell.runs.values()), None)
-    mods = ((rec or {}).get("adapted_modules") or []) if rec else []
+    rec = next(iter(cell.runs.values()), {})
+    mods = rec.get("adapted_modules") or []
     if not mods:
         return "not recorded"
     parts = []
