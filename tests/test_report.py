@@ -297,3 +297,29 @@ def test_cell_with_holes_in_its_grid_is_provisional(tmp_path):
     assert rows and all("| t1 " not in line for line in rows) and any("| t2 " in line for line in rows)
     findings = (tmp_path / "findings.md").read_text()
     assert "Grid still running in 2 of" in findings and "t1/lora (lr 0.0001: not run; lr 0.001: seeds 2)" in findings
+
+
+@pytest.mark.parametrize("bounds, provisional", [((1e-5, 1e-2), True), ((1e-5, 1e-3), False)])
+def test_edge_short_of_the_bound_is_provisional(tmp_path, bounds, provisional):
+    """Every cell selects lr 1e-3, the top of {1e-4, 1e-3}. With bounds up to 1e-2 the extension rule still has
+    lr 3e-3 to run (the runner's own ``next_lr``): every cell is provisional (◊), listed with that lr, and nothing
+    is compared. With the bound at 1e-3 the edge is the bound (‡): the cells are finished and compared."""
+    store = ResultStore(tmp_path)
+    for r in make_results(tmp_path / "full"):
+        if r["config"]["task"] != "t3":
+            r["meta"]["lr_bounds"] = list(bounds)
+            store.write(r)
+    report(tmp_path)
+    main = (tmp_path / "tables/main_m.md").read_text()
+    lora = next(line for line in main.splitlines() if line.startswith("| lora "))
+    sel = (tmp_path / "tables/selection.md").read_text()
+    paired_md = tmp_path / "tables/paired_m.md"  # written only when some pair is compared
+    paired = paired_md.read_text() if paired_md.exists() else ""
+    compared = any(line.startswith("| nalora | t1") for line in paired.splitlines())
+    if provisional:
+        assert "| 51.0 ± 1.0 (n=3)†◊ |" in lora and "| — | — |" in lora  # no Avg, no Rank
+        assert "lr 0.003: extension not run (best lr at the high edge)" in sel
+        assert not compared
+    else:
+        assert "| 51.0 ± 1.0 (n=3)‡ |" in lora and "extension not run" not in sel
+        assert compared

@@ -49,9 +49,10 @@ def test_towers_table_separates_vision_language_both(tmp_path):
     lines = [x for x in table.splitlines() if x.startswith("| ")]
     assert lines[0].startswith("| method | task | vision | language | both | suite entries |")
     lora, nalora = lines[1], lines[2]  # LoRA (the baseline) first
-    # mean ± std over the 3 seeds in percent; † marks an lr at the edge of the grid (1e-3 is the largest run)
-    assert lora.startswith("| lora | fashion-mnist") and "| 61.0 ± 1.0 (n=3)† [1 collapsed] |" in lora
-    assert "| 71.0 ± 1.0 (n=3)† |" in lora and "| 81.0 ± 1.0 (n=3)† |" in lora
+    # mean ± std over the 3 seeds in percent; † marks an lr at the edge of the grid (1e-3 is the largest run),
+    # ◊ that the lr rule still has 3e-3 to run there (lr_bounds reach 1e-2): provisional
+    assert lora.startswith("| lora | fashion-mnist") and "| 61.0 ± 1.0 (n=3)†◊ [1 collapsed] |" in lora
+    assert "| 71.0 ± 1.0 (n=3)†◊ |" in lora and "| 81.0 ± 1.0 (n=3)†◊ |" in lora
     assert lora.endswith("| lora-vision, lora-language, lora-both |")
     assert nalora.startswith("| nalora |") and "| 63.0 ± 1.0 (n=3) |" in nalora  # 3e-4: interior, no mark
     # which FFNs each entry adapted, per tower, read from the selected runs' records

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from benchmarks.report import stats
-from benchmarks.runner.grid import select_settings, setting_key
+from benchmarks.runner.grid import edge_status, next_lr, select_settings, setting_key
 from benchmarks.runner.record import record_chance
 
 BASELINE = "lora"
@@ -52,7 +52,8 @@ class Cell:
     val_mean: float | None = None
     towers: tuple[str, ...] = ()  # config.adapter.towers of the cell's runs (sorted; empty: not recorded)
     options: str = ""  # config.options of the cell's runs as canonical JSON (one method setting)
-    missing: str = ""  # what of the cell's grid (every lr of meta.lr_grid x every seed run) has no record yet
+    missing: str = ""  # what of the cell's grid has no record yet: lrs of meta.lr_grid x seeds, and the lr the
+    # extension rule adds next when the selection sits at an edge short of meta.lr_bounds
 
     @property
     def scores(self) -> list[float]:
@@ -145,7 +146,13 @@ def cells(records: list[dict]) -> dict[tuple[str, str, str], Cell]:
             bounds = [(r.get("meta") or {}).get("lr_bounds") for r in cell.runs.values()]
             bounds = next((b for b in bounds if isinstance(b, (list, tuple)) and len(b) == 2), None)
             if side and bounds:
-                cell.at_bound = _same(cell.selected_lr, float(bounds[0 if side == "low" else 1]))
+                bounds = (float(bounds[0]), float(bounds[1]))
+                cell.at_bound = edge_status(cell.lrs, cell.selected_lr, bounds) == "at-bound"
+                new = None if cell.at_bound else next_lr(cell.lrs, cell.selected_lr, bounds)
+                # the runner's lr rule (the same function) still has this extension to run; while the grid has
+                # holes the selection that points there is itself provisional, so it waits for them
+                if new is not None and not cell.missing:
+                    cell.missing = f"lr {new:g}: extension not run (best lr at the {side} edge)"
     return out
 
 

@@ -28,8 +28,8 @@ DASH = "—"
 EDGE, BOUND, PARTIAL = "†", "‡", "◊"
 LEGEND = (f"{EDGE} selected lr is at an edge of the lrs run for this cell (the grid does not bracket the optimum); "
           f"{BOUND} at an edge that is the documented lr bound (the grid cannot extend further); "
-          f"{PARTIAL} the cell's grid is still running (an lr or seed has no record yet: tables/selection.md says "
-          "which): its score is provisional and left out of Avg, paired comparisons and pooled estimates. "
+          f"{PARTIAL} the cell's grid is still running (an lr or seed has no record yet, or the lr rule still has to "
+          "extend past the selected edge lr: tables/selection.md says which): its score is provisional and left out of Avg, paired comparisons and pooled estimates. "
           "[k collapsed/diverged/failed] counts runs of the cell (all lrs and seeds) that are not `ok` and were "
           "never selectable. Tasks marked (uninformative) (no method's selected test score beats chance: one-sided "
           f"exact binomial test, p < {0.05}) are left out of Avg and of pooled estimates.")
@@ -301,7 +301,8 @@ def selection_table(an: Analysis) -> str:
             "(`meta.lr_bounds`). `ok seeds` = seeds of the selected setting that finished ok; `not ok` counts every run "
             "of the cell that collapsed, diverged or failed. `chance`: the score of uniform guessing on the task's "
             "reported metric. `still to run`: the lrs and seeds of the cell's grid without a record yet (a slice that "
-            "stopped mid-grid); such a cell's selection is provisional.\n")
+            "stopped mid-grid), and the next lr of the extension rule when the selected lr sits at an edge short of "
+            "the bound; such a cell's selection is provisional.\n")
     return "## Selected hyperparameters\n\n" + note + "\n" + _md(
         ["model", "task", "method", "selected lr", "lrs run", "edge", "val mean", "chance", "ok seeds", "not ok",
          "still to run", "options"],
