@@ -323,3 +323,15 @@ def test_edge_short_of_the_bound_is_provisional(tmp_path, bounds, provisional):
     else:
         assert "| 51.0 ± 1.0 (n=3)‡ |" in lora and "extension not run" not in sel
         assert compared
+
+
+def test_run_time_line_gives_each_task_its_median_and_evaluation_share():
+    from benchmarks.report.findings import run_time_line
+
+    recs = [_record("m", task, "lora", 1e-3, seed) for task in ("t1", "t2") for seed in (0, 1, 2)]
+    assert run_time_line(recs) == ""  # no evaluation timings recorded: no line
+    for r, (wall, ev) in zip(recs, [(100, 10), (120, 30), (110, 22), (300, 200), (200, 100), (250, 150)]):
+        r["perf"].update(wall_s=float(wall), eval_s=float(ev))
+    line = run_time_line(recs)
+    assert "t1 on m (CPU): 110 s, evaluation 20% (3 runs)" in line  # shares 10%, 25%, 20%
+    assert "t2 on m (CPU): 250 s, evaluation 60% (3 runs)" in line  # shares 67%, 50%, 60%

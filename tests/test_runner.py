@@ -434,6 +434,28 @@ def test_max_minutes_stops_and_resumes(tmp_path):
     assert not list((tmp_path / "r/runs").glob(".*"))  # no temp files left behind
 
 
+def test_time_budget_expects_each_task_its_own_run_time(tmp_path):
+    """A slow task's run is not started on the strength of a fast task's: with the results folder saying a
+    fake-slow run takes 10^5 s and a fake run well under a second, a one-minute budget trains every fake run and
+    starts no fake-slow one (a median over both tasks would have started none, or all)."""
+    import json
+
+    from benchmarks.runner.cli import EXIT_MORE_TO_DO
+
+    both = BASE_SUITE.replace("tasks: [fake]", "tasks: [fake-slow, fake]")
+    out = tmp_path / "r"
+    assert run(write_suite(tmp_path / "seed9.yaml", both.replace("seeds: [0]", "seeds: [9]")), out) == 0
+    for p in (out / "runs").glob("*.json"):  # as if fake-slow were a long GPU task
+        rec = json.loads(p.read_text())
+        if rec["config"]["task"] == "fake-slow":
+            rec["perf"]["wall_s"] = 1e5
+            p.write_text(json.dumps(rec))
+    suite = write_suite(tmp_path / "s.yaml", both.replace("seeds: [0]", "seeds: [0, 1, 2]"))
+    assert run(suite, out, max_minutes=1) == EXIT_MORE_TO_DO
+    tasks = sorted(r["config"]["task"] for r in runs(out).values() if r["config"]["seed"] != 9)
+    assert tasks == ["fake", "fake", "fake"]
+
+
 KILL_SCRIPT = """\
 import sys
 sys.path.insert(0, {tests!r})

@@ -152,9 +152,32 @@ def substitution_lines(records: list[dict]) -> list[str]:
             f"their numbers say nothing about `{asset}`." for (asset, stand_in, why), n in sorted(groups.items())]
 
 
+def run_time_line(records: list[dict]) -> str:
+    """Median wall time of a run and the share of it spent evaluating (``perf.eval_s / perf.wall_s``), per
+    hardware, model and task; "" when no record has timings. Runs share a GPU when a pool runs several per
+    GPU, so a run's wall time is not GPU time."""
+    groups: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+    for r in records:
+        perf = r.get("perf") or {}
+        wall, ev = perf.get("wall_s"), perf.get("eval_s")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (wall, ev)) or wall <= 0:
+            continue
+        gpu = (r.get("provenance", {}).get("hardware") or {}).get("gpu") or "CPU"
+        groups.setdefault((gpu, r["config"]["model"], r["config"]["task"]), []).append((float(wall), float(ev) / wall))
+    if not groups:
+        return ""
+    return ("Run time, median over the runs with timings (wall time of one run, several runs sharing a GPU; "
+            "evaluation share = evaluation seconds / wall seconds): " + "; ".join(
+                f"{task} on {model} ({gpu}): {statistics.median(w for w, _ in v):.0f} s, evaluation "
+                f"{100 * statistics.median(e for _, e in v):.0f}% ({len(v)} runs)"
+                for (gpu, model, task), v in sorted(groups.items())) + ".")
+
+
 def findings_text(an: Analysis, records: list[dict], level: int = 2) -> str:
     h = "#" * level
     parts = [f"{_runs_line(records)}\n"] + [f"{line}\n" for line in substitution_lines(records)]
+    if line := run_time_line(records):
+        parts.append(f"{line}\n")
     for model in an.models():
         parts.append(f"{h} {model}\n\n" + "\n".join(f"- {line}" for line in model_findings(an, model)) + "\n")
     return "\n".join(parts)

@@ -137,9 +137,56 @@ def _gpu_ids() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def _finished_durations(store: ResultStore) -> list[float]:
-    return [float(r["perf"]["wall_s"]) for r in store.records()
-            if r.get("status") == "ok" and (r.get("perf") or {}).get("wall_s")]
+def _kind(config: dict) -> tuple[str, str]:
+    return str(config.get("model")), str(config.get("task"))
+
+
+class TimeBudget:
+    """Which queued run may still start before an invocation's deadline (``max_minutes``).
+
+    A run is expected to take the median wall time of the finished runs of its own model and task (this
+    invocation's when it has some: they ran at today's concurrency; else the results folder's; else any
+    run's), so a slow task's run is not started on the strength of a fast task's (a composed-VLM run took
+    three times a sarcasm run on one H200 machine, and a median over both started runs the deadline then
+    killed). Runs that do not fit are passed over for later queued runs that do, in queue order.
+    """
+
+    def __init__(self, root: str, phase: str, max_minutes: float | None, start: float | None = None) -> None:
+        self.deadline = (start if start is not None else time.time()) + 60 * max_minutes if max_minutes else None
+        self.stored: dict[tuple[str, str], list[float]] = {}
+        self.now: dict[tuple[str, str], list[float]] = {}
+        if self.deadline is None:
+            return
+        for ph in (phase, "tune" if phase == "main" else "main"):
+            for r in ResultStore(root, ph).records():
+                wall = (r.get("perf") or {}).get("wall_s")
+                if r.get("status") == "ok" and wall:
+                    self.stored.setdefault(_kind(r["config"]), []).append(float(wall))
+
+    def expected(self, spec: RunSpec) -> float:
+        """Seconds ``spec`` is expected to take (0 when nothing has finished yet)."""
+        k = _kind(spec.config)
+        for durations in (self.now.get(k), self.stored.get(k), [d for v in self.now.values() for d in v],
+                          [d for v in self.stored.values() for d in v]):
+            if durations:
+                return statistics.median(durations)
+        return 0.0
+
+    def next_index(self, queue: list[RunSpec]) -> int | None:
+        """Index of the first queued run that can finish before the deadline, or None."""
+        if self.deadline is None:
+            return 0 if queue else None
+        now, cache = time.time(), {}
+        for i, spec in enumerate(queue):
+            k = _kind(spec.config)
+            if k not in cache:
+                cache[k] = now + self.expected(spec) < self.deadline
+            if cache[k]:
+                return i
+        return None
+
+    def finished(self, spec: RunSpec, seconds: float) -> None:
+        self.now.setdefault(_kind(spec.config), []).append(float(seconds))
 
 
 def _dedup(specs: list[RunSpec]) -> list[RunSpec]:
@@ -158,8 +205,8 @@ def run_grid(specs: list[RunSpec], root: str, *, phase: str = "main", resolver: 
 
     ``threads``: torch CPU threads of the in-process runner (``workers`` 0; default ``available_cpus()``).
 
-    With ``max_minutes``, no run starts once the budget minus a typical run time is used, and a run
-    still going at the budget's end is abandoned unrecorded; the next invocation picks up there.
+    With ``max_minutes``, a run starts only if its expected time (``TimeBudget``) fits in what is left of the
+    budget, and a run still going at the budget's end is abandoned unrecorded; the next invocation picks up there.
     """
     from tqdm.auto import tqdm
 
@@ -182,53 +229,48 @@ def run_grid(specs: list[RunSpec], root: str, *, phase: str = "main", resolver: 
                 summary.skipped_failed += 1
             elif is_environment_failure(rec):
                 summary.retried_environment += 1
-        start = time.time()
-        deadline = start + 60 * max_minutes if max_minutes else None
-        # Seed the typical run time from finished runs (this phase's, else the other phase's), so that an
-        # invocation whose budget is nearly spent starts no run it cannot finish.
-        durations = _finished_durations(store) or _finished_durations(ResultStore(root, "tune" if phase == "main" else "main"))
+        budget = TimeBudget(str(root), phase, max_minutes)
         refused: list[str] = []  # records the results folder refused (kept as orphans): start no more runs
 
-        def may_start() -> bool:
+        def next_run(queue: list[RunSpec]) -> RunSpec | None:
+            """Take the next run to start off ``queue`` (None: stop starting runs)."""
             if refused:
                 summary.stop_reason = f"results folder refused a record; finished ones kept at {refused[0]}"
-                return False
-            if deadline is None:
-                return True
-            typical = statistics.median(durations) if durations else 0.0
-            if time.time() + typical < deadline:
-                return True
-            summary.stop_reason = "time budget"
-            return False
+                return None
+            i = budget.next_index(queue)
+            if i is None:
+                if queue:
+                    summary.stop_reason = "time budget"
+                return None
+            return queue.pop(i)
 
         def account(res: dict, spec: RunSpec) -> None:
             summary.add(res, spec.label())
             if res["status"] != "interrupted":
-                durations.append(res["seconds"])
+                budget.finished(spec, res["seconds"])
             if res.get("orphaned"):
                 refused.append(res["orphaned"])
             bar.update(1)
             bar.set_postfix(ok=summary.ok, failed=summary.failed)
 
-        ctx = RunContext(str(root), phase, resolver, injector, deadline, progress)  # one context for every run
+        ctx = RunContext(str(root), phase, resolver, injector, budget.deadline, progress)  # one context for every run
         bar = tqdm(total=len(specs), initial=summary.skipped, desc=f"grid ({phase})", disable=not progress, position=0)
         try:
             if workers <= 0:
                 if todo:
                     cap_threads(threads)
-                for i, spec in enumerate(todo):
-                    if not may_start():
-                        summary.remaining = len(todo) - i
-                        break
+                queue = list(todo)
+                while (spec := next_run(queue)) is not None:
                     account(execute(spec, ctx, 1), spec)
+                summary.remaining = len(queue)
             else:
-                _run_pools(todo, ctx, workers, may_start, account, summary)
+                _run_pools(todo, ctx, workers, next_run, account, summary)
         finally:
             bar.close()
         return summary
 
 
-def _run_pools(todo: list[RunSpec], ctx: Any, workers: int, may_start: Callable[[], bool],
+def _run_pools(todo: list[RunSpec], ctx: Any, workers: int, next_run: Callable[[list[RunSpec]], RunSpec | None],
                account: Callable[[dict, RunSpec], None], summary: GridSummary) -> None:
     """``workers`` spawned processes per visible GPU (one pool per GPU), each run through ``execute(spec, ctx)``;
     a dead worker's runs are retried once, then recorded failed."""
@@ -249,8 +291,7 @@ def _run_pools(todo: list[RunSpec], ctx: Any, workers: int, may_start: Callable[
     try:
         while queue or running:
             for g in gpus:
-                while queue and free_slots[g] and may_start():
-                    spec = queue.pop(0)
+                while queue and free_slots[g] and (spec := next_run(queue)) is not None:
                     slot = free_slots[g].pop(0)
                     position = 1 + gpus.index(g) * workers + slot
                     fut = pools[g].submit(execute, spec, ctx, position)

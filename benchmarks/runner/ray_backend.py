@@ -11,13 +11,11 @@ started (and stopped at the end); with one, the run store ``root`` must be on a 
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 from typing import Any, Callable
 
 from benchmarks.runner.grid import RunSpec
-from benchmarks.runner.pool import GridSummary, _dedup, _finished_durations, _record_dead_worker
+from benchmarks.runner.pool import GridSummary, TimeBudget, _dedup, _record_dead_worker
 from benchmarks.runner.store import ResultStore
 
 
@@ -72,9 +70,8 @@ def run_grid_ray(specs: list[RunSpec], root: str, *, phase: str = "main", resolv
     summary = GridSummary(total=len(specs), skipped=len(specs) - len(todo))
     if not todo:
         return summary
-    start = time.time()
-    deadline = start + 60 * max_minutes if max_minutes else None
-    durations = _finished_durations(store) or _finished_durations(ResultStore(root, "tune" if phase == "main" else "main"))
+    budget = TimeBudget(str(root), phase, max_minutes)
+    deadline = budget.deadline
     started = _start_ray(address, workers, num_cpus, max_retries)
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -86,19 +83,13 @@ def run_grid_ray(specs: list[RunSpec], root: str, *, phase: str = "main", resolv
         resolver_ref = ray.put(resolver)
         injector_ref = ray.put(injector)
 
-        def may_start() -> bool:
-            if deadline is None:
-                return True
-            typical = statistics.median(durations) if durations else 0.0
-            return time.time() + typical < deadline
-
         bar = tqdm(total=len(specs), initial=summary.skipped, desc=f"grid ({phase}, ray)", disable=not progress)
         queue = list(todo)
         running: dict[Any, RunSpec] = {}
         try:
             while queue or running:
-                while queue and len(running) < slots and may_start():
-                    spec = queue.pop(0)
+                while queue and len(running) < slots and (i := budget.next_index(queue)) is not None:
+                    spec = queue.pop(i)
                     running[task.remote(spec, str(root), phase, resolver_ref, injector_ref, deadline)] = spec
                 if not running:
                     break
@@ -113,7 +104,7 @@ def run_grid_ray(specs: list[RunSpec], root: str, *, phase: str = "main", resolv
                         _record_dead_worker(spec, str(root), phase)
                         res = {"status": "failed", "seconds": 0.0,
                                "message": f"worker process died ({type(err).__name__}, {max_retries + 1} attempts)"}
-                    _account(summary, res, spec, durations)
+                    _account(summary, res, spec, budget)
                     bar.update(1)
                     bar.set_postfix(ok=summary.ok, failed=summary.failed)
             summary.remaining = len(queue)
@@ -127,7 +118,7 @@ def run_grid_ray(specs: list[RunSpec], root: str, *, phase: str = "main", resolv
     return summary
 
 
-def _account(summary: GridSummary, res: dict, spec: RunSpec, durations: list[float]) -> None:
+def _account(summary: GridSummary, res: dict, spec: RunSpec, budget: TimeBudget) -> None:
     summary.add(res, spec.label())  # the pool's counting: collapsed / diverged are results, not interruptions
     if res["status"] != "interrupted":
-        durations.append(res["seconds"])
+        budget.finished(spec, res["seconds"])
