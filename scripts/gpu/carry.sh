@@ -10,7 +10,7 @@
 #                      WITH_RAY=1 adds Ray's wheels (the Ray backend; about 80 MB more)
 set -euo pipefail
 names=${*:-"dinov2-s vit-s-swiglu fashion-mnist emoji sarcasm"}
-CHUNK_MB=${CHUNK_MB:-45}  # the working tree travels too: chunk + tree must stay under the 64 MiB a call carries
+CHUNK_MB=${CHUNK_MB:-40}  # the working tree travels too: chunk + tree must stay under the 64 MiB a call carries
 PY=${PY:-.venv/bin/python}
 exclude=$(git rev-parse --git-path info/exclude)
 for p in '/.gpu/' '/.stage/'; do grep -qx "$p" "$exclude" 2>/dev/null || echo "$p" >> "$exclude"; done
