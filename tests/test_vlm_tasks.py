@@ -376,3 +376,17 @@ def test_runner_trains_each_tower_at_its_multiplied_lr(tmp_path, splits):
             tower = "vision" if "vision_tower" in n else "language"
             step[tower] = max(step.get(tower, 0.0), p.detach().abs().max().item())
     assert step["language"] == pytest.approx(1e-2, rel=1e-3) and step["vision"] == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_eval_batch_size_changes_no_prediction(splits):
+    """The evaluation batch is a speed knob: the composed VLM's QA scoring gives the same per-example predictions
+    whether 1, 3 or all 7 test images share a forward (``eval_time --eval-batch-sizes`` measures the speed)."""
+    from benchmarks.perf.eval_time import measure_eval_batches
+
+    task = get_task("emoji", splits=_splits_copy(splits), align=False)
+    setup = task.setup("tiny-dinov2+tiny-byte-llama")
+    rec = measure_eval_batches(task, setup, split="test", limit=7, batch_sizes=[1, 3, 7], rounds=2)
+    assert rec["examples"] == 7 and set(rec["s_per_example"]) == {"1", "3", "7"}
+    assert rec["same_predictions_as_first"] == {"1": 1.0, "3": 1.0, "7": 1.0}
+    accs = {m["acc"] for m in rec["metrics"].values()}
+    assert len(accs) == 1 and all(v["n"] == 2 for v in rec["s_per_example"].values())

@@ -12,6 +12,9 @@ affects both alike:
 
 ``python3 -m benchmarks.perf.eval_time --model smollm2-135m --task sarcasm --limit 64 --rounds 5
 [--batch-size 16 64] [--runs 2 --suite demo --steps 20] [--out results/perf/eval_time.json]``
+
+* ``--eval-batch-sizes 16 64``: instead, seconds per example of the task's own evaluation at each
+  ``eval_batch_size`` (any task, the composed VLM's too) and whether any prediction changes with it.
 """
 
 from __future__ import annotations
@@ -70,6 +73,38 @@ def measure_scoring(task: Any, setup: Any, *, limit: int, batch_size: int, round
     }
 
 
+def measure_eval_batches(task: Any, setup: Any, *, split: str, limit: int, batch_sizes: list[int],
+                         rounds: int) -> dict[str, Any]:
+    """Seconds per example of ``task.evaluate_examples`` at each evaluation batch size (any task: language or
+    vision-language; rounds rotate the order), and whether the batch size changes any prediction: each size's
+    per-example predictions against the first size's, and its metrics."""
+    model = setup.model.eval()
+    dev = next(model.parameters()).device
+    autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    secs: dict[int, list[float]] = {b: [] for b in batch_sizes}
+    out: dict[int, Any] = {}
+    with torch.no_grad(), autocast:
+        for b in batch_sizes:  # warm-up and the outputs to compare
+            out[b] = task.evaluate_examples(setup, model, split, limit=limit, batch_size=b)
+        n = len(out[batch_sizes[0]][1]["pred"])
+        for r in range(rounds):
+            for b in batch_sizes[r % len(batch_sizes):] + batch_sizes[: r % len(batch_sizes)]:
+                _sync()
+                t0 = time.perf_counter()
+                task.evaluate_examples(setup, model, split, limit=limit, batch_size=b)
+                _sync()
+                secs[b].append((time.perf_counter() - t0) / n)
+    first = out[batch_sizes[0]][1]["pred"]
+    return {
+        "split": split, "examples": n, "batch_sizes": batch_sizes,
+        "s_per_example": {str(b): spread(v) for b, v in secs.items()},
+        "speedup_vs_first": {str(b): spread([a / c for a, c in zip(secs[batch_sizes[0]], secs[b])]) for b in batch_sizes},
+        "same_predictions_as_first": {str(b): sum(x == y for x, y in zip(first, out[b][1]["pred"])) / n
+                                      for b in batch_sizes},
+        "metrics": {str(b): out[b][0] for b in batch_sizes},
+    }
+
+
 def measure_runs(suite_name: str, task_name: str, model: str, *, rounds: int, steps: int | None,
                  curve_limit: int | None) -> dict[str, Any]:
     """``eval_s / wall_s`` of one short run per mode and round (the suite's first lora run of the task)."""
@@ -121,6 +156,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", default="demo", help="suite whose training settings the short runs use")
     p.add_argument("--steps", type=int, default=None, help="override the suite's steps for the short runs")
     p.add_argument("--curve-limit", type=int, default=None, help="curve_limit of the 'after' runs (default: the suite's)")
+    p.add_argument("--eval-batch-sizes", type=int, nargs="+", default=None,
+                   help="instead: evaluation time per example at these eval_batch_size values, any task (VLM too)")
+    p.add_argument("--split", default="validation", help="split of the --eval-batch-sizes measurement")
     p.add_argument("--out", default=None, help="write the JSON here")
 
 
@@ -135,9 +173,18 @@ def main(argv: list[str] | None = None) -> int:
 
     load_tasks()
     task = get_task(a.task)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.eval_batch_sizes:
+        if min(a.eval_batch_sizes) < 1:
+            p.error("--eval-batch-sizes must be >= 1")
+        setup = task.setup(a.model, device=device)
+        rec = {"model": a.model, "task": a.task, "torch_threads": torch.get_num_threads(),
+               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+               "eval_batches": measure_eval_batches(task, setup, split=a.split, limit=a.limit,
+                                                    batch_sizes=a.eval_batch_sizes, rounds=a.rounds)}
+        return _emit(rec, a.out)
     if not isinstance(task, ChoiceTask):
         p.error(f"task {a.task!r} is not a choice task scored by log-likelihood")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     setup = task.setup(a.model, device=device)
     rec: dict[str, Any] = {
         "model": a.model, "task": a.task, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -147,11 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     del setup
     if a.runs:
         rec["runs"] = measure_runs(a.suite, a.task, a.model, rounds=a.runs, steps=a.steps, curve_limit=a.curve_limit)
+    return _emit(rec, a.out)
+
+
+def _emit(rec: dict[str, Any], out: str | None) -> int:
     text = json.dumps(rec, indent=2)
     print(text)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text + "\n")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
     return 0
 
 
