@@ -44,11 +44,16 @@ def _interleaved(rounds: int) -> list[tuple[str, ...]]:
     return [MODES if r % 2 == 0 else MODES[::-1] for r in range(rounds)]
 
 
-def measure_scoring(task: Any, setup: Any, *, limit: int, batch_size: int, rounds: int) -> dict[str, Any]:
-    """Seconds per example of ``task.score`` per mode (median over rounds) and the per-round ratio."""
+def _eval_mode(setup: Any) -> tuple[torch.nn.Module, Any]:
+    """The task's model in eval mode and the autocast its runs evaluate under (bf16 on a GPU)."""
     model = setup.model.eval()
     dev = next(model.parameters()).device
-    autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    return model, torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+
+
+def measure_scoring(task: Any, setup: Any, *, limit: int, batch_size: int, rounds: int) -> dict[str, Any]:
+    """Seconds per example of ``task.score`` per mode (median over rounds) and the per-round ratio."""
+    model, autocast = _eval_mode(setup)
     secs: dict[str, list[float]] = {m: [] for m in MODES}
     out: dict[str, Any] = {}
     with torch.no_grad(), autocast:
@@ -78,9 +83,7 @@ def measure_eval_batches(task: Any, setup: Any, *, split: str, limit: int, batch
     """Seconds per example of ``task.evaluate_examples`` at each evaluation batch size (any task: language or
     vision-language; rounds rotate the order), and whether the batch size changes any prediction: each size's
     per-example predictions against the first size's, and its metrics."""
-    model = setup.model.eval()
-    dev = next(model.parameters()).device
-    autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    model, autocast = _eval_mode(setup)
     secs: dict[int, list[float]] = {b: [] for b in batch_sizes}
     out: dict[int, Any] = {}
     with torch.no_grad(), autocast:
