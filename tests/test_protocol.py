@@ -115,15 +115,24 @@ def test_dry_run_shows_the_current_round_only(tmp_path, monkeypatch):
     assert tr.run(suite, tmp_path / "r", dry_run=True, log=lines.append) == 0
     assert not (tmp_path / "r/runs").exists()  # trains nothing
     assert sum("todo" in x for x in lines) == 6 and not any("lr0.003" in x for x in lines)
+    assert lines[-1].startswith("6 runs to do; expected run time") and "6 (no timed run yet)" in lines[-1]
     # Round 0 done (a run limited to it by --methods is not possible; train it fully, then drop round 1's runs).
     assert tr.run(suite, tmp_path / "r") == 0
-    for p in (tmp_path / "r/runs").glob("*.json"):
-        if json.loads(p.read_text())["meta"]["lr_round"] == 1:
+    for i, p in enumerate(sorted((tmp_path / "r/runs").glob("*.json"))):
+        rec = json.loads(p.read_text())
+        if rec["meta"]["lr_round"] == 1:
             p.unlink()
+        else:  # as if timed on a GPU: the dry run's estimate reads these
+            rec["perf"]["wall_s"] = 100.0 + 10 * i
+            p.write_text(json.dumps(rec))
     lines.clear()
     assert tr.run(suite, tmp_path / "r", dry_run=True, log=lines.append) == 0
     todo = [x for x in lines if "todo" in x]
     assert len(todo) == 2 and all("lr0.003" in x for x in todo)  # only round 1's new lr is to do
+    # the estimate: 2 runs at the median wall time of the stored runs of the same model and task
+    walls = sorted(json.loads(p.read_text())["perf"]["wall_s"] for p in (tmp_path / "r/runs").glob("*.json"))
+    median = (walls[2] + walls[3]) / 2 if len(walls) == 6 else None
+    assert lines[-1].startswith("2 runs to do") and f": 2 x {median:.0f} s;" in lines[-1]
     assert any("lr round 1" in x for x in lines)
 
 

@@ -162,6 +162,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batch-sizes", type=int, nargs="+", default=None,
                    help="instead: evaluation time per example at these eval_batch_size values, any task (VLM too)")
     p.add_argument("--split", default="validation", help="split of the --eval-batch-sizes measurement")
+    p.add_argument("--max-seqs-per-forward", type=int, default=None,
+                   help="for this measurement only, the VLM QA tasks' cap on choice sequences per forward "
+                        "(tasks/vlm/qa.py MAX_SEQS_PER_FORWARD, 160: 16 images of 10 classes). It is part of those "
+                        "tasks' definition, so changing it in the code gives every VLM run a new id")
     p.add_argument("--out", default=None, help="write the JSON here")
 
 
@@ -180,8 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.eval_batch_sizes:
         if min(a.eval_batch_sizes) < 1:
             p.error("--eval-batch-sizes must be >= 1")
+        if a.max_seqs_per_forward is not None:
+            import tasks.vlm.qa as qa
+
+            if a.max_seqs_per_forward < 1:
+                p.error("--max-seqs-per-forward must be >= 1")
+            qa.MAX_SEQS_PER_FORWARD = a.max_seqs_per_forward
         setup = task.setup(a.model, device=device)
         rec = {"model": a.model, "task": a.task, "torch_threads": torch.get_num_threads(),
+               "max_seqs_per_forward": a.max_seqs_per_forward,
                "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                "eval_batches": measure_eval_batches(task, setup, split=a.split, limit=a.limit,
                                                     batch_sizes=a.eval_batch_sizes, rounds=a.rounds)}

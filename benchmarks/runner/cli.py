@@ -189,9 +189,15 @@ def is_failure(rec: dict) -> bool:
 
 
 def _list(specs: list, store: Any, log: Callable[[str], None]) -> None:
+    todo = []
     for s in specs:
         rec = store.load(s.run_id)
         log(f"  {s.run_id}  {(rec or {}).get('status', 'todo'):7s} {s.label()}")
+        todo += [s] if rec is None else []
+    if todo:
+        from benchmarks.runner.pool import TimeBudget
+
+        log(TimeBudget(str(store.root), store.phase, None).load(str(store.root), store.phase).estimate(todo))
 
 
 def main(args: argparse.Namespace) -> int:

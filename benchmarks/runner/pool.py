@@ -155,13 +155,32 @@ class TimeBudget:
         self.deadline = (start if start is not None else time.time()) + 60 * max_minutes if max_minutes else None
         self.stored: dict[tuple[str, str], list[float]] = {}
         self.now: dict[tuple[str, str], list[float]] = {}
-        if self.deadline is None:
-            return
+        if self.deadline is not None:
+            self.load(root, phase)
+
+    def load(self, root: str, phase: str) -> TimeBudget:
+        """Read the finished runs' wall times (this phase's and the other's) from the results folder."""
         for ph in (phase, "tune" if phase == "main" else "main"):
             for r in ResultStore(root, ph).records():
                 wall = (r.get("perf") or {}).get("wall_s")
                 if r.get("status") == "ok" and wall:
                     self.stored.setdefault(_kind(r["config"]), []).append(float(wall))
+        return self
+
+    def estimate(self, specs: list[RunSpec]) -> str:
+        """One line: the runs per model and task and their expected run-seconds (from the stored wall times)."""
+        groups: dict[tuple[str, str], list[RunSpec]] = {}
+        for spec in specs:
+            groups.setdefault(_kind(spec.config), []).append(spec)
+        parts = []
+        for (model, task), group in sorted(groups.items()):
+            secs = self.expected(group[0])
+            own = (model, task) in self.now or (model, task) in self.stored
+            parts.append(f"{task} on {model}: {len(group)} x {secs:.0f} s" + ("" if own else " (no timed run of "
+                         "its own: the median over all)") if secs else f"{task} on {model}: {len(group)} (no timed run yet)")
+        total = sum(self.expected(s) for s in specs)
+        return (f"{len(specs)} runs to do; expected run time (median of the stored runs of the same model and task, "
+                f"at the concurrency they ran with): " + "; ".join(parts) + f"; {total / 3600:.2f} run-hours in all")
 
     def expected(self, spec: RunSpec) -> float:
         """Seconds ``spec`` is expected to take (0 when nothing has finished yet)."""

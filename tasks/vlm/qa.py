@@ -25,14 +25,11 @@ from tasks.vlm.data import SOURCES, cap_train, class_names, epochs, eval_order, 
 
 PROMPT = "Question: What is shown in the image? Answer:"
 TARGET_DELIMITER = " "
-# Choice sequences per scoring forward, a cap on the logits' memory (1024 x a few tokens x 49k vocabulary x 4 B
-# is under 1 GB): the task's eval_batch_size images per forward unless their K choices exceed it. Many small
-# forwards are what evaluation costs on a GPU shared by a pool's workers, not their arithmetic.
-MAX_SEQS_PER_FORWARD = 1024
+MAX_SEQS_PER_FORWARD = 160
 # The aligned connector is a full-rank module every method trains. At an adapter's learning rate (1e-3 and
 # up, AdamW) it is rewritten within a few dozen steps, the image signal is lost and runs collapse to the
 # class prior (train loss ln(K)); see docs/vlm.md. So adapter methods train it at this fixed rate.
-CONNECTOR_LR = 1e-4
+CONNECTOR_LR = 1e-4  # choice sequences per forward pass when scoring (memory of the logits)
 
 
 class VisionQATask(Task):
