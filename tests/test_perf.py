@@ -55,6 +55,13 @@ def test_chunked_ce_softcap_frozen_head_and_all_ignored():
         C.linear_cross_entropy(h, w, t, reduction="none")
 
 
+@pytest.fixture(autouse=True)
+def _no_kept_graphs():
+    """Each test compiles from nothing (the runner keeps graphs between a process's runs: compiled._keep_graphs)."""
+    C.forget_compiled()
+    yield
+
+
 def _lora(model, targets=("gate_proj", "up_proj", "down_proj")):
     from peft import LoraConfig, get_peft_model
 
@@ -559,3 +566,46 @@ def test_compile_check_matches_eager_with_bounded_graphs():
         assert r["max_abs_loss_diff"] == 0.0 and len(r["compiled_losses"]) == 8
         assert r["step"]["compile_scope"] == "regional" and r["step"]["compiled_blocks"] == 4
         assert 1 <= r["graphs"] <= 6, r["graphs"]
+
+
+def test_a_workers_next_run_keeps_the_compiled_graphs():
+    """A pool worker trains run after run in one process: the next run of the same model and method, on a fresh
+    model object, compiles no graph (dynamo's guards pass) and trains exactly as the first and as eager; a run
+    of another method (other adapted modules) resets dynamo and compiles its own."""
+    from torch._dynamo.utils import counters
+
+    base, _ = tiny_llama(layers=3)
+    backend = _CountingBackend()
+
+    def run(targets=("gate_proj", "up_proj", "down_proj"), compile=True):
+        model = _lora(copy.deepcopy(base), targets).train()
+        prep = C.prepare_model(model, compile=compile, bf16_frozen=False, light_loss=True, backend=backend)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-1)
+        losses = []
+        for i, T in enumerate((16, 32, 16, 48)):
+            loss = model(**_batch(i, B=2, T=T)).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        assert prep.compiled or not compile, prep.compile_reason
+        return prep, losses
+
+    first, l1 = run()
+    built = backend.graphs
+    second, l2 = run()
+    assert not first.graphs_kept and second.graphs_kept and "graphs of an earlier run kept" in second.line()
+    assert backend.graphs == built > 0 and l2 == l1
+    _, eager = run(compile=False)
+    torch.testing.assert_close(torch.tensor(l1), torch.tensor(eager), rtol=1e-5, atol=1e-6)
+    other, _ = run(targets=("gate_proj", "up_proj"))
+    assert not other.graphs_kept and backend.graphs > built
+
+    # NA-LoRA's statistics hooks come and go on refresh steps: its second run keeps its graphs as well
+    counters.clear()
+    p1, *_ = _nalora_train(base, compiled="aot_eager")
+    n1 = counters["stats"]["unique_graphs"]
+    p2, *_ = _nalora_train(base, compiled="aot_eager")
+    assert counters["stats"]["unique_graphs"] == n1 > 0
+    for k in p1:
+        assert torch.equal(p1[k], p2[k]), k

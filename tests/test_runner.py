@@ -456,6 +456,22 @@ def test_time_budget_expects_each_task_its_own_run_time(tmp_path):
     assert tasks == ["fake", "fake", "fake"]
 
 
+def test_pool_queue_keeps_a_model_and_methods_runs_together():
+    """Runs come task by task from the grid; the pool takes those of one model and method together (a worker's
+    next run then keeps its compiled graphs), each group in the grid's order, repeats dropped."""
+    from benchmarks.runner.grid import RunSpec
+    from benchmarks.runner.pool import _dedup
+
+    def spec(task, method, seed):
+        return RunSpec({"model": "m", "task": task, "method": method, "base_method": method, "seed": seed, "lr": 1e-3})
+
+    grid_order = [spec(t, m, s) for t in ("a", "b") for m in ("lora", "nalora") for s in (0, 1)]
+    queue = _dedup(grid_order + grid_order[:2])
+    assert [(s.config["method"], s.config["task"], s.config["seed"]) for s in queue] == [
+        ("lora", "a", 0), ("lora", "a", 1), ("lora", "b", 0), ("lora", "b", 1),
+        ("nalora", "a", 0), ("nalora", "a", 1), ("nalora", "b", 0), ("nalora", "b", 1)]
+
+
 KILL_SCRIPT = """\
 import sys
 sys.path.insert(0, {tests!r})

@@ -46,6 +46,7 @@ class Prepared:
     compile_reason: str = ""  # why the model runs eagerly (flag, CPU, fallback after an error)
     compile_scope: str = ""  # what was compiled: "regional" (each repeated block) | "model" (whole); "" = eager
     compiled_blocks: int = 0  # modules compiled in place (regional: the blocks; model: 1)
+    graphs_kept: bool = False  # the process's graphs from an earlier run of the same signature were reused
     bf16_frozen_params: int = 0
     bf16_reason: str = ""
     loss: str = "model"  # "model" (the model's own loss) | "chunked" | "liger"
@@ -57,7 +58,8 @@ class Prepared:
 
     def line(self) -> str:
         """One line for the log."""
-        comp = f"compiled ({self.compile_scope}, {self.compiled_blocks} modules)" if self.compiled \
+        kept = ", graphs of an earlier run kept" if self.graphs_kept else ""
+        comp = f"compiled ({self.compile_scope}, {self.compiled_blocks} modules{kept})" if self.compiled \
             else f"eager ({self.compile_reason})"
         bf = f"{self.bf16_frozen_params} frozen weights bf16" if self.bf16_frozen_params else f"fp32 frozen ({self.bf16_reason})"
         loss = self.loss if self.loss != "model" else f"model loss ({self.loss_reason})"
@@ -385,14 +387,11 @@ def compile_in_place(model: nn.Module, state: Prepared, *, backend: str | Callab
     # NA-LoRA adds its statistics hooks on refresh steps and removes them after: guard on hooks, so that
     # the compiled graph follows (one extra graph); the default skips these guards and would keep stale hooks.
     dcfg.skip_nnmodule_hook_guards = False
-    # A worker trains many runs, each a new model whose hooks fail the previous runs' guards: without a reset
-    # each run adds cache entries until the recompile limit (8) silently sends later runs to eager.
-    # Inductor's on-disk graph cache still makes the next run's compile cheap.
-    torch._dynamo.reset()
     blocks = [mod for _, mod in repeated_blocks(model)] if scope == "regional" else []
     if scope == "regional" and not blocks:
         state.notes.append("regional compile: no repeated blocks (nn.ModuleList children); whole model compiled")
         scope = "model"
+    state.graphs_kept = _keep_graphs(_signature(blocks, backend, mode, dynamic) if blocks else None)
     if blocks:  # else each layer, reading its own entry of an unused KV cache, would compile its own graph
         drop_training_cache(model)
     group = blocks or [model]
@@ -401,6 +400,49 @@ def compile_in_place(model: nn.Module, state: Prepared, *, backend: str | Callab
         mod._compiled_call_impl = _FallbackCall(mod, mod._compiled_call_impl, state, log, group)
     state.compiled, state.compile_reason = True, ""
     state.compile_scope, state.compiled_blocks = scope, len(group)
+
+
+# A pool's worker trains run after run in one process. Dynamo's graphs are keyed by code and checked by guards
+# (shapes, dtypes, hooks, module structure; parameters are graph inputs), so the next run of the same model and
+# method on a fresh model object passes them and recompiles nothing: the compile cost is paid once per worker and
+# signature, not per run. A different signature resets dynamo, else each run would add cache entries until the
+# recompile limit silently sent later runs to eager; so does a cache grown near that limit.
+_KEPT: dict[str, Any] = {"signature": None, "graphs": 0}
+RECOMPILE_LIMIT = 32  # per code object; one signature builds a handful (NA-LoRA's hooks, the first layer, lengths)
+
+
+def _signature(blocks: list[nn.Module], backend: Any, mode: str | None, dynamic: bool | None) -> tuple:
+    """What decides the graphs of ``blocks``: per block class, one block's submodule types and its parameters'
+    names, shapes, dtypes and trainability, with the compile settings. A model and method give one signature
+    whatever the task, lr or seed."""
+    seen: dict[type, nn.Module] = {}
+    for b in blocks:
+        seen.setdefault(type(b), b)
+    per_class = tuple(
+        (cls.__module__, cls.__qualname__, tuple(type(m).__qualname__ for m in b.modules()),
+         tuple((n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in b.named_parameters()))
+        for cls, b in seen.items())
+    return per_class, backend if isinstance(backend, str) else id(backend), mode, dynamic
+
+
+def _keep_graphs(signature: tuple | None) -> bool:
+    """Keep the process's compiled graphs for a run of ``signature`` (True), or reset dynamo (False)."""
+    import torch._dynamo.config as dcfg
+    from torch._dynamo.utils import counters
+
+    dcfg.recompile_limit = max(dcfg.recompile_limit, RECOMPILE_LIMIT)
+    graphs = int(counters["stats"]["unique_graphs"])
+    if signature is not None and signature == _KEPT["signature"] and graphs - _KEPT["graphs"] <= RECOMPILE_LIMIT // 2:
+        return True
+    torch._dynamo.reset()
+    _KEPT.update(signature=signature, graphs=int(counters["stats"]["unique_graphs"]))
+    return False
+
+
+def forget_compiled() -> None:
+    """Drop the graphs kept between runs (tests that count graphs start from none)."""
+    torch._dynamo.reset()
+    _KEPT.update(signature=None, graphs=0)
 
 
 @contextlib.contextmanager

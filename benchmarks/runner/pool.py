@@ -7,6 +7,7 @@ This module imports no torch at top level, so spawned workers set the variable b
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import sys
@@ -209,12 +210,24 @@ class TimeBudget:
 
 
 def _dedup(specs: list[RunSpec]) -> list[RunSpec]:
+    """The specs without repeats, runs of one model and method next to each other (otherwise in the given order):
+    a worker's next run then mostly keeps the compiled graphs of its last (``compiled._keep_graphs``); a cell's
+    runs stay together."""
     seen, out = set(), []
     for s in specs:
         if s.run_id not in seen:
             seen.add(s.run_id)
             out.append(s)
-    return out
+    first: dict[tuple, int] = {}
+    for i, s in enumerate(out):
+        first.setdefault(_signature_key(s), i)
+    return sorted(out, key=lambda s: first[_signature_key(s)])  # stable: the given order within a group
+
+
+def _signature_key(spec: RunSpec) -> tuple:
+    c = spec.config
+    return (str(c.get("model")), str(c.get("base_method", c.get("method"))), str(c.get("method")),
+            json.dumps(c.get("options") or {}, sort_keys=True, default=str), json.dumps(c.get("adapter") or {}, sort_keys=True, default=str))
 
 
 def run_grid(specs: list[RunSpec], root: str, *, phase: str = "main", resolver: Callable[[str], Any],
