@@ -46,7 +46,8 @@ class Prepared:
     compile_reason: str = ""  # why the model runs eagerly (flag, CPU, fallback after an error)
     compile_scope: str = ""  # what was compiled: "regional" (each repeated block) | "model" (whole); "" = eager
     compiled_blocks: int = 0  # modules compiled in place (regional: the blocks; model: 1)
-    graphs_kept: bool = False  # the process's graphs from an earlier run of the same signature were reused
+    graphs_kept: bool = False  # dynamo kept the graphs of this process's earlier run (same signature, not reset):
+    # they serve this run wherever their guards pass; dynamo adds graphs only where they do not (hooks, shapes)
     bf16_frozen_params: int = 0
     bf16_reason: str = ""
     loss: str = "model"  # "model" (the model's own loss) | "chunked" | "liger"
