@@ -345,6 +345,30 @@ def test_cli_bad_input_is_one_line(tmp_path):
     with pytest.raises(ValueError, match='--tasks: empty') as e:
         cli.main(parser.parse_args(["--suite", "smoke", "--tasks", "", "--out", str(tmp_path / "r")]))
     assert "\n" not in str(e.value) and not (tmp_path / "r").exists()
+    with pytest.raises(ValueError, match="--timings-from needs --dry-run"):
+        cli.main(parser.parse_args(["--suite", "smoke", "--timings-from", str(tmp_path)]))
+    with pytest.raises(ValueError, match="no runs/ folder there"):
+        cli.main(parser.parse_args(["--suite", "smoke", "--dry-run", "--timings-from", str(tmp_path / "nope")]))
+
+
+def test_dry_run_estimates_from_another_results_folder(tmp_path):
+    """A dry run of an empty folder has nothing to estimate from; ``timings_from`` lends another folder's runs
+    (a slice timed on the GPU) to plan a campaign."""
+    import json
+
+    timed = tmp_path / "timed"
+    assert run(write_suite(tmp_path / "seed9.yaml", BASE_SUITE.replace("seeds: [0]", "seeds: [9]")), timed) == 0
+    for p in (timed / "runs").glob("*.json"):
+        rec = json.loads(p.read_text())
+        rec["perf"]["wall_s"] = 120.0
+        p.write_text(json.dumps(rec))
+    suite = write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("seeds: [0]", "seeds: [0, 1, 2]"))
+    lines: list[str] = []
+    assert run(suite, tmp_path / "new", dry_run=True, log=lines.append) == 0
+    assert lines[-1] == "3 runs to do; no timed run to estimate their time from (--timings-from DIR adds some)"
+    lines.clear()
+    assert run(suite, tmp_path / "new", dry_run=True, log=lines.append, timings_from=[str(timed)]) == 0
+    assert ": 3 x 120 s; 0.10 run-hours in all" in lines[-1]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
     parser.add_argument("--dry-run", action="store_true",
                         help="list the runs of the current lr round and whether each is done; train nothing")
+    parser.add_argument("--timings-from", action="append", default=[], metavar="DIR",
+                        help="with --dry-run: also estimate the run time from the records in DIR (another results "
+                             "folder, e.g. a slice timed on the GPU); may be repeated")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars (training, evaluation, grid, and the weight-loading bars of transformers)")
     parser.add_argument("--threads", type=int, default=None,
@@ -58,13 +61,15 @@ def _split(value: str | None) -> list[str] | None:
 def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = None, tasks: list[str] | None = None,
               models: list[str] | None = None, threads: int | None = None, seeds: list[int] | None = None, include_paths: list[str] | None = None, workers: int = 0, max_minutes: float | None = None, retry_failed: bool = False, dry_run: bool = False,
               progress: bool = True, resolver: Callable[[str], Any] | None = None, injector: Callable | None = None,
-              log: Callable[[str], None] = print, backend: str = "pool", address: str | None = None) -> int:
+              log: Callable[[str], None] = print, backend: str = "pool", address: str | None = None,
+              timings_from: list[str] | None = None) -> int:
     """Tune (if the suite has ``tune``), then run the reported grid in lr-extension rounds.
 
     Returns 0 when everything is done and no run failed, ``EXIT_MORE_TO_DO`` when the time budget left
     runs for the next invocation, ``EXIT_RUNS_FAILED`` when the grid is done but runs raised exceptions
     (``collapsed`` and ``diverged`` runs are results, not failures). ``resolver(task_name) -> Task`` and
-    ``injector`` (``nalora.inject``'s signature) are injectable for tests.
+    ``injector`` (``nalora.inject``'s signature) are injectable for tests. ``timings_from``: results folders whose
+    records also inform a dry run's time estimate.
     """
     import time
 
@@ -125,7 +130,7 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
         log(f"tuning {', '.join(suite.tune['methods'])} options on dev task(s) {', '.join(t.name for t in suite.dev_tasks)}: "
             f"{len(tune_specs)} runs in {out / 'tune'}")
         if dry_run:
-            _list(tune_specs, ResultStore(out, "tune"), log)
+            _list(tune_specs, ResultStore(out, "tune"), log, timings_from)
         elif not run_phase(tune_specs, "tune"):
             return EXIT_MORE_TO_DO
         ids = {s.run_id for s in tune_specs}
@@ -152,7 +157,7 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
             f"{len(suite.methods)} methods x lr grid x seeds) in {out / 'runs'}")
         if dry_run:
             if not all(store.is_done(s.run_id) for s in specs):
-                _list(specs, store, log)  # the current round only: later rounds depend on its results
+                _list(specs, store, log, timings_from)  # the current round only: later rounds depend on its results
                 return 0
         elif not run_phase(specs, "main"):
             return EXIT_MORE_TO_DO
@@ -166,7 +171,7 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
             log(f"  lr round {lr_round}: {model}/{task}/{label} best lr at an edge; adding {', '.join(f'{x:g}' for x in new)}")
         grids.update(grown)
     if dry_run:
-        _list(specs, store, log)
+        _list(specs, store, log, timings_from)
         return 0
     failed += sum(is_failure(r) for r in recs)
     if failed:
@@ -188,7 +193,7 @@ def is_failure(rec: dict) -> bool:
     return (rec.get("error") or {}).get("type") not in ("nan_loss", "diverged")
 
 
-def _list(specs: list, store: Any, log: Callable[[str], None]) -> None:
+def _list(specs: list, store: Any, log: Callable[[str], None], timings_from: list[str] | None = None) -> None:
     todo = []
     for s in specs:
         rec = store.load(s.run_id)
@@ -197,7 +202,10 @@ def _list(specs: list, store: Any, log: Callable[[str], None]) -> None:
     if todo:
         from benchmarks.runner.pool import TimeBudget
 
-        log(TimeBudget(str(store.root), store.phase, None).load(str(store.root), store.phase).estimate(todo))
+        budget = TimeBudget(str(store.root), store.phase, None).load(str(store.root), store.phase)
+        for root in timings_from or []:
+            budget.load(root, "main")
+        log(budget.estimate(todo))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -213,9 +221,15 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.address and args.backend != "ray":
         raise ValueError("--address needs --backend ray")
+    if args.timings_from and not args.dry_run:
+        raise ValueError("--timings-from needs --dry-run (it only informs the time estimate)")
+    for d in args.timings_from:
+        if not (Path(d) / "runs").is_dir():
+            raise ValueError(f"--timings-from {d}: no runs/ folder there (a results folder holds runs/*.json)")
     out = args.out or str(Path("results") / Path(args.suite).stem)
     return run_suite(args.suite, out, methods=_split(args.methods), tasks=_split(args.tasks),
                      models=_split(args.models), threads=args.threads, seeds=seeds,
                      include_paths=args.include_path, workers=args.workers,
                      max_minutes=args.max_minutes, retry_failed=args.retry_failed, dry_run=args.dry_run,
-                     progress=not args.no_progress, backend=args.backend, address=args.address)
+                     progress=not args.no_progress, backend=args.backend, address=args.address,
+                     timings_from=args.timings_from)

@@ -177,12 +177,13 @@ class TimeBudget:
         groups: dict[tuple[str, str], list[RunSpec]] = {}
         for spec in specs:
             groups.setdefault(_kind(spec.config), []).append(spec)
+        if not self.stored and not self.now:
+            return f"{len(specs)} runs to do; no timed run to estimate their time from (--timings-from DIR adds some)"
         parts = []
         for (model, task), group in sorted(groups.items()):
-            secs = self.expected(group[0])
             own = (model, task) in self.now or (model, task) in self.stored
-            parts.append(f"{task} on {model}: {len(group)} x {secs:.0f} s" + ("" if own else " (no timed run of "
-                         "its own: the median over all)") if secs else f"{task} on {model}: {len(group)} (no timed run yet)")
+            parts.append(f"{task} on {model}: {len(group)} x {self.expected(group[0]):.0f} s"
+                         + ("" if own else " (no timed run of its own: the median over all)"))
         total = sum(self.expected(s) for s in specs)
         return (f"{len(specs)} runs to do; expected run time (median of the stored runs of the same model and task, "
                 f"at the concurrency they ran with): " + "; ".join(parts) + f"; {total / 3600:.2f} run-hours in all")
