@@ -7,7 +7,9 @@ checked for being *exact*: same loss, same gradients, same trained parameters as
 from __future__ import annotations
 
 import copy
+import gc
 import shutil
+import weakref
 
 import pytest
 import torch
@@ -577,8 +579,11 @@ def test_a_workers_next_run_keeps_the_compiled_graphs():
     base, _ = tiny_llama(layers=3)
     backend = _CountingBackend()
 
+    models = []  # weak references: kept graphs must not keep earlier runs' models (and their GPU memory) alive
+
     def run(targets=("gate_proj", "up_proj", "down_proj"), compile=True):
         model = _lora(copy.deepcopy(base), targets).train()
+        models.append(weakref.ref(model))
         prep = C.prepare_model(model, compile=compile, bf16_frozen=False, light_loss=True, backend=backend)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-1)
         losses = []
@@ -595,6 +600,9 @@ def test_a_workers_next_run_keeps_the_compiled_graphs():
     built = backend.graphs
     second, l2 = run()
     assert not first.graphs_kept and second.graphs_kept and "graphs of an earlier run kept" in second.line()
+    del first
+    gc.collect()
+    assert models[0]() is None  # the first run's model is gone although its graphs serve the second
     assert backend.graphs == built > 0 and l2 == l1
     _, eager = run(compile=False)
     torch.testing.assert_close(torch.tensor(l1), torch.tensor(eager), rtol=1e-5, atol=1e-6)
