@@ -335,3 +335,18 @@ def test_run_time_line_gives_each_task_its_median_and_evaluation_share():
     line = run_time_line(recs)
     assert "t1 on m (CPU): 110 s, evaluation 20% (3 runs)" in line  # shares 10%, 25%, 20%
     assert "t2 on m (CPU): 250 s, evaluation 60% (3 runs)" in line  # shares 67%, 50%, 60%
+
+
+def test_gpu_time_line_reads_the_ledger(tmp_path):
+    import json
+
+    from benchmarks.report.findings import gpu_time_line
+
+    assert gpu_time_line(tmp_path, []) == ""  # a folder from before the ledger: no line
+    (tmp_path / "invocations.jsonl").write_text("\n".join(json.dumps(x) for x in [
+        {"event": "start", "id": "a", "at": "2026-12-01T00:00:00+00:00", "gpus": ["NVIDIA H200", "NVIDIA H200"]},
+        {"event": "end", "id": "a", "at": "2026-12-01T00:30:00+00:00"}]) + "\n")
+    recs = [{"provenance": {"finished_at": f"2026-12-01T00:{m:02d}:00+00:00"}} for m in (5, 10, 40)]
+    line = gpu_time_line(tmp_path, recs)
+    assert line.startswith("GPU time: 1.00 GPU-hours (wall time x GPUs) in 1 grid invocation(s) on NVIDIA H200")
+    assert "2 of the 3 reported runs finished inside them, 2 runs per GPU-hour" in line

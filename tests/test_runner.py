@@ -533,6 +533,40 @@ def test_resume_after_kill(tmp_path):
 
     assert not [p for p in (out / "runs").iterdir() if not p.name.endswith((".json", SIDE_SUFFIX))]  # no temp files
     assert all(read_full(p)["adapted_modules"] for p in (out / "runs").glob("*.json"))  # side files intact
+    from benchmarks.runner import ledger
+
+    invs = ledger.read(out)  # the GPU-time ledger: the killed invocation has no end line, the second has one
+    assert [i["ended"] for i in invs] == [False, True] and invs[1]["end"]["ok"] == 6 - len(first)
+
+
+def test_ledger_counts_gpu_time_and_the_runs_inside_it(tmp_path):
+    """invocations.jsonl: start, heartbeats, end; a killed invocation counts to its last heartbeat; GPU-hours
+    are length x GPUs; runs count when they finished inside an invocation; a cut last line is skipped."""
+    import datetime as dt
+    import time as _time
+
+    from benchmarks.runner import ledger
+
+    with ledger.invocation(tmp_path, {"gpus": ["NVIDIA H200", "NVIDIA H200"], "workers": 3}, heartbeat_s=0.05) as inv:
+        _time.sleep(0.2)
+        inv["end"] = {"ok": 1}
+    lines = [json.loads(x) for x in (tmp_path / ledger.LEDGER).read_text().splitlines()]
+    assert lines[0]["event"] == "start" and lines[-1]["event"] == "end" and lines[-1]["ok"] == 1
+    assert any(x["event"] == "alive" for x in lines) and lines[-1]["wall_s"] >= 0.2
+    t0 = dt.datetime(2026, 12, 1, 0, 0, tzinfo=dt.timezone.utc)
+    at = lambda m: (t0 + dt.timedelta(minutes=m)).isoformat()  # noqa: E731
+    (tmp_path / ledger.LEDGER).write_text("\n".join(json.dumps(x) for x in [
+        {"event": "start", "id": "a", "at": at(0), "gpus": ["H200", "H200"]},
+        {"event": "end", "id": "a", "at": at(30), "ok": 2},
+        {"event": "start", "id": "k", "at": at(60), "gpus": ["H200"]},
+        {"event": "alive", "id": "k", "at": at(75)},
+        {"event": "start", "id": "c", "at": at(90), "gpus": []},  # a CPU invocation: no GPU time
+        {"event": "end", "id": "c", "at": at(120)}]) + '\n{"event": "alive", "id": "k", "at": "2026-12-01T0')
+    recs = [{"provenance": {"finished_at": at(m)}} for m in (10, 29, 45, 70, 100)]
+    g = ledger.gpu_hours(tmp_path, recs)
+    assert g["invocations"] == 2 and g["killed"] == 1 and g["runs"] == 3 and g["records"] == 5
+    assert g["gpu_hours"] == pytest.approx(0.5 * 2 + 0.25 * 1)
+    assert ledger.gpu_hours(tmp_path / "none", recs) is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Exit codes: 0 done; 3 (``EXIT_MORE_TO_DO``) the time budget stopped it, run agai
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -73,10 +74,10 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
     """
     import time
 
-    from benchmarks.runner import grid
+    from benchmarks.runner import grid, ledger
     from benchmarks.runner.built_models import resolve_built
     from benchmarks.runner.execute import make_resolver, resolve_task
-    from benchmarks.runner.pool import run_grid
+    from benchmarks.runner.pool import _gpu_ids, run_grid
     from benchmarks.runner.store import ResultStore, atomic_write_json
     from benchmarks.runner.suite import load_suite
 
@@ -107,17 +108,29 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
     left = lambda: None if max_minutes is None else max(0.0, max_minutes - (time.time() - t_start) / 60)  # noqa: E731
 
     def run_phase(phase_specs: list, phase: str) -> bool:
-        """Run one phase's grid within the time left; log it; True when every run is done."""
-        if backend == "ray":
-            from benchmarks.runner.ray_backend import run_grid_ray
-
-            summary = run_grid_ray(phase_specs, str(out), phase=phase, resolver=resolver, injector=injector,
-                                   workers=workers or 1, max_minutes=left(), retry_failed=retry_failed,
-                                   progress=progress, address=address)
+        """Run one phase's grid within the time left (its GPU time in the ledger); log it; True when every run is done."""
+        store = ResultStore(out, phase)
+        store.check_writable()  # the one-line error of an unwritable folder comes before anything is written
+        if all(store.is_done(s.run_id, retry_failed) for s in phase_specs):
+            recorded = contextlib.nullcontext({"end": {}})  # nothing to run: no GPU time to account for
         else:
-            summary = run_grid(phase_specs, str(out), phase=phase, resolver=resolver, injector=injector,
-                               workers=workers, max_minutes=left(), retry_failed=retry_failed, progress=progress,
-                               threads=threads)
+            gpus = [] if (backend == "ray" and address) else _gpu_ids()
+            recorded = ledger.invocation(out, {"suite": suite.name, "phase": phase, "backend": backend,
+                                               "workers": workers, "gpu_ids": gpus, "gpus": ledger.gpu_names(gpus),
+                                               "max_minutes": left()})
+        with recorded as inv:
+            if backend == "ray":
+                from benchmarks.runner.ray_backend import run_grid_ray
+
+                summary = run_grid_ray(phase_specs, str(out), phase=phase, resolver=resolver, injector=injector,
+                                       workers=workers or 1, max_minutes=left(), retry_failed=retry_failed,
+                                       progress=progress, address=address)
+            else:
+                summary = run_grid(phase_specs, str(out), phase=phase, resolver=resolver, injector=injector,
+                                   workers=workers, max_minutes=left(), retry_failed=retry_failed, progress=progress,
+                                   threads=threads)
+            inv["end"] = {k: getattr(summary, k) for k in ("total", "skipped", "ok", "collapsed", "diverged", "failed",
+                                                           "interrupted", "remaining")}
         log(f"{phase}: {summary.line()}")
         for f in summary.failures:
             log(f"  failed: {f}")
