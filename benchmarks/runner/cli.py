@@ -213,7 +213,7 @@ def _list(specs: list, store: Any, log: Callable[[str], None], timings_from: lis
         log(f"  {s.run_id}  {(rec or {}).get('status', 'todo'):7s} {s.label()}")
         todo += [s] if rec is None else []
     if todo:
-        from benchmarks.runner.pool import TimeBudget
+        from benchmarks.runner.budget import TimeBudget
 
         budget = TimeBudget(str(store.root), store.phase, None).load(str(store.root), store.phase)
         for root in timings_from or []:

@@ -14,8 +14,9 @@ import os
 import sys
 from typing import Any, Callable
 
+from benchmarks.runner.budget import TimeBudget
 from benchmarks.runner.grid import RunSpec
-from benchmarks.runner.pool import GridSummary, TimeBudget, _dedup, _record_dead_worker
+from benchmarks.runner.pool import GridSummary, _dedup, _record_dead_worker
 from benchmarks.runner.store import ResultStore
 
 
