@@ -698,3 +698,13 @@ def test_assets_needed_covers_what_runs_load():
     assert get_task("fashion-mnist", align=False).assets("dinov2-s+smollm2-135m") == ["dinov2-s", "smollm2-135m", "fashion-mnist"]
     assert get_task("sarcasm").assets("tiny-llama") == ["tiny-llama", "sarcasm"]  # filtered out by assets_needed
     assert get_task("fashion-mnist").assets("hub:Qwen/Qwen2.5-VL-3B-Instruct") == ["fashion-mnist"]
+
+
+def test_ledger_names_gpus_it_cannot_query(monkeypatch):
+    """Without nvidia-smi the ledger still counts the GPUs (GPU-hours need the count, not the names)."""
+    import shutil as _shutil
+
+    from benchmarks.runner import ledger
+
+    monkeypatch.setattr(_shutil, "which", lambda name: None)
+    assert ledger.gpu_names(["0", "1"]) == ["unknown GPU", "unknown GPU"] and ledger.gpu_names([]) == []

@@ -41,15 +41,16 @@ def _append(path: Path, entry: dict[str, Any]) -> None:
 
 
 def gpu_names(ids: list[str]) -> list[str]:
-    """Names of the visible GPUs ``ids`` from ``nvidia-smi`` (no CUDA context in this process); [] without it."""
-    if not ids or shutil.which("nvidia-smi") is None:
-        return []
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index,name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    names = dict(line.split(", ", 1) for line in out.strip().splitlines() if ", " in line)
+    """Names of the visible GPUs ``ids`` from ``nvidia-smi`` (no CUDA context in this process), "unknown GPU" for
+    each it cannot name (the count is what GPU-hours need)."""
+    names: dict[str, str] = {}
+    if ids and shutil.which("nvidia-smi") is not None:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=index,name", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20, check=True).stdout
+            names = dict(line.split(", ", 1) for line in out.strip().splitlines() if ", " in line)
+        except (OSError, subprocess.SubprocessError):
+            pass
     return [names.get(i.strip(), "unknown GPU") for i in ids]
 
 
