@@ -700,6 +700,27 @@ def test_assets_needed_covers_what_runs_load():
     assert get_task("fashion-mnist").assets("hub:Qwen/Qwen2.5-VL-3B-Instruct") == ["fashion-mnist"]
 
 
+def test_missing_asset_is_one_error_before_any_run(tmp_path, monkeypatch, capsys):
+    """A suite whose data is not cached stops before the grid: nothing written, one line naming the fetch.
+    (Before, every run got an id of unknown data and a `failed` record; a GPU visit lost its call to it.)"""
+    from benchmarks.runner.cli import run_suite
+
+    monkeypatch.setenv("NALORA_BENCH_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(RuntimeError, match=r"not in the cache .*: sarcasm; run `nalora-bench fetch sarcasm`"):
+        run_suite("smoke", tmp_path / "r", tasks=["sarcasm"], models=["tiny-llama"], log=lambda line: None)
+    assert not (tmp_path / "r").exists()
+    # a dry run lists the runs anyway, with a note first
+    lines: list[str] = []
+    assert run_suite("smoke", tmp_path / "r", tasks=["sarcasm"], models=["tiny-llama"], dry_run=True,
+                     log=lines.append) == 0
+    assert lines[0].startswith("note: suite smoke needs asset(s) not in the cache") and "todo" in lines[2]
+    cli = subprocess.run([sys.executable, "-m", "benchmarks.cli", "run", "--suite", "smoke", "--tasks", "sarcasm",
+                          "--models", "tiny-llama", "--out", str(tmp_path / "r2")], capture_output=True, text=True,
+                         env={**os.environ, "NALORA_BENCH_CACHE": str(tmp_path / "empty")}, cwd=REPO)
+    assert cli.returncode == 2 and len(cli.stderr.strip().splitlines()) == 1, cli.stderr
+    assert not (tmp_path / "r2").exists()
+
+
 def test_ledger_names_gpus_it_cannot_query(monkeypatch):
     """Without nvidia-smi the ledger still counts the GPUs (GPU-hours need the count, not the names)."""
     import shutil as _shutil

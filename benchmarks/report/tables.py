@@ -195,7 +195,10 @@ def paired_tables(an: Analysis) -> dict[str, str]:
                 "t interval, none when a task has neither. With 1 seed and no per-example results the SE behind the "
                 "MDE is the unpaired binomial bound sqrt((p_a(1-p_a) + p_b(1-p_b)) / n), an upper bound for paired "
                 "test-set noise that ignores seed noise. "
-                "seeds = seeds both methods finished.\n")
+                "seeds = seeds both methods finished. Each interval is a 95% interval for its own comparison, "
+                "not corrected for multiplicity: nalora minus lora is the comparison the suite is for; when several "
+                "other methods are compared with lora on a task, some interval may exclude 0 by chance alone (about "
+                "1 in 20 per comparison where there is no difference).\n")
         out[f"paired_{_safe(model)}.md"] = (f"## {model}: method minus {BASELINE}\n\n{note}\n"
                                             + _md(["method", "task", "seeds", "Δ", "95% CI", "interval", "MDE",
                                                    "excludes 0"], rows))

@@ -90,6 +90,14 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
     from benchmarks.runner.suite import check_names
 
     check_names(suite, resolver)
+    from benchmarks.runner.assets_needed import check_cached
+
+    try:
+        check_cached(suite, resolver)
+    except RuntimeError as err:
+        if not dry_run:
+            raise
+        log(f"note: {err} (until then the run ids of their tasks are not final)")
     facts: dict[str, grid.TaskFacts] = {}
     task_options = {t.name: t.options for t in suite.tasks + suite.dev_tasks}  # names are unique across both
 

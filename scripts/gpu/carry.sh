@@ -13,7 +13,6 @@ names=${*:-"dinov2-s vit-s-swiglu fashion-mnist emoji sarcasm"}
 # gemma3-270m travels as its PyPI packages (a 253 MB GGUF; the converted entry is 1.1 GB), converted there by setup
 gemma=0
 case " $names " in *" gemma3-270m "*) gemma=1; names=$(echo " $names " | sed 's/ gemma3-270m / /; s/^ *//; s/ *$//') ;; esac
-CHUNK_MB=${CHUNK_MB:-40}  # the working tree travels too: chunk + tree must stay under the 64 MiB a call carries
 PY=${PY:-.venv/bin/python}
 exclude=$(git rev-parse --git-path info/exclude)
 for p in '/.gpu/' '/.stage/'; do grep -qx "$p" "$exclude" 2>/dev/null || echo "$p" >> "$exclude"; done
@@ -65,6 +64,11 @@ PY
 fi
 tar -czf "$work/a.tgz" -C "$work/pack" cache src
 sha256sum "$work/a.tgz" | cut -d' ' -f1 > .gpu/assets.sha256
+# The working tree (tracked and untracked files) and .gpu travel with every chunk: a call carries 64 MiB in all,
+# so a chunk gets what the tree leaves, less 2 MiB of margin (the results folders grow the tree visit by visit).
+tree_kb=$(git ls-files -z --cached --others --exclude-standard | xargs -0 du -ck 2>/dev/null | tail -1 | cut -f1)
+CHUNK_MB=${CHUNK_MB:-$(( (64 * 1024 - tree_kb - $(du -sk .gpu | cut -f1)) / 1024 - 2 ))}
+[ "$CHUNK_MB" -ge 8 ] || { echo "carry: the working tree leaves ${CHUNK_MB} MiB per chunk; carry fewer files" >&2; exit 2; }
 split -b "${CHUNK_MB}M" -d -a 2 "$work/a.tgz" "$work/a.part"
 for f in "$work"/a.part*; do n=${f##*a.part}; mkdir -p ".stage/c$n" && mv "$f" ".stage/c$n/"; done
 n=$(ls .stage | wc -l); last=$(ls .stage | tail -1)

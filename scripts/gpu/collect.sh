@@ -15,7 +15,8 @@ before=$(ls "$dest/runs" | grep -c "json$" || true)
 cp -n "$tmp/$name/runs/"* "$dest/runs/" 2>/dev/null || true
 after=$(ls "$dest/runs" | grep -c "json$" || true)
 if [ -f "$tmp/$name/invocations.jsonl" ]; then
-  cat "$dest/invocations.jsonl" "$tmp/$name/invocations.jsonl" 2>/dev/null | awk '!seen[$0]++' > "$tmp/ledger"
+  # the first collect into a folder has no ledger here yet
+  { cat "$dest/invocations.jsonl" 2>/dev/null || true; cat "$tmp/$name/invocations.jsonl"; } | awk '!seen[$0]++' > "$tmp/ledger"
   mv "$tmp/ledger" "$dest/invocations.jsonl"
 fi
 echo "collect: $name: $((after - before)) new run records ($after in all)"
