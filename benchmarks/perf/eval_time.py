@@ -86,9 +86,14 @@ def measure_eval_batches(task: Any, setup: Any, *, split: str, limit: int, batch
     model, autocast = _eval_mode(setup)
     secs: dict[int, list[float]] = {b: [] for b in batch_sizes}
     out: dict[int, Any] = {}
+    peak: dict[str, float] = {}  # GPU only: what a worker sharing the GPU must have free for this batch size
     with torch.no_grad(), autocast:
-        for b in batch_sizes:  # warm-up and the outputs to compare
+        for b in batch_sizes:  # warm-up, the outputs to compare and the peak memory
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
             out[b] = task.evaluate_examples(setup, model, split, limit=limit, batch_size=b)
+            if torch.cuda.is_available():
+                peak[str(b)] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         n = len(out[batch_sizes[0]][1]["pred"])
         for r in range(rounds):
             for b in batch_sizes[r % len(batch_sizes):] + batch_sizes[: r % len(batch_sizes)]:
@@ -105,6 +110,7 @@ def measure_eval_batches(task: Any, setup: Any, *, split: str, limit: int, batch
         "same_predictions_as_first": {str(b): sum(x == y for x, y in zip(first, out[b][1]["pred"])) / n
                                       for b in batch_sizes},
         "metrics": {str(b): out[b][0] for b in batch_sizes},
+        "peak_mib": peak,
     }
 
 
