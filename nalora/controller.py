@@ -5,6 +5,11 @@ How it rides on an ordinary training loop (NALORA.md, mechanisms 1 and 2):
 * Statistics: on the forward of every ``mask_interval``-th optimiser step only, forward hooks on the
   gate (and up) modules accumulate, per gate channel, ``sum |phi'(g) u|`` (or ``|phi'(g)|``) and the
   regime counts over real tokens. Other forwards cost one Python flag check per hook.
+* Under ``torch.compile`` the hooks stay installed (``compile_ready``) and put one opaque op per hook into
+  the graph (``nalora::tap``): at run time it hands the detached output to the same eager statistics code
+  on refresh steps and returns at once otherwise. The graph then never depends on the step, so the compiled
+  model builds the same graphs as plain LoRA (hooks that come and go, or a Python flag read in the graph,
+  are dynamo guards: each state compiles its own graphs).
 * Which channels a refresh keeps is ``config.mask_selection``: the top ``rho(t) d_ff`` of the importance
   EMA (NA-LoRA), a uniform random draw (control), or the top of the ranking frozen at t_w (control).
 * The mask is applied *in place*: the B rows (or A_down columns) of masked channels hold zero, their
@@ -21,6 +26,8 @@ How it rides on an ordinary training loop (NALORA.md, mechanisms 1 and 2):
 from __future__ import annotations
 
 import inspect
+import itertools
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +64,49 @@ class _Unit:
     ranking: torch.Tensor | None = None  # mask_selection "static": channel order frozen at t_w
     acc: dict[str, Any] = field(default_factory=dict)
     pending: dict[str, torch.Tensor] = field(default_factory=dict)
+    tap_key: torch.Tensor | None = None  # (controller serial, unit index) on the CPU: nalora::tap's argument
+
+
+# ---------------------------------------------------------------- compiled statistics taps
+# A statistics hook traced by dynamo calls ``nalora::tap(x, key, role)``: an op that dynamo and AOT autograd
+# do not trace into, so the graph holds one opaque call per hook and reads no Python state of the controller
+# (no guard). At run time the op finds the controller and unit from ``key`` (a CPU tensor, a graph input like
+# any other, so every layer shares one graph) and runs the eager statistics code on refresh steps only.
+_TAP_MASK, _TAP_GATE, _TAP_UP = 0, 1, 2
+_TAPPED: weakref.WeakValueDictionary[int, NALoRAController] = weakref.WeakValueDictionary()
+_SERIALS = itertools.count()
+
+
+def _tap_impl(x: torch.Tensor | None, key: torch.Tensor, role: int) -> None:
+    serial, index = key.tolist()
+    ctrl = _TAPPED.get(serial)
+    if ctrl is not None:
+        ctrl._tapped(index, role, x)
+
+
+def _define_tap() -> Any:
+    if not hasattr(torch.ops.nalora, "tap"):  # a module reload must not define it twice
+        lib = torch.library.Library("nalora", "DEF")
+        lib.define("tap(Tensor? x, Tensor key, int role) -> ()")
+        lib.impl("tap", _tap_impl, "CompositeExplicitAutograd")
+        torch.library.register_fake("nalora::tap", lambda x, key, role: None, lib=lib)
+        _define_tap.lib = lib  # the registrations live as long as the Library object
+    op = torch.ops.nalora.tap.default
+    torch.fx.node.has_side_effect(op)  # it returns nothing: without this the graph would drop it
+    return op
+
+
+_TAP = _define_tap()
+
+
+def compile_ready(model: nn.Module) -> int:
+    """Before ``model`` (or blocks of it) is compiled: the NA-LoRA controllers of ``model`` keep their
+    statistics hooks installed from now on (``NALoRAController.keep_hooks``); returns how many."""
+    ids = {id(m) for m in model.modules()}
+    found = [c for c in list(_TAPPED.values()) if id(c.model) in ids and not c.folded]
+    for c in found:
+        c.keep_hooks()
+    return len(found)
 
 
 def _jacobian(act: str, g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -103,6 +153,12 @@ class NALoRAController(StepRescaler):
         self.step = 0  # optimiser steps taken so far
         self._collect = True  # the next forward(s) belong to a statistics step
         self._stat_handles: list[Any] = []
+        self._hooks_stay = False  # keep_hooks(): statistics hooks stay between refreshes (torch.compile)
+        serial = next(_SERIALS)
+        _TAPPED[serial] = self
+        self._tap_key = torch.tensor([serial, -1])
+        for i, u in enumerate(self.units):
+            u.tap_key = torch.tensor([serial, i])
         self.stat_calls = 0  # statistics computations (tests check none happen off refresh steps)
         self._history: list[dict[str, Any]] = []
         self._register_forward_hooks()
@@ -185,17 +241,25 @@ class NALoRAController(StepRescaler):
                 self._handles.append(s.param.register_hook(lambda g, s=s: None if s.full else g * s.keep_weight))
         self._set_collect(True)
 
+    def keep_hooks(self) -> None:
+        """Keep the statistics hooks installed between refreshes (``compile_ready``): under torch.compile hooks
+        that come and go are guards, and each state would compile its own graphs. Refresh steps still decide,
+        at run time, which forwards collect."""
+        self._hooks_stay = True
+        self._set_collect(self._collect)
+
     def _set_collect(self, flag: bool) -> None:
-        """Statistics hooks exist only while the next forward is a statistics forward (no cost otherwise)."""
+        """Statistics hooks exist only while the next forward is a statistics forward (no cost otherwise),
+        or always after ``keep_hooks()``."""
         self._collect = flag
-        if flag and not self._stat_handles:
+        if (flag or self._hooks_stay) and not self._stat_handles:
             h = [self.model.register_forward_pre_hook(self._capture_mask, with_kwargs=True)]
             for u in self.units:
                 h.append(u.gate.register_forward_hook(lambda m, a, o, u=u: self._on_gate(u, o)))
                 if u.up is not None:
                     h.append(u.up.register_forward_hook(lambda m, a, o, u=u: self._on_up(u, o)))
             self._stat_handles = h
-        elif not flag:
+        elif not (flag or self._hooks_stay):
             for h in self._stat_handles:
                 h.remove()
             self._stat_handles = []
@@ -204,20 +268,42 @@ class NALoRAController(StepRescaler):
     def _collecting(self) -> bool:
         return self._collect and torch.is_grad_enabled()
 
+    @staticmethod
+    def _tap(x: torch.Tensor | None, key: torch.Tensor, role: int) -> None:
+        """A hook traced by dynamo: the statistics go to ``nalora::tap``, run eagerly on refresh steps (grad
+        mode is a guard of every graph; the refresh flag is read at run time, so it is none)."""
+        if torch.is_grad_enabled():
+            _TAP(None if x is None else x.detach(), key, role)
+
+    def _tapped(self, index: int, role: int, x: torch.Tensor | None) -> None:
+        """``nalora::tap`` at run time (inside a compiled forward, where grad mode is off by construction)."""
+        if not self._collect:
+            return
+        if role == _TAP_MASK:
+            self._set_attention_mask(x)
+        elif role == _TAP_GATE:
+            self._gate_stats(self.units[index], x)
+        else:
+            self._up_stats(self.units[index], x)
+
     def _capture_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not self._collecting():
+        compiling = torch.compiler.is_compiling()
+        if not compiling and not self._collecting():
             return
         am = kwargs.get("attention_mask")
         if am is None and self._attn_pos is not None and len(args) > self._attn_pos:
             am = args[self._attn_pos]
-        self._attn = am.detach() if torch.is_tensor(am) and am.dim() == 2 else None
+        am = am if torch.is_tensor(am) and am.dim() == 2 else None
+        if compiling:  # the whole model compiled: this hook is in the graph
+            self._tap(am, self._tap_key, _TAP_MASK)
+        else:
+            self._set_attention_mask(am)
+
+    def _set_attention_mask(self, am: torch.Tensor | None) -> None:
+        self._attn = None if am is None else am.detach()
         # one cast and one sum per forward, shared by every FFN (it was one of each per FFN)
         self._attn_w = None if self._attn is None else self._attn.reshape(-1).to(torch.float32)
         self._attn_n = None if self._attn_w is None else self._attn_w.sum()
-        if self._attn_w is not None and not torch.compiler.is_compiling():
-            # Read by the gate hooks inside separately compiled layers (regional compile), where it is not a
-            # graph input: dynamic tokens from the start, or the next sequence length would recompile them.
-            torch._dynamo.maybe_mark_dynamic(self._attn_w, 0)
 
     @staticmethod
     def _part(out: torch.Tensor, rows: slice | None, dim: int) -> torch.Tensor:
@@ -226,8 +312,12 @@ class NALoRAController(StepRescaler):
         return out if dim in (-1, out.dim() - 1) else out.movedim(dim, -1)
 
     def _on_gate(self, u: _Unit, out: torch.Tensor) -> None:
-        if not self._collecting():
-            return
+        if torch.compiler.is_compiling():
+            self._tap(out, u.tap_key, _TAP_GATE)
+        elif self._collecting():
+            self._gate_stats(u, out)
+
+    def _gate_stats(self, u: _Unit, out: torch.Tensor) -> None:
         out = out.detach()
         g = self._part(out, u.gate_rows, u.chunk_dim)
         if self.config.importance == "derivative":
@@ -240,8 +330,12 @@ class NALoRAController(StepRescaler):
             u.pending["g"] = g
 
     def _on_up(self, u: _Unit, out: torch.Tensor) -> None:
-        if not self._collecting():
-            return
+        if torch.compiler.is_compiling():
+            self._tap(out, u.tap_key, _TAP_UP)
+        elif self._collecting():
+            self._up_stats(u, out)
+
+    def _up_stats(self, u: _Unit, out: torch.Tensor) -> None:
         v = self._part(out.detach(), None, u.chunk_dim)
         if "g" in u.pending:
             self._accumulate(u, u.pending.pop("g"), v)
@@ -249,9 +343,8 @@ class NALoRAController(StepRescaler):
             u.pending["u"] = v
 
     def _accumulate(self, u: _Unit, g: torch.Tensor, v: torch.Tensor | None) -> None:
-        """Add one forward's per-channel sums (device tensors only, no host sync)."""
-        # counted in the per-step dict, not on ``self``: under torch.compile an int attribute read in the
-        # forward is a guard, and a counter that grows would recompile the model on every refresh step
+        """Add one forward's per-channel sums (device tensors only, no host sync). Always eager: from a hook, or
+        from ``nalora::tap`` at run time under torch.compile."""
         u.acc["calls"] = u.acc.get("calls", 0) + 1
         # the training forward may run under autocast: keep the statistics in float32
         with torch.autocast(device_type=g.device.type, enabled=False):
@@ -483,6 +576,7 @@ class NALoRAController(StepRescaler):
 
     def remove(self) -> None:
         """Remove every hook. The parameters already hold ``diag(m) B`` (the mask is applied in place)."""
+        self._hooks_stay = False
         self._set_collect(False)
         super().remove()
 

@@ -617,3 +617,51 @@ def test_a_workers_next_run_keeps_the_compiled_graphs():
     assert counters["stats"]["unique_graphs"] == n1 > 0
     for k in p1:
         assert torch.equal(p1[k], p2[k]), k
+
+
+def test_nalora_compiled_step_builds_no_more_graphs_than_lora():
+    """Regional compile, refresh every 2 steps, two micro-batches per step: NA-LoRA compiles the graphs of plain
+    LoRA (one for the first layer, whose input needs no gradient, one for the others). Its statistics hooks stay
+    installed under compile and reach the eager statistics through one opaque op each (nalora::tap), so
+    neither hooks that came and went on refresh steps nor statistics state read in the graph (``u.acc`` under
+    gradient accumulation) are guards any more: these once built 4 and 6 graphs. Trains exactly as eager."""
+    from torch._dynamo.utils import counters
+
+    from nalora import inject
+
+    base, _ = tiny_llama(layers=3)
+    steps, ga = 5, 2
+
+    def train(method, compiled):
+        C.forget_compiled()
+        torch.manual_seed(0)
+        if method == "lora":
+            model = _lora(copy.deepcopy(base)).train()
+            opt, ctrl = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2), None
+        else:
+            adapted = inject(copy.deepcopy(base), "nalora", targets=("gate", "up", "down"), rank=4, alpha=8,
+                             method_options={"mask_interval": 2, "warmup_frac": 0.2, "final_frac": 0.6})
+            opt, model, ctrl = adapted.make_optimizer(1e-2, total_steps=steps), adapted.model.train(), adapted.controller
+        if compiled:
+            prep = C.prepare_model(model, compile=True, bf16_frozen=False, light_loss=True, backend="aot_eager")
+        counters.clear()
+        for step in range(steps):
+            for micro in range(ga):
+                (model(**_batch(step * ga + micro, B=2, T=16)).loss / ga).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if compiled:
+            assert prep.compiled, prep.compile_reason
+        params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return params, counters["stats"]["unique_graphs"], ctrl
+
+    _, lora_graphs, _ = train("lora", compiled=True)
+    eager, _, eager_ctrl = train("nalora", compiled=False)
+    comp, nalora_graphs, ctrl = train("nalora", compiled=True)
+    assert nalora_graphs <= lora_graphs == 2, (nalora_graphs, lora_graphs)
+    assert ctrl.stat_calls == eager_ctrl.stat_calls == 3 * ga * len(ctrl.units)  # refreshes at steps 0, 2, 4
+    assert [u.k for u in ctrl.units] == [u.k for u in eager_ctrl.units] and ctrl.units[0].k < ctrl.units[0].d_ff
+    for a, b in zip(ctrl.units, eager_ctrl.units):
+        torch.testing.assert_close(a.importance, b.importance, rtol=1e-5, atol=1e-6)
+    for k in eager:
+        torch.testing.assert_close(comp[k], eager[k], rtol=1e-4, atol=1e-5)

@@ -385,9 +385,13 @@ def compile_in_place(model: nn.Module, state: Prepared, *, backend: str | Callab
 
     if scope not in COMPILE_SCOPES:
         raise ValueError(f"compile scope must be one of {', '.join(COMPILE_SCOPES)}, got {scope!r}")
-    # NA-LoRA adds its statistics hooks on refresh steps and removes them after: guard on hooks, so that
-    # the compiled graph follows (one extra graph); the default skips these guards and would keep stale hooks.
+    # Guard on module hooks: a hook added or removed after compiling must not leave a stale graph (the default
+    # skips these guards). NA-LoRA's statistics hooks, which its eager step adds on refresh steps only, stay
+    # installed under compile (compile_ready: their graph reads no step state), so the graphs are LoRA's.
     dcfg.skip_nnmodule_hook_guards = False
+    from nalora.controller import compile_ready
+
+    compile_ready(model)
     blocks = [mod for _, mod in repeated_blocks(model)] if scope == "regional" else []
     if scope == "regional" and not blocks:
         state.notes.append("regional compile: no repeated blocks (nn.ModuleList children); whole model compiled")
