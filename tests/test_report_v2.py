@@ -234,3 +234,47 @@ def test_runs_judged_by_an_older_collapse_rule_are_named_not_rejudged(tmp_path):
     build_report(tmp_path, plots=False)
     text = (tmp_path / "findings.md").read_text()
     assert "1 of these runs were judged by an older collapse rule" in text and "keep that status" in text
+
+
+def test_mechanism_controls_compared_with_nalora(tmp_path):
+    """NA-LoRA minus each mechanism control (what the part the control removes is worth): a control that equals
+    LoRA is below NA-LoRA by NA-LoRA's margin (interval excludes 0, sign right); a control that equals NA-LoRA
+    is not resolved from it; an option ablation is no mechanism control; the findings say both."""
+    rng = np.random.default_rng(1)
+    n = 600
+    p_item = rng.uniform(0.4, 1.0, n)
+    recs = []
+    for seed in range(5):
+        for lr in LRS:
+            val = {1e-4: 0.6, 3e-4: 0.65, 1e-3: 0.7}[lr]
+            base = _bits(rng, p_item)
+            better = base | _bits(rng, np.full(n, 0.2))
+            recs += [v2_record("m", "easy", "lora", lr, seed, base, val=val),
+                     v2_record("m", "easy", "nalora", lr, seed, better, val=val + 0.01),
+                     # LoRA's answers: what NA-LoRA adds is all in the part this control removes
+                     v2_record("m", "easy", "lora_gate_scaled", lr, seed, base, val=val),
+                     # drawn as NA-LoRA's are: the part this control removes does nothing
+                     v2_record("m", "easy", "nalora_random_mask", lr, seed, base | _bits(rng, np.full(n, 0.2)),
+                               val=val + 0.01)]
+            abl = v2_record("m", "easy", "nalora-rho0.75", lr, seed, better, val=val)
+            abl["config"]["base_method"] = "nalora"
+            abl["meta"]["ablation"] = True
+            recs.append(abl)
+    store = ResultStore(tmp_path)
+    for r in recs:
+        store.write(r)
+    build_report(tmp_path, plots=False)
+    table = (tmp_path / "tables/mechanism_m.md").read_text()
+
+    def row(control: str) -> list[str]:
+        line = next(x for x in table.splitlines() if x.startswith(f"| {control} |") and "| easy" in x)
+        return [c.strip() for c in line.strip("|").split("|")]
+
+    scaled, random_mask = row("lora_gate_scaled"), row("nalora_random_mask")
+    lo, hi = (float(x) for x in scaled[5].strip("[]").split(","))
+    assert float(scaled[4]) > 0 and lo > 0 and scaled[8] == "yes" and "step scaling" in scaled[1]
+    assert random_mask[8] == "no" and "channel choice" in random_mask[1]
+    assert "nalora-rho0.75" not in table and "| nalora |" not in table
+    findings = (tmp_path / "findings.md").read_text()
+    assert "nalora minus lora_gate_scaled" in findings and "nalora above lora_gate_scaled" in findings
+    assert "nalora minus nalora_random_mask" in findings

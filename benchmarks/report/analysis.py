@@ -20,6 +20,13 @@ from benchmarks.runner.record import record_chance
 BASELINE = "lora"
 # Mechanism controls and NA-LoRA component ablations (by registered method): ablation/control table, not main.
 CONTROL_METHODS = ("lora_gate_scaled", "nalora_random_mask", "nalora_static_mask", "nalora_mask", "nalora_scale")
+# What NA-LoRA minus each mechanism control isolates: the part of NA-LoRA the control takes away (docs/protocol.md).
+MECHANISM_BASE = "nalora"
+MECHANISM_CONTROLS = {
+    "lora_gate_scaled": "the mask and the per-token step scaling: LoRA with B_gate's lr at NA-LoRA's mean step scale",
+    "nalora_random_mask": "the importance-based channel choice: the same keep schedule, channels drawn at random",
+    "nalora_static_mask": "the mask refresh: channels chosen once, at the start of the schedule",
+}
 BAD_STATUSES = ("collapsed", "diverged", "failed")
 CHANCE_ALPHA = 0.05
 # Activation of each model's gated MLP, by name (records carry no activation field); the first matching
@@ -254,6 +261,10 @@ class Analysis:
     comparisons: list[Comparison]
     pooled: dict[tuple[str, str], stats.Interval]  # (model, method) -> pooled over informative tasks
     pooled_tasks: dict[tuple[str, str], list[str]]
+    # NA-LoRA minus each mechanism control (Comparison.method = the control's label, base = "nalora"), pooled alike
+    mechanism: list[Comparison] = field(default_factory=list)
+    mechanism_pooled: dict[tuple[str, str], stats.Interval] = field(default_factory=dict)
+    mechanism_pooled_tasks: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
     def models(self) -> list[str]:
         return sorted({m for m, _, _ in self.cells})
@@ -272,28 +283,42 @@ def method_order(methods: set[str] | list[str]) -> list[str]:
     return [m for m in ms if m == "nalora"] + [m for m in ms if m != "nalora"]
 
 
-def analyse(records: list[dict], base: str = BASELINE) -> Analysis:
-    """Cells, task infos, every method-minus-``base`` comparison and the pooled estimates."""
-    cs = cells(records)
-    ts = task_infos(records, cs)
+def _compare_all(cs: dict[tuple[str, str, str], Cell], ts: dict[tuple[str, str], TaskInfo],
+                 pairs: list[tuple[str, str, str, str]]) -> tuple[list[Comparison], dict, dict]:
+    """For each ``(model, a, b, key)``: ``a`` minus ``b`` per task where both cells' grids are finished, and the
+    pooled estimate over the informative tasks. Returns the comparisons and the pooled intervals and tasks,
+    keyed by ``(model, key)``."""
     comps: list[Comparison] = []
     pooled_iv, pooled_tasks = {}, {}
-    for model in sorted({m for m, _, _ in cs}):
-        methods = method_order({me for m, _, me in cs if m == model and me != base})
-        for method in methods:
-            per_task = []
-            for task in sorted({t for m, t, _ in cs if m == model}):
-                a, b = cs.get((model, task, method)), cs.get((model, task, base))
-                if a is None or b is None or a.missing or b.missing:  # a grid still running is not compared
-                    continue
-                comp = compare(a, b, ts[(model, task)].n)
-                if comp is None:
-                    continue
-                comps.append(comp)
-                if ts[(model, task)].informative is not False:
-                    per_task.append(comp)
-            p = stats.pooled([c.interval for c in per_task])
-            if p is not None:
-                pooled_iv[(model, method)] = p
-                pooled_tasks[(model, method)] = [c.task for c in per_task]
-    return Analysis(cs, ts, comps, pooled_iv, pooled_tasks)
+    for model, x, y, key in pairs:
+        per_task = []
+        for task in sorted({t for m, t, _ in cs if m == model}):
+            a, b = cs.get((model, task, x)), cs.get((model, task, y))
+            if a is None or b is None or a.missing or b.missing:  # a grid still running is not compared
+                continue
+            comp = compare(a, b, ts[(model, task)].n)
+            if comp is None:
+                continue
+            comps.append(comp)
+            if ts[(model, task)].informative is not False:
+                per_task.append(comp)
+        p = stats.pooled([c.interval for c in per_task])
+        if p is not None:
+            pooled_iv[(model, key)] = p
+            pooled_tasks[(model, key)] = [c.task for c in per_task]
+    return comps, pooled_iv, pooled_tasks
+
+
+def analyse(records: list[dict], base: str = BASELINE) -> Analysis:
+    """Cells, task infos, every method-minus-``base`` comparison and the pooled estimates; and NA-LoRA minus
+    each mechanism control (``MECHANISM_CONTROLS``): what the part of NA-LoRA the control removes is worth."""
+    cs = cells(records)
+    ts = task_infos(records, cs)
+    models = sorted({m for m, _, _ in cs})
+    pairs = [(model, method, base, method) for model in models
+             for method in method_order({me for m, _, me in cs if m == model and me != base})]
+    comps, pooled_iv, pooled_tasks = _compare_all(cs, ts, pairs)
+    controls = sorted({(m, me) for (m, _, me), c in cs.items()
+                       if c.base_method in MECHANISM_CONTROLS and not c.ablation and me != MECHANISM_BASE})
+    mech, mech_iv, mech_tasks = _compare_all(cs, ts, [(m, MECHANISM_BASE, me, me) for m, me in controls])
+    return Analysis(cs, ts, comps, pooled_iv, pooled_tasks, mech, mech_iv, mech_tasks)

@@ -8,7 +8,14 @@ import statistics
 from pathlib import Path
 
 from benchmarks.report import tables as T
-from benchmarks.report.analysis import BAD_STATUSES, BASELINE, Analysis, method_order
+from benchmarks.report.analysis import (
+    BAD_STATUSES,
+    BASELINE,
+    MECHANISM_BASE,
+    MECHANISM_CONTROLS,
+    Analysis,
+    method_order,
+)
 from benchmarks.runner.health import RULE_VERSION, rule_version
 from benchmarks.runner.store import atomic_write_text
 
@@ -19,13 +26,13 @@ def _iv(iv, scale: float) -> str:
     return f"{iv.mean * scale:+.2f} {T.iv_text(iv, scale)}"
 
 
-def _verdict(iv, method: str) -> str:
+def _verdict(iv, method: str, base: str = BASELINE) -> str:
     ex = iv.excludes_zero
     if ex is None:
         return "no interval (too few seeds and no per-example results)"
     if not ex:
         return "the interval includes 0: no difference resolved"
-    text = f"the interval excludes 0: {method} {'above' if iv.mean > 0 else 'below'} {BASELINE}"
+    text = f"the interval excludes 0: {method} {'above' if iv.mean > 0 else 'below'} {base}"
     if iv.seeds == 1:  # resampling test examples of one training run says nothing about seed-to-seed variation
         text += " for this one seed (the interval covers test-example sampling only, not training randomness)"
     return text
@@ -117,6 +124,7 @@ def model_findings(an: Analysis, model: str) -> list[str]:
             text += (f" Pooled over {len(an.pooled_tasks[(model, method)])} task(s) not marked uninformative: {_iv(p, scale)}; "
                      + _verdict(p, method) + ".")
         out.append(text)
+    out += _mechanism_lines(an, model, scale, u)
     main = [c for c in cells if not c.is_control and c.mean is not None]
     tasks = [t for t in an.task_names(model) if an.informative(model, t)]
     methods = sorted({c.method for c in main})
@@ -136,6 +144,23 @@ def model_findings(an: Analysis, model: str) -> list[str]:
     if mem:
         out.append("Peak GPU memory per run, median over selected ok runs (MiB): " + ", ".join(
             f"{m} {statistics.median(v):.0f}" for m, v in sorted(mem.items())) + ".")
+    return out
+
+
+def _mechanism_lines(an: Analysis, model: str, scale: float, u: str) -> list[str]:
+    """One sentence per mechanism control: NA-LoRA minus it, per task and pooled (tables/mechanism_<model>.md)."""
+    out = []
+    comps = [c for c in an.mechanism if c.model == model]
+    for control in sorted({c.base for c in comps}):
+        cell = next(c for c in an.cells.values() if c.model == model and c.method == control)
+        per = "; ".join(f"{c.task} {_iv(c.interval, scale)} (MDE {T._fmt(c.interval.mde * scale, 2)})"
+                        for c in comps if c.base == control)
+        text = (f"What the controls say: {MECHANISM_BASE} minus {control} ({u}; the control takes away "
+                f"{MECHANISM_CONTROLS.get(cell.base_method, 'part of NA-LoRA')}): {per}.")
+        p = an.mechanism_pooled.get((model, control))
+        if p is not None:
+            text += f" Pooled: {_iv(p, scale)}; " + _verdict(p, MECHANISM_BASE, control) + "."
+        out.append(text)
     return out
 
 
@@ -237,7 +262,7 @@ def readme_section(an: Analysis, records: list[dict], files: dict[str, str], res
            f"[`findings.md`]({rel}/findings.md), `tables/`, `plots/` and `index.html` (open it in a browser).\n",
            findings_text(an, records, level=4, results=results)]
     for name in sorted(files):
-        if name.startswith(("main_", "towers_", "paired_")) or name == "tuning.md":
+        if name.startswith(("main_", "towers_", "paired_", "mechanism_")) or name == "tuning.md":
             out.append(f"`tables/{name}`:\n\n" + _demote(files[name]))
     return "\n".join(out)
 

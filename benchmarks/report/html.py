@@ -137,7 +137,7 @@ def page(results: Path, lb: pd.DataFrame, records: list[dict], tables: dict[str,
                for k in ("paired_", "pareto_", "curves_", "mask_", "misalignment")}
     sections = [("findings", "Findings", md_to_html(findings.read_text()) if findings.exists() else ""),
                 ("paired", "Paired differences vs LoRA", "".join(_img(p) for p in by_kind["paired_"])
-                 + "".join(md_to_html(t) for n, t in sorted(tables.items()) if n.startswith(("paired_", "activation")))),
+                 + "".join(md_to_html(t) for n, t in sorted(tables.items()) if n.startswith(("paired_", "mechanism_", "activation")))),
                 ("lb", "Leaderboard (click a column to sort; config opens the run's resolved config)",
                  leaderboard_html(lb)),
                 ("main", "Main tables", "".join(md_to_html(t) for n, t in sorted(tables.items())

@@ -3,6 +3,7 @@
 - ``main_<model>.md``: every method at its defaults (lr tuned only): mean +- std over seeds per task, Avg, Rank.
 - ``ablation_<model>.md``: controls and ablations against LoRA, with the pooled paired difference.
 - ``paired_<model>.md``: every method minus LoRA per task: paired 95% interval, smallest detectable difference.
+- ``mechanism_<model>.md``: NA-LoRA minus each mechanism control (what the part of NA-LoRA it removes is worth).
 - ``towers_<model>.md``: one method with its adapters in the vision tower, the language tower or both, side by
   side (only where a suite ran such variants, e.g. ``vision-tower.yaml``).
 - ``activation.md``: the pooled method-minus-LoRA difference per gated-MLP activation (SwiGLU, GeGLU, ...).
@@ -20,7 +21,16 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.report import stats
-from benchmarks.report.analysis import BAD_STATUSES, BASELINE, Analysis, Cell, activation_of, method_order
+from benchmarks.report.analysis import (
+    BAD_STATUSES,
+    BASELINE,
+    MECHANISM_BASE,
+    MECHANISM_CONTROLS,
+    Analysis,
+    Cell,
+    activation_of,
+    method_order,
+)
 from benchmarks.report.stats import paired_ci, t975  # noqa: F401  (public: kept importable from here)
 from benchmarks.runner.store import atomic_write_text
 
@@ -205,6 +215,43 @@ def paired_tables(an: Analysis) -> dict[str, str]:
     return out
 
 
+def mechanism_tables(an: Analysis) -> dict[str, str]:
+    """``mechanism_<model>.md``: NA-LoRA minus each mechanism control per task and pooled (what the part of
+    NA-LoRA that the control takes away is worth), where the suite ran both."""
+    out = {}
+    for model in an.models():
+        scale = scale_of(an, model)
+        rows = []
+        comps = [c for c in an.mechanism if c.model == model]
+        for control in sorted({c.base for c in comps}):
+            cell = next(c for c in an.cells.values() if c.model == model and c.method == control)
+            removes = MECHANISM_CONTROLS.get(cell.base_method, DASH)
+            for c in (c for c in comps if c.base == control):
+                iv, ex = c.interval, c.interval.excludes_zero
+                rows.append([control, removes, task_header(an, model, c.task), str(iv.seeds), f"{iv.mean * scale:+.2f}",
+                             iv_text(iv, scale), iv.method + (f" ({c.note})" if c.note else ""),
+                             _fmt(iv.mde * scale, 2), DASH if ex is None else ("yes" if ex else "no")])
+            p = an.mechanism_pooled.get((model, control))
+            if p is not None:
+                ex = p.excludes_zero
+                rows.append([control, removes,
+                             f"**pooled** ({len(an.mechanism_pooled_tasks[(model, control)])} task(s) not marked uninformative)",
+                             str(p.seeds), f"{p.mean * scale:+.2f}", iv_text(p, scale), p.method,
+                             _fmt(p.mde * scale, 2), DASH if ex is None else ("yes" if ex else "no")])
+        if not rows:
+            continue
+        note = (f"{MECHANISM_BASE} minus each mechanism control: test {an.tasks[(model, an.task_names(model)[0])].metric} "
+                f"({unit(scale)}), each at its own validation-selected lr, paired by seed, with the intervals, MDE and "
+                f"pooling of `paired_{_safe(model)}.md`. A control is NA-LoRA (or LoRA) without one part of NA-LoRA "
+                "(column `removes`): a difference whose interval excludes 0 says that part changes the score; one "
+                "that includes 0 with a small MDE says the task cannot tell NA-LoRA from the control, so that part "
+                "does not explain a difference from LoRA there. Not corrected for multiplicity.\n")
+        out[f"mechanism_{_safe(model)}.md"] = (f"## {model}: {MECHANISM_BASE} minus its mechanism controls\n\n{note}\n"
+                                               + _md(["control", "removes", "task", "seeds", "Δ", "95% CI",
+                                                      "interval", "MDE", "excludes 0"], rows))
+    return out
+
+
 TOWER_COLUMNS = {("vision",): "vision", ("language",): "language", ("language", "vision"): "both"}
 
 
@@ -340,7 +387,8 @@ def all_tables(an: Analysis, lb: pd.DataFrame, chosen: dict | None = None) -> di
     """Every table by file name."""
     files: dict[str, str] = {}
     if an.cells:
-        files |= main_tables(an, lb, chosen) | ablation_tables(an, lb, chosen) | paired_tables(an) | towers_tables(an)
+        files |= (main_tables(an, lb, chosen) | ablation_tables(an, lb, chosen) | paired_tables(an)
+                  | mechanism_tables(an) | towers_tables(an))
         act = activation_table(an)
         if act:
             files["activation.md"] = act
