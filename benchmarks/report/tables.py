@@ -172,6 +172,24 @@ def ablation_tables(an: Analysis, lb: pd.DataFrame, chosen: dict | None = None) 
     return out
 
 
+def _comparison_rows(an: Analysis, model: str, lead: list[str], comps: list, pooled, pooled_tasks: list[str] | None,
+                     scale: float) -> list[list[str]]:
+    """Table rows of one comparison (``lead`` columns first): one per task, then the pooled estimate."""
+    def tail(iv) -> list[str]:
+        ex = iv.excludes_zero
+        return [str(iv.seeds), f"{iv.mean * scale:+.2f}", iv_text(iv, scale), iv.method, _fmt(iv.mde * scale, 2),
+                DASH if ex is None else ("yes" if ex else "no")]
+
+    rows = []
+    for c in comps:
+        row = lead + [task_header(an, model, c.task)] + tail(c.interval)
+        row[len(lead) + 4] += f" ({c.note})" if c.note else ""
+        rows.append(row)
+    if pooled is not None:
+        rows.append(lead + [f"**pooled** ({len(pooled_tasks or [])} task(s) not marked uninformative)"] + tail(pooled))
+    return rows
+
+
 def paired_tables(an: Analysis) -> dict[str, str]:
     """Per model: every method minus LoRA per task (NA-LoRA first), then the pooled estimate per method."""
     out = {}
@@ -180,18 +198,8 @@ def paired_tables(an: Analysis) -> dict[str, str]:
         rows = []
         comps = [c for c in an.comparisons if c.model == model]
         for method in method_order({c.method for c in comps}):
-            for c in (c for c in comps if c.method == method):
-                iv = c.interval
-                ex = iv.excludes_zero
-                rows.append([method, task_header(an, model, c.task), str(iv.seeds), f"{iv.mean * scale:+.2f}",
-                             iv_text(iv, scale), iv.method + (f" ({c.note})" if c.note else ""),
-                             _fmt(iv.mde * scale, 2), DASH if ex is None else ("yes" if ex else "no")])
-            p = an.pooled.get((model, method))
-            if p is not None:
-                ex = p.excludes_zero
-                rows.append([method, f"**pooled** ({len(an.pooled_tasks[(model, method)])} task(s) not marked uninformative)",
-                             str(p.seeds), f"{p.mean * scale:+.2f}", iv_text(p, scale), p.method,
-                             _fmt(p.mde * scale, 2), DASH if ex is None else ("yes" if ex else "no")])
+            rows += _comparison_rows(an, model, [method], [c for c in comps if c.method == method],
+                                     an.pooled.get((model, method)), an.pooled_tasks.get((model, method)), scale)
         if not rows:
             continue
         note = (f"Method minus {BASELINE}: test {an.tasks[(model, an.task_names(model)[0])].metric} ({unit(scale)}), each "
@@ -226,18 +234,9 @@ def mechanism_tables(an: Analysis) -> dict[str, str]:
         for control in sorted({c.base for c in comps}):
             cell = next(c for c in an.cells.values() if c.model == model and c.method == control)
             removes = MECHANISM_CONTROLS.get(cell.base_method, DASH)
-            for c in (c for c in comps if c.base == control):
-                iv, ex = c.interval, c.interval.excludes_zero
-                rows.append([control, removes, task_header(an, model, c.task), str(iv.seeds), f"{iv.mean * scale:+.2f}",
-                             iv_text(iv, scale), iv.method + (f" ({c.note})" if c.note else ""),
-                             _fmt(iv.mde * scale, 2), DASH if ex is None else ("yes" if ex else "no")])
-            p = an.mechanism_pooled.get((model, control))
-            if p is not None:
-                ex = p.excludes_zero
-                rows.append([control, removes,
-                             f"**pooled** ({len(an.mechanism_pooled_tasks[(model, control)])} task(s) not marked uninformative)",
-                             str(p.seeds), f"{p.mean * scale:+.2f}", iv_text(p, scale), p.method,
-                             _fmt(p.mde * scale, 2), DASH if ex is None else ("yes" if ex else "no")])
+            rows += _comparison_rows(an, model, [control, removes], [c for c in comps if c.base == control],
+                                     an.mechanism_pooled.get((model, control)),
+                                     an.mechanism_pooled_tasks.get((model, control)), scale)
         if not rows:
             continue
         note = (f"{MECHANISM_BASE} minus each mechanism control: test {an.tasks[(model, an.task_names(model)[0])].metric} "
