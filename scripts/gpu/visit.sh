@@ -10,7 +10,8 @@
 #                           (import here: python -m benchmarks.vlm.distill --import)
 #   steptime NAME [ARGS]    `nalora-bench steptime --out $OUT/NAME ARGS` -> $OUT/NAME/steptime.{json,md}, $OUT/NAME.log
 #   cc M:V ...              compile cost per process (steptime, cold inductor cache) -> $OUT/compile_cost.log
-#   eb MODEL TASK [ARGS]    evaluation seconds per example at each eval_batch_size, and whether predictions change:
+#   eb MODEL TASK [ARGS]    evaluation seconds per example at each eval_batch_size, whether predictions change and
+#                           the peak GPU memory:
 #                           benchmarks/perf/eval_time.py ARGS (e.g. --eval-batch-sizes 16 64) -> $OUT/eval_batch_TASK.json
 #   tp NAME MIN [ARGS]      the throughput slice (benchmarks/perf/suites/throughput.yaml) into /tmp/tp-NAME with its
 #                           wall.json (benchmarks/perf/throughput.py reads it) -> $OUT/tp-NAME.tgz; the caller's
@@ -84,7 +85,7 @@ eb)
   model=${1:?eb MODEL TASK [ARGS]}; task=${2:?eb MODEL TASK [ARGS]}; shift 2; nvidia-smi -L
   timeout 300 python3 -m benchmarks.perf.eval_time --model "$model" --task "$task" --limit 512 --rounds 5 \
     "$@" --out "$OUT/eval_batch_$task.json" > "/tmp/eb-$task.log" 2>&1; echo "eb $task rc=$?"
-  python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['eval_batches']; print({k: round(v['median'], 2) for k, v in r['speedup_vs_first'].items()}, r['same_predictions_as_first'])" \
+  python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['eval_batches']; print({k: round(v['median'], 2) for k, v in r['speedup_vs_first'].items()}, r['same_predictions_as_first'], r.get('peak_mib'))" \
     "$OUT/eval_batch_$task.json" || tail -3 "/tmp/eb-$task.log"
   ;;
 tp)
