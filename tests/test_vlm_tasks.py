@@ -390,3 +390,32 @@ def test_eval_batch_size_changes_no_prediction(splits):
     assert rec["same_predictions_as_first"] == {"1": 1.0, "3": 1.0, "7": 1.0}
     accs = {m["acc"] for m in rec["metrics"].values()}
     assert len(accs) == 1 and all(v["n"] == 2 for v in rec["s_per_example"].values())
+
+
+def test_an_evaluation_forward_holds_eval_batch_size_images(splits, monkeypatch):
+    """The per-forward cap bounds the logits' memory only: at the default eval_batch_size (64) a forward scores 64
+    images of 10 classes (with the cap of 160 choice sequences it scored 16, and the VLM tasks' evaluation, two
+    thirds of their run time on an H200, could not use a larger batch)."""
+    from benchmarks.runner.suite import load_suite
+    from tasks.vlm.qa import MAX_SEQS_PER_FORWARD, VisionQATask
+
+    batch = load_suite("default").tasks[0].training.eval_batch_size
+    assert batch == 64 and MAX_SEQS_PER_FORWARD >= batch * 10
+    task = get_task("fashion-mnist", splits=_splits_copy(splits), align=False)
+    setup = task.setup("tiny-dinov2+tiny-byte-llama")
+    sizes: list[int] = []
+    real = VisionQATask._scores
+
+    def spy(model, io, images, choices, device):
+        sizes.append(len(images))
+        return real(model, io, images, choices, device)
+
+    monkeypatch.setattr(VisionQATask, "_scores", staticmethod(spy))
+    k = len(setup.extras["classes"])
+    monkeypatch.setattr("tasks.vlm.qa.MAX_SEQS_PER_FORWARD", 3 * k)  # the cap still binds where it is lower
+    task.evaluate(setup, setup.model, "test", limit=7, batch_size=7)
+    assert sizes == [3, 3, 1]
+    sizes.clear()
+    monkeypatch.setattr("tasks.vlm.qa.MAX_SEQS_PER_FORWARD", MAX_SEQS_PER_FORWARD)
+    task.evaluate(setup, setup.model, "test", limit=7, batch_size=7)
+    assert sizes == [7]

@@ -170,7 +170,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="validation", help="split of the --eval-batch-sizes measurement")
     p.add_argument("--max-seqs-per-forward", type=int, default=None,
                    help="for this measurement only, the VLM QA tasks' cap on choice sequences per forward "
-                        "(tasks/vlm/qa.py MAX_SEQS_PER_FORWARD, 160: 16 images of 10 classes). It is part of those "
+                        "(tasks/vlm/qa.py MAX_SEQS_PER_FORWARD, 2560: 256 images of 10 classes). It is part of those "
                         "tasks' definition, so changing it in the code gives every VLM run a new id")
     p.add_argument("--out", default=None, help="write the JSON here")
 
