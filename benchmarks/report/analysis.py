@@ -261,7 +261,8 @@ class Analysis:
     comparisons: list[Comparison]
     pooled: dict[tuple[str, str], stats.Interval]  # (model, method) -> pooled over informative tasks
     pooled_tasks: dict[tuple[str, str], list[str]]
-    # NA-LoRA minus each mechanism control (Comparison.method = the control's label, base = "nalora"), pooled alike
+    # NA-LoRA minus each mechanism control (Comparison.method = "nalora", .base = the control's label), pooled alike
+    # and keyed by (model, control)
     mechanism: list[Comparison] = field(default_factory=list)
     mechanism_pooled: dict[tuple[str, str], stats.Interval] = field(default_factory=dict)
     mechanism_pooled_tasks: dict[tuple[str, str], list[str]] = field(default_factory=dict)

@@ -90,11 +90,12 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
     from benchmarks.runner.suite import check_names
 
     check_names(suite, resolver)
+    from benchmarks.assets.cache import AssetError
     from benchmarks.runner.assets_needed import check_cached
 
     try:
         check_cached(suite, resolver)
-    except RuntimeError as err:
+    except AssetError as err:
         if not dry_run:
             raise
         log(f"note: {err} (until then the run ids of their tasks are not final)")
