@@ -98,7 +98,7 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
     except AssetError as err:
         if not dry_run:
             raise
-        log(f"note: {err} (until then the run ids of their tasks are not final)")
+        log(f"note: {err} (runs need them; until a task's dataset is cached, the ids listed for its runs are not final)")
     facts: dict[str, grid.TaskFacts] = {}
     task_options = {t.name: t.options for t in suite.tasks + suite.dev_tasks}  # names are unique across both
 
