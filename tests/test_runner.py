@@ -729,3 +729,17 @@ def test_ledger_names_gpus_it_cannot_query(monkeypatch):
 
     monkeypatch.setattr(_shutil, "which", lambda name: None)
     assert ledger.gpu_names(["0", "1"]) == ["unknown GPU", "unknown GPU"] and ledger.gpu_names([]) == []
+
+
+def test_spawned_worker_takes_its_share_of_cores_for_torch_and_for_inductor(monkeypatch):
+    from benchmarks.runner import pool
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS")}
+    monkeypatch.setattr(os, "environ", env)
+    pool._init_worker("1", 3)
+    assert env["CUDA_VISIBLE_DEVICES"] == "1"
+    assert (env["OMP_NUM_THREADS"], env["MKL_NUM_THREADS"], env["TORCHINDUCTOR_COMPILE_THREADS"]) == ("3", "3", "3")
+    env["TORCHINDUCTOR_COMPILE_THREADS"] = "8"  # the user's own setting stands
+    pool._init_worker(None, 2)
+    assert env["TORCHINDUCTOR_COMPILE_THREADS"] == "8"

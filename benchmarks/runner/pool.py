@@ -79,7 +79,9 @@ def _init_worker(gpu: str | None, threads: int, parent_pid: int | None = None) -
     """
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    # Inductor compiles in a pool of one process per core by default: N workers compiling at once would start
+    # N pools on the same cores.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS"):
         os.environ.setdefault(var, str(threads))
     if parent_pid is not None:
         watch_parent(parent_pid)

@@ -95,10 +95,12 @@ tp)
     --out "$d" --max-minutes "$min" --no-progress "$@" > "$d.log" 2>&1
   echo "$name rc=$?"; e=$(date +%s.%N)
   python3 - "$d" "$s" "$e" "$*" <<'PY'
-import json, os, sys, torch
+import json, os, re, sys, torch
 d, s, e, args = sys.argv[1:]
-json.dump({"wall_s": float(e) - float(s), "gpus": torch.cuda.device_count(), "device": torch.cuda.get_device_name(0),
-           "args": args, "env": {k: os.environ.get(k, "") for k in ("NALORA_EAGER", "CUDA_VISIBLE_DEVICES")}},
+w = re.search(r"--workers[ =](\d+)", args)
+json.dump({"wall_s": float(e) - float(s), "start": float(s), "gpus": torch.cuda.device_count(),
+           "device": torch.cuda.get_device_name(0), "workers": int(w.group(1)) if w else None, "args": args,
+           "env": {k: os.environ.get(k, "") for k in ("NALORA_EAGER", "NALORA_COMPILE", "CUDA_VISIBLE_DEVICES")}},
           open(f"{d}/wall.json", "w"), indent=1)
 PY
   grep -v "^W1\|warn" "$d.log" | tail -3; cp "$d.log" "$d/"; tar czf "$OUT/tp-$name.tgz" -C /tmp "tp-$name"
