@@ -289,7 +289,7 @@ def test_regional_compile_without_repeated_blocks_compiles_the_whole_model():
 
 
 def test_compile_auto_stays_eager_on_a_gpu_until_whole_runs_gain():
-    # The H200 measurement (results/perf/h200x2/throughput.md): compiled whole runs were slower than eager ones.
+    # The H200 measurement (results/perf/h200/throughput.md): compiled whole runs were slower than eager ones.
     reason = C.auto_compile_reason(torch.device("cuda", 0))
     assert reason.startswith("auto: eager") and "throughput.md" in reason
     assert "cpu" in C.auto_compile_reason(torch.device("cpu"))
@@ -516,13 +516,14 @@ def test_spread_and_paired_ratios():
 
 def test_step_options_from_config_and_environment():
     assert C.step_options({}, {}) == {"compile": "auto", "bf16_frozen": "auto", "light_loss": "auto",
-                                      "compile_scope": "regional"}
-    assert C.step_options({"compile": False}, {"NALORA_LIGHT_LOSS": "0", "NALORA_COMPILE_SCOPE": "model"}) == \
-        {"compile": False, "bf16_frozen": "auto", "light_loss": False, "compile_scope": "model"}
+                                      "compile_scope": "regional", "backend": "inductor"}
+    assert C.step_options({"compile": False}, {"NALORA_LIGHT_LOSS": "0", "NALORA_COMPILE_SCOPE": "model",
+                                               "NALORA_COMPILE_BACKEND": "aot_eager"}) == \
+        {"compile": False, "bf16_frozen": "auto", "light_loss": False, "compile_scope": "model", "backend": "aot_eager"}
     with pytest.raises(ValueError, match="NALORA_COMPILE_SCOPE"):
         C.step_options({}, {"NALORA_COMPILE_SCOPE": "layers"})
     eager = C.step_options({"compile": True}, {"NALORA_EAGER": "1"})
-    assert {k: v for k, v in eager.items() if k != "compile_scope"} == dict.fromkeys(("compile", "bf16_frozen", "light_loss"), False)
+    assert {k: v for k, v in eager.items() if k not in ("compile_scope", "backend")} == dict.fromkeys(("compile", "bf16_frozen", "light_loss"), False)
     with pytest.raises(ValueError, match="NALORA_COMPILE"):
         C.step_options({}, {"NALORA_COMPILE": "maybe"})
     with pytest.raises(ValueError, match="training.bf16_frozen"):
@@ -666,3 +667,31 @@ def test_nalora_compiled_step_builds_no_more_graphs_than_lora():
         torch.testing.assert_close(a.importance, b.importance, rtol=1e-5, atol=1e-6)
     for k in eager:
         torch.testing.assert_close(comp[k], eager[k], rtol=1e-4, atol=1e-5)
+
+
+def test_whole_compiled_runs_keep_their_graphs_through_evaluation_and_diagnostics(tmp_path, monkeypatch):
+    """Two whole runs (train, periodic and final evaluation, the misalignment diagnostic) of one model and method
+    in one process, compiled by blocks: every forward outside training runs eagerly, so the first run builds the
+    training graphs only (not one per layer: a forward with a KV cache guards on each layer's cache entry) and the
+    second builds none. On an H200 the diagnostic's forwards sent every run over dynamo's recompile limit, and
+    the next run reset dynamo and compiled again."""
+    from test_runner import BASE_SUITE, run, runs, write_suite
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("NALORA_COMPILE", "1")
+    monkeypatch.setenv("NALORA_COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setenv("NALORA_BF16_FROZEN", "0")
+    suite = write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("seeds: [0]", "seeds: [0, 1]").replace(
+        "diag_batches: 0", "diag_batches: 2"))
+    C.forget_compiled()
+    counters.clear()
+    try:
+        assert run(suite, tmp_path / "r") == 0
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        C.forget_compiled()
+    recs = sorted(runs(tmp_path / "r").values(), key=lambda r: r["config"]["seed"])
+    assert [r["status"] for r in recs] == ["ok", "ok"]
+    assert all(r["perf"]["step"]["compiled"] and r["diagnostics"]["selection_misalignment"] for r in recs)
+    assert [r["perf"]["step"]["graphs_kept"] for r in recs] == [False, True]
+    assert 1 <= graphs <= 2, graphs  # the first layer's graph (its input needs no gradient) and the others'

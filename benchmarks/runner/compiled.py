@@ -509,9 +509,11 @@ def auto_compile_reason(device: torch.device) -> str:
     """Why ``compile: auto`` trains eagerly on ``device`` ("" would mean: compile)."""
     if device.type != "cuda":
         return f"auto: {device.type} (compile on CUDA only)"
-    # Measured on an H200 (results/perf/h200x2/throughput.md): the compiled step is 2.5x faster once built,
-    # but whole 300-step runs, nine compiling at once per GPU, took 4.5x longer than eager ones.
-    return "auto: eager (compiled whole runs were slower: results/perf/h200x2/throughput.md); compile: true compiles"
+    # Measured on an H200: whole 300-step runs, ten at once, were slower compiled than eager
+    # (results/perf/h200/throughput.md, 0.73x the runs per hour): every run compiled again, because the
+    # misalignment diagnostic's forwards compiled a graph per layer, which reset the graphs a worker keeps.
+    # Fixed since (train.py runs the diagnostic eagerly), not yet measured again.
+    return "auto: eager (compiled whole runs were slower: results/perf/h200/throughput.md); compile: true compiles"
 
 
 def _default_bf16() -> bool:
@@ -570,8 +572,9 @@ def step_options(training: dict | None = None, environ: dict | None = None) -> d
     environment variables ``NALORA_COMPILE``, ``NALORA_BF16_FROZEN``, ``NALORA_LIGHT_LOSS``
     (1/0/auto; the environment reaches spawned and local-Ray workers), or all three off with
     ``NALORA_EAGER=1`` (today's eager step, for side-by-side throughput). ``compile_scope`` comes from
-    ``NALORA_COMPILE_SCOPE`` alone (regional / model; default regional): it is no training key, so that run
-    ids do not change with it (the record's ``perf.step`` says which ran). Bad values: one-line ValueError.
+    ``NALORA_COMPILE_SCOPE`` alone (regional / model; default regional) and ``backend`` from
+    ``NALORA_COMPILE_BACKEND`` (default inductor): they are no training keys, so that run ids do not change with
+    them (the record's ``perf.step`` says which ran). Bad values: one-line ValueError.
     """
     env = os.environ if environ is None else environ
     training = training or {}
@@ -593,4 +596,7 @@ def step_options(training: dict | None = None, environ: dict | None = None) -> d
     if scope not in COMPILE_SCOPES:
         raise ValueError(f"NALORA_COMPILE_SCOPE={env['NALORA_COMPILE_SCOPE']!r}: expected {' or '.join(COMPILE_SCOPES)}")
     out["compile_scope"] = scope
+    # Dynamo's backend: inductor, or e.g. aot_eager to debug a compile problem (and to test whole compiled runs
+    # on a CPU without a C++ toolchain); like the scope, no training key.
+    out["backend"] = env.get("NALORA_COMPILE_BACKEND", "").strip() or "inductor"
     return out

@@ -111,7 +111,10 @@ def _misalignment(model: torch.nn.Module, ffns: list | None, batches: list, devi
 
     # Module paths are unchanged under peft (base_model.model is the original model, Linears wrapped in place).
     batches = [_to_device(b, device) for b in batches]
-    return dict(selection_misalignment(model, ffns or [], batches, reference=reference))
+    # Eagerly, like evaluation: its no-grad forwards build a KV cache, and compiled blocks would then compile one
+    # graph per layer (dynamo guards on each layer's cache entry), enough to reset the graphs a worker keeps.
+    with eager_mode(model):
+        return dict(selection_misalignment(model, ffns or [], batches, reference=reference))
 
 
 def shared_lr_group(optimizer: torch.optim.Optimizer, model: torch.nn.Module, paths: list[str], lr: float) -> int:
