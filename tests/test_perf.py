@@ -516,14 +516,23 @@ def test_spread_and_paired_ratios():
 
 def test_step_options_from_config_and_environment():
     assert C.step_options({}, {}) == {"compile": "auto", "bf16_frozen": "auto", "light_loss": "auto",
-                                      "compile_scope": "regional", "backend": "inductor"}
+                                      "compile_scope": "regional", "backend": "inductor", "mode": None}
     assert C.step_options({"compile": False}, {"NALORA_LIGHT_LOSS": "0", "NALORA_COMPILE_SCOPE": "model",
                                                "NALORA_COMPILE_BACKEND": "aot_eager"}) == \
-        {"compile": False, "bf16_frozen": "auto", "light_loss": False, "compile_scope": "model", "backend": "aot_eager"}
+        {"compile": False, "bf16_frozen": "auto", "light_loss": False, "compile_scope": "model", "backend": "aot_eager",
+         "mode": None}
+    assert C.step_options({}, {"NALORA_COMPILE_MODE": "reduce-overhead"})["mode"] == "reduce-overhead"
+    with pytest.raises(ValueError, match="needs the inductor backend"):
+        C.step_options({}, {"NALORA_COMPILE_MODE": "reduce-overhead", "NALORA_COMPILE_BACKEND": "aot_eager"})
+    line = C.Prepared(model=None, compiled=True, compile_scope="regional", compiled_blocks=2,
+                      compile_mode="reduce-overhead").line()
+    assert "compiled (regional, mode reduce-overhead, 2 modules)" in line
+    with pytest.raises(ValueError, match="NALORA_COMPILE_MODE"):
+        C.step_options({}, {"NALORA_COMPILE_MODE": "fast"})
     with pytest.raises(ValueError, match="NALORA_COMPILE_SCOPE"):
         C.step_options({}, {"NALORA_COMPILE_SCOPE": "layers"})
     eager = C.step_options({"compile": True}, {"NALORA_EAGER": "1"})
-    assert {k: v for k, v in eager.items() if k not in ("compile_scope", "backend")} == dict.fromkeys(("compile", "bf16_frozen", "light_loss"), False)
+    assert {k: v for k, v in eager.items() if k not in ("compile_scope", "backend", "mode")} == dict.fromkeys(("compile", "bf16_frozen", "light_loss"), False)
     with pytest.raises(ValueError, match="NALORA_COMPILE"):
         C.step_options({}, {"NALORA_COMPILE": "maybe"})
     with pytest.raises(ValueError, match="training.bf16_frozen"):

@@ -46,6 +46,7 @@ class Prepared:
     compile_reason: str = ""  # why the model runs eagerly (flag, CPU, fallback after an error)
     compile_scope: str = ""  # what was compiled: "regional" (each repeated block) | "model" (whole); "" = eager
     compiled_blocks: int = 0  # modules compiled in place (regional: the blocks; model: 1)
+    compile_mode: str = ""  # torch.compile's mode when one was asked for (e.g. "reduce-overhead"); "" = its default
     graphs_kept: bool = False  # dynamo kept the graphs of this process's earlier run (same signature, not reset):
     # they serve this run wherever their guards pass; dynamo adds graphs only where they do not (hooks, shapes)
     bf16_frozen_params: int = 0
@@ -60,7 +61,8 @@ class Prepared:
     def line(self) -> str:
         """One line for the log."""
         kept = ", graphs of an earlier run kept" if self.graphs_kept else ""
-        comp = f"compiled ({self.compile_scope}, {self.compiled_blocks} modules{kept})" if self.compiled \
+        mode = f", mode {self.compile_mode}" if self.compile_mode else ""
+        comp = f"compiled ({self.compile_scope}{mode}, {self.compiled_blocks} modules{kept})" if self.compiled \
             else f"eager ({self.compile_reason})"
         bf = f"{self.bf16_frozen_params} frozen weights bf16" if self.bf16_frozen_params else f"fp32 frozen ({self.bf16_reason})"
         loss = self.loss if self.loss != "model" else f"model loss ({self.loss_reason})"
@@ -368,6 +370,7 @@ class _FallbackCall:
 
 
 COMPILE_SCOPES = ("regional", "model")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def compile_in_place(model: nn.Module, state: Prepared, *, backend: str | Callable = "inductor",
@@ -404,7 +407,7 @@ def compile_in_place(model: nn.Module, state: Prepared, *, backend: str | Callab
         mod.compile(backend=backend, mode=mode, dynamic=(scope == "regional") if dynamic is None else dynamic)
         mod._compiled_call_impl = _FallbackCall(mod, mod._compiled_call_impl, state, log, group)
     state.compiled, state.compile_reason = True, ""
-    state.compile_scope, state.compiled_blocks = scope, len(group)
+    state.compile_scope, state.compiled_blocks, state.compile_mode = scope, len(group), mode or ""
 
 
 # A pool's worker trains run after run in one process. Dynamo's graphs are keyed by code and checked by guards
@@ -572,8 +575,9 @@ def step_options(training: dict | None = None, environ: dict | None = None) -> d
     environment variables ``NALORA_COMPILE``, ``NALORA_BF16_FROZEN``, ``NALORA_LIGHT_LOSS``
     (1/0/auto; the environment reaches spawned and local-Ray workers), or all three off with
     ``NALORA_EAGER=1`` (today's eager step, for side-by-side throughput). ``compile_scope`` comes from
-    ``NALORA_COMPILE_SCOPE`` alone (regional / model; default regional) and ``backend`` from
-    ``NALORA_COMPILE_BACKEND`` (default inductor): they are no training keys, so that run ids do not change with
+    ``NALORA_COMPILE_SCOPE`` alone (regional / model; default regional), ``backend`` from
+    ``NALORA_COMPILE_BACKEND`` (default inductor) and ``mode`` from ``NALORA_COMPILE_MODE`` (torch.compile's
+    mode; default none): they are no training keys, so that run ids do not change with
     them (the record's ``perf.step`` says which ran). Bad values: one-line ValueError.
     """
     env = os.environ if environ is None else environ
@@ -599,4 +603,11 @@ def step_options(training: dict | None = None, environ: dict | None = None) -> d
     # Dynamo's backend: inductor, or e.g. aot_eager to debug a compile problem (and to test whole compiled runs
     # on a CPU without a C++ toolchain); like the scope, no training key.
     out["backend"] = env.get("NALORA_COMPILE_BACKEND", "").strip() or "inductor"
+    # torch.compile's mode, e.g. reduce-overhead (CUDA graphs: fewer kernel launches for small models).
+    mode = env.get("NALORA_COMPILE_MODE", "").strip() or None
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ValueError(f"NALORA_COMPILE_MODE={mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+    if mode is not None and out["backend"] != "inductor":  # torch.compile takes one or the other
+        raise ValueError(f"NALORA_COMPILE_MODE={mode!r} needs the inductor backend, not {out['backend']!r}")
+    out["mode"] = mode
     return out

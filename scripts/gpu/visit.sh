@@ -13,12 +13,16 @@
 #   eb MODEL TASK [ARGS]    evaluation seconds per example at each eval_batch_size, whether predictions change and
 #                           the peak GPU memory:
 #                           benchmarks/perf/eval_time.py ARGS (e.g. --eval-batch-sizes 16 64) -> $OUT/eval_batch_TASK.json
+#   cache-out               the inductor cache (compiled graphs and Triton kernels of this visit's calls) in 15 MB
+#                           parts -> $OUT/inductor.tgz.partN; here: cat them into .gpu/inductor.tgz, which
+#                           `setup` unpacks on the next visit (a worker's first compile then loads, not builds)
 #   tp NAME MIN [ARGS]      the throughput slice (benchmarks/perf/suites/throughput.yaml) into /tmp/tp-NAME with its
 #                           wall.json (benchmarks/perf/throughput.py reads it) -> $OUT/tp-NAME.tgz; the caller's
 #                           environment picks the step (NALORA_EAGER=1) and the GPUs (CUDA_VISIBLE_DEVICES)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH=$PWD:/tmp/site NALORA_BENCH_CACHE=/tmp/nbcache
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor}  # one place, so that cache-out finds it
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/res
 step=${1:?usage: visit.sh setup | suite NAME MINUTES [ARGS] | build [ARGS] | steptime NAME [ARGS]}; shift
 case $step in
@@ -38,6 +42,10 @@ setup)
       python3 -m benchmarks.cli fetch gemma3-270m --source-dir /tmp/src --quiet 2>&1 | tail -2
     fi
     touch /tmp/nbcache/.ready
+  fi
+  if [ -f .gpu/inductor.tgz ] && [ ! -d "$TORCHINDUCTOR_CACHE_DIR" ]; then  # an earlier visit's (cache-out)
+    mkdir -p "$TORCHINDUCTOR_CACHE_DIR" && tar xzf .gpu/inductor.tgz -C "$TORCHINDUCTOR_CACHE_DIR"
+    echo "inductor cache: $(find "$TORCHINDUCTOR_CACHE_DIR" -type f | wc -l) files from .gpu/inductor.tgz"
   fi
   nvidia-smi -L; nproc
   python3 -c 'import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)'
@@ -90,20 +98,26 @@ eb)
   ;;
 tp)
   name=${1:?tp NAME MINUTES [ARGS]}; min=${2:?tp NAME MINUTES}; shift 2; d=/tmp/tp-$name
-  rm -rf "$d"; s=$(date +%s.%N)
+  rm -rf "$d"; warm=$(find "$TORCHINDUCTOR_CACHE_DIR" -type f 2>/dev/null | wc -l); s=$(date +%s.%N)
   timeout $(awk "BEGIN{print int($min * 60 + 50)}") python3 -m benchmarks.cli run --suite benchmarks/perf/suites/throughput.yaml \
     --out "$d" --max-minutes "$min" --no-progress "$@" > "$d.log" 2>&1
   echo "$name rc=$?"; e=$(date +%s.%N)
-  python3 - "$d" "$s" "$e" "$*" <<'PY'
+  python3 - "$d" "$s" "$e" "$*" "$warm" <<'PY'
 import json, os, re, sys, torch
-d, s, e, args = sys.argv[1:]
+d, s, e, args, warm = sys.argv[1:]
 w = re.search(r"--workers[ =](\d+)", args)
 json.dump({"wall_s": float(e) - float(s), "start": float(s), "gpus": torch.cuda.device_count(),
            "device": torch.cuda.get_device_name(0), "workers": int(w.group(1)) if w else None, "args": args,
-           "env": {k: os.environ.get(k, "") for k in ("NALORA_EAGER", "NALORA_COMPILE", "CUDA_VISIBLE_DEVICES")}},
+           "inductor_cache_files_at_start": int(warm),
+           "env": {k: os.environ.get(k, "") for k in ("NALORA_EAGER", "NALORA_COMPILE", "NALORA_COMPILE_MODE",
+                                                      "CUDA_VISIBLE_DEVICES")}},
           open(f"{d}/wall.json", "w"), indent=1)
 PY
   grep -v "^W1\|warn" "$d.log" | tail -3; cp "$d.log" "$d/"; tar czf "$OUT/tp-$name.tgz" -C /tmp "tp-$name"
+  ;;
+cache-out)
+  tar czf /tmp/inductor.tgz -C "$TORCHINDUCTOR_CACHE_DIR" . && split -b 15M -d -a 1 /tmp/inductor.tgz "$OUT/inductor.tgz.part"
+  ls -l "$OUT"/inductor.tgz.part*; sha256sum /tmp/inductor.tgz
   ;;
 *) echo "visit.sh: unknown step $step" >&2; exit 2 ;;
 esac
