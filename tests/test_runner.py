@@ -687,7 +687,7 @@ def test_runs_with_different_precision_share_a_process(tmp_path):
     assert by["fake-dev"]["perf"]["mixed_precision"] == "bf16" and by["fake"]["perf"]["mixed_precision"] == "no"
 
 
-def test_assets_needed_covers_what_runs_load():
+def test_assets_needed_covers_what_runs_load(tmp_path):
     """run_all.sh fetches exactly these: a composed VLM's parts, the task data, and the connector's
     alignment data (emoji), which no task of the smoke suite names itself; no tiny or hub models."""
     from benchmarks.runner.assets_needed import assets_needed
@@ -695,6 +695,14 @@ def test_assets_needed_covers_what_runs_load():
 
     assert assets_needed("smoke") == ["dinov2-s", "emoji", "fashion-mnist", "quartz", "sarcasm", "smollm2-135m"]
     assert assets_needed("smoke", tasks=["sarcasm"]) == ["sarcasm", "smollm2-135m"]
+    # default names quartz as its dev task but tunes nothing: no run reads quartz (a GPU visit's first campaign
+    # call was refused for want of it); a suite that tunes on it needs it
+    assert assets_needed("default", tasks=["sarcasm"]) == ["gemma3-270m", "sarcasm", "smollm2-135m"]
+    tuned = write_suite(tmp_path / "tuned.yaml", """\
+        extends: default
+        tune: {methods: {nalora: {rho_final: [0.25, 0.5]}}, seeds: [0]}
+        """)
+    assert assets_needed(str(tuned), tasks=["sarcasm"]) == ["gemma3-270m", "quartz", "sarcasm", "smollm2-135m"]
     assert get_task("fashion-mnist", align=False).assets("dinov2-s+smollm2-135m") == ["dinov2-s", "smollm2-135m", "fashion-mnist"]
     assert get_task("sarcasm").assets("tiny-llama") == ["tiny-llama", "sarcasm"]  # filtered out by assets_needed
     assert get_task("fashion-mnist").assets("hub:Qwen/Qwen2.5-VL-3B-Instruct") == ["fashion-mnist"]

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 def assets_needed(suite_name: str, tasks: list[str] | None = None, resolver=None,
                   include_paths: list[str] | None = None, models: list[str] | None = None) -> list[str]:
-    """Asset-cache names of the suite's reported and dev tasks (``Task.assets``: models, datasets, what a
+    """Asset-cache names of the suite's reported tasks and, when it tunes options, its dev tasks (``Task.assets``: models, datasets, what a
     composed VLM's connector is aligned on), without hub-only tasks and names the cache does not know
     (tiny test models). Built assets follow ``resolve_built``'s decision: on a machine that cannot build
     them their stand-in's assets are listed; a build to come is listed last, after what it reads."""
@@ -32,7 +32,7 @@ def suite_assets(suite: Any, resolver: Callable[[str], Any]) -> tuple[list[str],
     from benchmarks.runner.execute import resolve_task
     from benchmarks.runner.grid import TaskFacts
 
-    specs = {s.name: s for s in suite.tasks + suite.dev_tasks}
+    specs = {s.name: s for s in suite.loaded_tasks()}
     found = {n: resolve_task(resolver, {"task": n, "task_options": s.options}) for n, s in specs.items()}
     # Silent: `nalora-bench run` says what it substitutes or builds, once, when the grid starts.
     plan = resolve_built(suite, lambda n: TaskFacts(found[n].family, found[n].default_model), build=False,

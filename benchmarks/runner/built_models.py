@@ -42,13 +42,13 @@ class BuiltPlan:
 
 
 def built_assets(suite: Suite, info_of: Callable[[str], Any]) -> list[str]:
-    """The built assets (``STAND_INS``) named by a model of ``suite``'s reported or dev tasks.
+    """The built assets (``STAND_INS``) named by a model of the tasks ``suite`` loads (``Suite.loaded_tasks``).
 
     ``info_of(task) -> TaskFacts`` (family and default model; ``benchmarks.runner.grid``)."""
     from benchmarks.vlm.distill import STAND_INS
 
     names: set[str] = set()
-    for t in suite.tasks + suite.dev_tasks:
+    for t in suite.loaded_tasks():
         facts = info_of(t.name)
         for model in suite.declared_models_for(t, facts.family, facts.default_model):
             names |= {part for part in model.split("+") if part in STAND_INS}

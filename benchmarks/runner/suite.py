@@ -79,6 +79,11 @@ class Suite:
     substitutions: dict[str, str] = field(default_factory=dict)
     substitution_reason: str = ""
 
+    def loaded_tasks(self) -> list[TaskSpec]:
+        """The tasks a grid of this suite loads: the reported ones, and the dev tasks when it tunes options
+        (nothing else reads them)."""
+        return self.tasks + (self.dev_tasks if self.tune else [])
+
     def declared_models_for(self, spec: TaskSpec, family: str, default_model: str) -> list[str]:
         """The models the suite names for ``spec``: its own, else the suite's for its family, else the task's default."""
         if spec.models:
