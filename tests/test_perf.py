@@ -704,3 +704,17 @@ def test_whole_compiled_runs_keep_their_graphs_through_evaluation_and_diagnostic
     assert all(r["perf"]["step"]["compiled"] and r["diagnostics"]["selection_misalignment"] for r in recs)
     assert [r["perf"]["step"]["graphs_kept"] for r in recs] == [False, True]
     assert 1 <= graphs <= 2, graphs  # the first layer's graph (its input needs no gradient) and the others'
+
+
+def test_throughput_after_the_first_wave_leaves_out_the_start():
+    """Four workers: the first four finishes (model loads, a cold compile) are the start; the rate is the runs
+    after them over the time from the fourth finish to the last."""
+    from benchmarks.perf.throughput import after_first_wave
+
+    def rec(second: int) -> dict:
+        return {"provenance": {"finished_at": f"2026-12-01T05:00:{second:02d}+00:00"}}
+
+    recs = [rec(s) for s in (40, 41, 42, 44, 50, 52, 56, 59, 59)]  # the first wave ends at :44
+    assert after_first_wave(recs, 4) == pytest.approx(5 / (15 / 3600))
+    assert after_first_wave(recs, 2, gpus=2) == after_first_wave(recs, 4)  # workers per GPU x GPUs
+    assert after_first_wave(recs, None) is None and after_first_wave(recs[:4], 4) is None
