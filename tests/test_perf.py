@@ -500,26 +500,6 @@ def test_steptime_rejects_bad_input(tmp_path):
         step_time.main(_steptime_args(tmp_path, methods="nope"))
     with pytest.raises(ValueError, match="--candidate-timeout"):
         step_time.main(_steptime_args(tmp_path, **{"candidate-timeout": -1}))
-    with pytest.raises(ValueError, match="compiled_cg needs --compile-backend inductor, not 'aot_eager'"):
-        step_time.main(_steptime_args(tmp_path, variants="eager,compiled_cg"))
-
-
-def test_steptime_cudagraph_variant_is_the_runner_compile_in_reduce_overhead_mode(monkeypatch):
-    from benchmarks.perf import step_time
-
-    seen = {}
-
-    def prepare(model, **kw):
-        seen.update(kw)
-        return C.Prepared(model=model)
-
-    monkeypatch.setattr(C, "prepare_model", prepare)
-    base, _ = tiny_llama()
-    ids = torch.randint(1, 100, (2, 16))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    step_time._runner_candidate("lora", "compiled_cg", base, batch, torch.device("cpu"), targets=("gate",), rank=2,
-                                total_steps=4, backend="inductor").build()
-    assert (seen["compile"], seen["compile_scope"], seen["mode"]) == (True, "regional", "reduce-overhead")
 
 
 def test_spread_and_paired_ratios():

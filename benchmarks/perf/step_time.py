@@ -18,8 +18,7 @@ model once stalled a whole command).
 Variants of the project's runner step: ``eager`` (today's step: fp32 master weights under bf16 autocast,
 the model's own loss), ``lean`` (``prepare_model`` without compile: frozen weights in bf16, chunked loss),
 ``compiled`` (``prepare_model``: lean + ``torch.compile``, its default scope: each repeated block, as runs
-compile), ``compiled_model`` (the same with the whole model compiled, the earlier scope), ``compiled_cg``
-(``compiled`` in torch.compile's reduce-overhead mode: CUDA graphs, ``NALORA_COMPILE_MODE`` in runs; inductor only).
+compile), ``compiled_model`` (the same with the whole model compiled, the earlier scope).
 """
 
 from __future__ import annotations
@@ -40,10 +39,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 DEFAULT_METHODS = "lora,nalora,nalora_mask,nalora_scale,dora,pissa"
-VARIANTS = ("eager", "lean", "compiled", "compiled_model", "compiled_cg")
-# variant -> prepare_model's compile_scope and mode
-_SCOPES = {"compiled": "regional", "compiled_model": "model", "compiled_cg": "regional"}
-_MODES = {"compiled_cg": "reduce-overhead"}
+VARIANTS = ("eager", "lean", "compiled", "compiled_model")
+_SCOPES = {"compiled": "regional", "compiled_model": "model"}  # variant -> prepare_model's compile_scope
 REFERENCES = ("peft", "peft+compile", "hf_trainer+peft")
 
 
@@ -188,8 +185,7 @@ def _runner_candidate(method: str, variant: str, base: torch.nn.Module, batch: d
         if variant != "eager":
             prep = prepare_model(model, compile=variant in _SCOPES, bf16_frozen=True, method=method,
                                  mixed_precision="bf16" if device.type == "cuda" else "no", light_loss=True,
-                                 backend=backend, compile_scope=_SCOPES.get(variant, "regional"),
-                                 mode=_MODES.get(variant))
+                                 backend=backend, compile_scope=_SCOPES.get(variant, "regional"))
             cand.info["prepare"] = prep
         return _loop(model, opt, batch, device, [p for p in model.parameters() if p.requires_grad])
 
@@ -498,9 +494,6 @@ def main(args: argparse.Namespace) -> int:
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:
         raise ValueError(f"--variants: unknown {bad[0] if bad else '(none)'!r}; known: {', '.join(VARIANTS)}")
-    moded = [v for v in variants if v in _MODES]
-    if moded and args.compile_backend != "inductor":  # torch.compile takes a mode or a backend, not both
-        raise ValueError(f"--variants {moded[0]} needs --compile-backend inductor, not {args.compile_backend!r}")
     for name in ("steps", "rounds", "batch_size", "seq_len", "rank"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0")
