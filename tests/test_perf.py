@@ -521,9 +521,13 @@ def test_step_options_from_config_and_environment():
                                                "NALORA_COMPILE_BACKEND": "aot_eager"}) == \
         {"compile": False, "bf16_frozen": "auto", "light_loss": False, "compile_scope": "model", "backend": "aot_eager",
          "mode": None}
-    assert C.step_options({}, {"NALORA_COMPILE_MODE": "reduce-overhead"})["mode"] == "reduce-overhead"
+    assert C.step_options({}, {"NALORA_COMPILE_MODE": "max-autotune-no-cudagraphs"})["mode"] == "max-autotune-no-cudagraphs"
+    assert C.step_options({}, {"NALORA_COMPILE_MODE": "reduce-overhead", "NALORA_COMPILE_SCOPE": "model"})["mode"] == \
+        "reduce-overhead"
     with pytest.raises(ValueError, match="needs the inductor backend"):
-        C.step_options({}, {"NALORA_COMPILE_MODE": "reduce-overhead", "NALORA_COMPILE_BACKEND": "aot_eager"})
+        C.step_options({}, {"NALORA_COMPILE_MODE": "max-autotune-no-cudagraphs", "NALORA_COMPILE_BACKEND": "aot_eager"})
+    with pytest.raises(ValueError, match="crashed the process on an H200"):  # CUDA graphs by blocks: a segfault
+        C.step_options({}, {"NALORA_COMPILE_MODE": "reduce-overhead"})
     line = C.Prepared(model=None, compiled=True, compile_scope="regional", compiled_blocks=2,
                       compile_mode="reduce-overhead").line()
     assert "compiled (regional, mode reduce-overhead, 2 modules)" in line

@@ -13,9 +13,9 @@ from typing import Any, Callable
 
 def assets_needed(suite_name: str, tasks: list[str] | None = None, resolver=None,
                   include_paths: list[str] | None = None, models: list[str] | None = None) -> list[str]:
-    """Asset-cache names of the suite's reported tasks and, when it tunes options, its dev tasks (``Task.assets``: models, datasets, what a
-    composed VLM's connector is aligned on), without hub-only tasks and names the cache does not know
-    (tiny test models). Built assets follow ``resolve_built``'s decision: on a machine that cannot build
+    """Asset-cache names of the tasks a grid of the suite loads (``Suite.loaded_tasks``; ``Task.assets``: models,
+    datasets, what a composed VLM's connector is aligned on), without hub-only tasks and names the cache does not
+    know (tiny test models). Built assets follow ``resolve_built``'s decision: on a machine that cannot build
     them their stand-in's assets are listed; a build to come is listed last, after what it reads."""
     from benchmarks.runner.execute import make_resolver
     from benchmarks.runner.suite import load_suite

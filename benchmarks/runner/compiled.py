@@ -371,6 +371,7 @@ class _FallbackCall:
 
 COMPILE_SCOPES = ("regional", "model")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def compile_in_place(model: nn.Module, state: Prepared, *, backend: str | Callable = "inductor",
@@ -603,11 +604,16 @@ def step_options(training: dict | None = None, environ: dict | None = None) -> d
     # Dynamo's backend: inductor, or e.g. aot_eager to debug a compile problem (and to test whole compiled runs
     # on a CPU without a C++ toolchain); like the scope, no training key.
     out["backend"] = env.get("NALORA_COMPILE_BACKEND", "").strip() or "inductor"
-    # torch.compile's mode, e.g. reduce-overhead (CUDA graphs: fewer kernel launches for small models).
+    # torch.compile's mode, e.g. max-autotune-no-cudagraphs; CUDA graphs (reduce-overhead, max-autotune) only with
+    # the whole model compiled: by blocks they segfaulted (the log's last word: a backward still pending).
     mode = env.get("NALORA_COMPILE_MODE", "").strip() or None
     if mode is not None and mode not in COMPILE_MODES:
         raise ValueError(f"NALORA_COMPILE_MODE={mode!r}: expected one of {', '.join(COMPILE_MODES)}")
     if mode is not None and out["backend"] != "inductor":  # torch.compile takes one or the other
         raise ValueError(f"NALORA_COMPILE_MODE={mode!r} needs the inductor backend, not {out['backend']!r}")
+    if mode in CUDAGRAPH_MODES and scope == "regional":
+        raise ValueError(f"NALORA_COMPILE_MODE={mode!r} (CUDA graphs) with the regional scope crashed the process "
+                         f"on an H200 (results/perf/h200/steptime_compiled_cg_segfault.log); "
+                         f"use NALORA_COMPILE_SCOPE=model or another mode")
     out["mode"] = mode
     return out
