@@ -565,6 +565,8 @@ def test_throughput_summary_of_two_result_folders(tmp_path):
     assert rows["eager"]["runs"] == 2 and rows["eager"]["runs_per_gpu_hour"] == pytest.approx(2 / (40 / 3600))
     assert rows["improved"]["runs_per_gpu_hour"] / rows["eager"]["runs_per_gpu_hour"] == pytest.approx(4.0)
     assert 0 < rows["eager"]["eval_share"] < 1
+    assert (rows["eager"]["compiled_runs"], rows["eager"]["graphs_kept_runs"]) == (0, 0)  # compile: auto on a CPU
+    assert "| 0 (0) |" in (tmp_path / "tp.md").read_text()
     assert "| improved | cpu | 1 | 2 | 10.0 |" in (tmp_path / "tp.md").read_text()
     with pytest.raises(ValueError, match="wall.json"):
         throughput.summarise(tmp_path)

@@ -42,12 +42,16 @@ def summarise(root: str | Path) -> dict[str, Any]:
     steady = after_first_wave([r for r in recs if r.get("status") != "failed"], wall.get("workers"),
                               int(wall.get("gpus", 1)))
     steps = {json.dumps((r.get("perf") or {}).get("step"), sort_keys=True) for r in recs}
+    step_of = [(p.get("step") or {}) for p in perf]
     return {
         "root": str(root), "device": wall.get("device"), "gpus": int(wall.get("gpus", 1)), "wall_s": float(wall["wall_s"]),
         "workers": wall.get("workers"), "runs": len(recs), "by_status": by_status,
         "runs_per_gpu_hour": done / gpu_h if gpu_h > 0 else None,
         "runs_per_hour": done / (float(wall["wall_s"]) / 3600) if float(wall["wall_s"]) > 0 else None,
         "runs_per_hour_after_first_wave": steady,
+        # a worker's compiled graphs serve its next runs (compiled.py: _keep_graphs) or every run compiles again
+        "compiled_runs": sum(bool(s.get("compiled")) for s in step_of),
+        "graphs_kept_runs": sum(bool(s.get("graphs_kept")) for s in step_of),
         "median_wall_s": med("wall_s"), "median_train_s": med("train_s"), "median_eval_s": med("eval_s"),
         "median_step_time_s": med("step_time_s"),
         "eval_share": (sum(p["eval_s"] for p in perf) / sum(p["wall_s"] for p in perf)) if perf else None,
@@ -75,15 +79,17 @@ def to_markdown(rows: dict[str, dict[str, Any]]) -> str:
     names = list(rows)
     base = rows[names[0]]["runs_per_hour"]
     lines = ["| setup | device | GPUs | runs | wall (s) | runs / hour | runs / GPU-hour | vs " + names[0] +
-             " (per hour) | runs / hour after the first wave | median run (s) | median train (s) | median eval (s) "
-             "| eval share |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             " (per hour) | runs / hour after the first wave | compiled runs (graphs kept) | median run (s) "
+             "| median train (s) | median eval (s) | eval share |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda x, d=1: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
     for n, r in rows.items():
         ratio = r["runs_per_hour"] / base if base and r["runs_per_hour"] else None
         lines.append(f"| {n} | {r['device']} | {r['gpus']} | {r['runs']} | {f(r['wall_s'])} | {f(r['runs_per_hour'])} "
                      f"| {f(r['runs_per_gpu_hour'])} "
-                     f"| {f(ratio, 2)} | {f(r.get('runs_per_hour_after_first_wave'))} | {f(r['median_wall_s'])} | {f(r['median_train_s'])} | {f(r['median_eval_s'])} "
+                     f"| {f(ratio, 2)} | {f(r.get('runs_per_hour_after_first_wave'))} "
+                     f"| {r.get('compiled_runs', 0)} ({r.get('graphs_kept_runs', 0)}) | {f(r['median_wall_s'])} "
+                     f"| {f(r['median_train_s'])} | {f(r['median_eval_s'])} "
                      f"| {f(r['eval_share'], 2)} |")
     return "\n".join(lines) + "\n"
 
