@@ -710,6 +710,7 @@ def test_whole_compiled_runs_keep_their_graphs_through_evaluation_and_diagnostic
     assert all(r["perf"]["step"]["compiled"] and r["diagnostics"]["selection_misalignment"] for r in recs)
     assert [r["perf"]["step"]["graphs_kept"] for r in recs] == [False, True]
     assert 1 <= graphs <= 2, graphs  # the first layer's graph (its input needs no gradient) and the others'
+    assert [r["perf"]["step"]["graphs_built"] for r in recs] == [graphs, 0]
 
 
 def test_throughput_after_the_first_wave_leaves_out_the_start():

@@ -62,6 +62,8 @@ def check(model_name: str, method: str, lengths: list[int], *, steps: int, batch
     ``base``: an already loaded model (else ``model_name`` is loaded)."""
     from torch._dynamo.utils import counters
 
+    from benchmarks.runner.compiled import dynamo_graphs
+
     if base is None:
         from benchmarks.assets.models import load_model
 
@@ -72,7 +74,7 @@ def check(model_name: str, method: str, lengths: list[int], *, steps: int, batch
     counters.clear()
     compiled, step = _train(base, method, batches, True, backend, seed)
     return {"model": model_name, "method": method, "backend": backend, "lengths": lengths, "steps": steps,
-            "step": step, "graphs": int(counters["stats"]["unique_graphs"]),
+            "step": step, "graphs": dynamo_graphs(),
             "max_abs_loss_diff": max(abs(a - b) for a, b in zip(eager, compiled)),
             "eager_losses": eager, "compiled_losses": compiled}
 

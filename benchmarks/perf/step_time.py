@@ -327,13 +327,13 @@ def _read_json(path: str) -> dict:
 @contextlib.contextmanager
 def _count_graphs(c: Candidate) -> Iterator[None]:
     """Add the graphs dynamo compiles inside the block to ``c.graphs`` (its global counter, read before and after)."""
-    from torch._dynamo.utils import counters
+    from benchmarks.runner.compiled import dynamo_graphs
 
-    before = counters["stats"]["unique_graphs"]
+    before = dynamo_graphs()
     try:
         yield
     finally:
-        c.graphs += counters["stats"]["unique_graphs"] - before
+        c.graphs += dynamo_graphs() - before
 
 
 def measure(model_name: str, methods: list[str], *, variants: tuple[str, ...] = ("eager", "compiled"),

@@ -434,17 +434,22 @@ def _signature(blocks: list[nn.Module], backend: Any, mode: str | None, dynamic:
     return per_class, backend if isinstance(backend, str) else id(backend), mode, dynamic
 
 
+def dynamo_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (its global counter; differences count a stretch)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def _keep_graphs(signature: tuple | None) -> bool:
     """Keep the process's compiled graphs for a run of ``signature`` (True), or reset dynamo (False)."""
     import torch._dynamo.config as dcfg
-    from torch._dynamo.utils import counters
 
     dcfg.recompile_limit = max(dcfg.recompile_limit, RECOMPILE_LIMIT)
-    graphs = int(counters["stats"]["unique_graphs"])
-    if signature is not None and signature == _KEPT["signature"] and graphs - _KEPT["graphs"] <= RECOMPILE_LIMIT // 2:
+    if signature is not None and signature == _KEPT["signature"] and dynamo_graphs() - _KEPT["graphs"] <= RECOMPILE_LIMIT // 2:
         return True
     torch._dynamo.reset()
-    _KEPT.update(signature=signature, graphs=int(counters["stats"]["unique_graphs"]))
+    _KEPT.update(signature=signature, graphs=dynamo_graphs())
     return False
 
 

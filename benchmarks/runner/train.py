@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.runner import health
-from benchmarks.runner.compiled import eager_mode, pad_to_bucket, prepare_model, step_options
+from benchmarks.runner.compiled import dynamo_graphs, eager_mode, pad_to_bucket, prepare_model, step_options
 from nalora.diagnostics import snapshot_trainable
 from tasks.base import Task
 
@@ -199,6 +199,7 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
     model = accelerator.prepare(adapted.model)
     prep = prepare_model(model, **step_options(tr), method=config["base_method"],
                          mixed_precision=accelerator.mixed_precision)
+    graphs_before = dynamo_graphs() if prep.compiled else 0  # compiling is lazy: the graphs come with the first step
     unwrapped = accelerator.unwrap_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
     trainable, total = adapted.num_trainable(), sum(p.numel() for p in unwrapped.parameters())
@@ -314,7 +315,8 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
         "peak_gpu_mem_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "mixed_precision": accelerator.mixed_precision,
         "num_processes": n_proc,
-        "step": prep.to_dict(),
+        # graphs this run compiled (train, evaluation, diagnostics): 0 where a worker's kept graphs served it all
+        "step": {**prep.to_dict(), "graphs_built": dynamo_graphs() - graphs_before if prep.compiled else 0},
     }
     return result
 
