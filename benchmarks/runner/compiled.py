@@ -617,8 +617,8 @@ def step_options(training: dict | None = None, environ: dict | None = None) -> d
     if mode is not None and out["backend"] != "inductor":  # torch.compile takes one or the other
         raise ValueError(f"NALORA_COMPILE_MODE={mode!r} needs the inductor backend, not {out['backend']!r}")
     if mode in CUDAGRAPH_MODES and scope == "regional":
-        raise ValueError(f"NALORA_COMPILE_MODE={mode!r} (CUDA graphs) with the regional scope crashed the process "
-                         f"on an H200 (results/perf/h200/steptime_compiled_cg_segfault.log); "
+        raise ValueError(f"NALORA_COMPILE_MODE={mode!r} uses CUDA graphs, which crashed the process with the regional "
+                         f"scope on an H200 (reduce-overhead: results/perf/h200/steptime_compiled_cg_segfault.log); "
                          f"use NALORA_COMPILE_SCOPE=model or another mode")
     out["mode"] = mode
     return out
