@@ -568,6 +568,17 @@ def test_throughput_summary_of_two_result_folders(tmp_path):
     assert (rows["eager"]["compiled_runs"], rows["eager"]["graphs_kept_runs"]) == (0, 0)  # compile: auto on a CPU
     assert "| 0 (0) |" in (tmp_path / "tp.md").read_text()
     assert "| improved | cpu | 1 | 2 | 10.0 |" in (tmp_path / "tp.md").read_text()
+    # eager runs compile nothing: every run is the steady state
+    assert rows["eager"]["runs_no_compile"] == 2
+    assert rows["eager"]["median_train_s_no_compile"] == rows["eager"]["median_train_s"]
+    # each record names the process that ran it and how many runs that process had started before
+    import os
+
+    from benchmarks.runner.store import ResultStore
+
+    workers = sorted((r["perf"]["worker"]["earlier_runs"], r["perf"]["worker"]["pid"])
+                     for r in ResultStore(tmp_path / "eager", "main").records())
+    assert workers[1][0] == workers[0][0] + 1 and {w[1] for w in workers} == {os.getpid()}
     with pytest.raises(ValueError, match="wall.json"):
         throughput.summarise(tmp_path)
 
@@ -711,6 +722,17 @@ def test_whole_compiled_runs_keep_their_graphs_through_evaluation_and_diagnostic
     assert [r["perf"]["step"]["graphs_kept"] for r in recs] == [False, True]
     assert 1 <= graphs <= 2, graphs  # the first layer's graph (its input needs no gradient) and the others'
     assert [r["perf"]["step"]["graphs_built"] for r in recs] == [graphs, 0]
+
+
+def test_throughput_steady_state_is_the_runs_that_compiled_nothing():
+    from benchmarks.perf.throughput import compiled_nothing
+
+    eager = {"step": {"compiled": False}}
+    kept = {"step": {"compiled": True, "graphs_kept": True, "graphs_built": 0}}
+    topped_up = {"step": {"compiled": True, "graphs_kept": True, "graphs_built": 2}}  # kept, but built more
+    cold = {"step": {"compiled": True, "graphs_kept": False, "graphs_built": 4}}
+    older = {"step": {"compiled": True, "graphs_kept": True}}  # before graphs_built: unknown, counted as compiling
+    assert compiled_nothing([eager, kept, topped_up, cold, older, {}]) == [eager, kept, {}]
 
 
 def test_throughput_after_the_first_wave_leaves_out_the_start():

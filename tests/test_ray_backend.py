@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_runner import BASE_SUITE, FakeTask, stand_in_inject, write_suite  # tests/ is on sys.path (conftest)
+from test_runner import BASE_SUITE, FakeTask, run, stand_in_inject, write_suite  # tests/ is on sys.path (conftest)
 
 MARKER_ENV = "NALORA_TEST_DIE_DIR"
 
@@ -135,3 +135,37 @@ def test_pool_spreads_runs_over_every_visible_gpu(tmp_path, monkeypatch):
     assert s.ok == 8, s.failures
     seen = [json.loads(p.read_text())["gpu_seen"] for p in (tmp_path / "r" / "runs").glob("*.json")]
     assert sorted(set(seen)) == ["3", "5"]
+
+
+def _fake_execute_lr(spec, ctx, position=0):
+    """Stands in for execute: validation accuracy grows with the lr (the lr rule extends the grid upward), and
+    the record says which process ran it."""
+    from benchmarks.runner.record import make_record
+    from benchmarks.runner.store import ResultStore
+
+    lr = float(spec.config["lr"])
+    metrics = {"validation": {"acc": 100 * lr}, "test": {"acc": 100 * lr}}
+    rec = make_record(spec.config, spec.meta, spec.run_id, status="ok", task_info={"selection_metric": "acc"},
+                      result={"metrics": metrics, "perf": {"wall_s": 0.1}})
+    rec["pid"] = os.getpid()
+    ResultStore(ctx.root, ctx.phase).write(rec)
+    return {"run_id": spec.run_id, "status": "ok", "message": "", "seconds": 0.1}
+
+
+@pytest.mark.slow  # spawns 2 workers
+def test_the_pool_keeps_its_workers_across_lr_rounds(tmp_path, monkeypatch):
+    """One invocation starts its workers once: the runs of lr round 1 run in the processes of round 0, whose
+    compiled graphs they keep (a pool per round compiled again in every round: results/perf/h200/tp-improved-v2)."""
+    import benchmarks.runner.execute as ex
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # one CPU pool
+    monkeypatch.setattr(ex, "execute", _fake_execute_lr)
+    suite = write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("seeds: [0]", "seeds: [0, 1]").replace(
+        "lr_bounds: [1.0e-3, 1.0e-3]", "lr_bounds: [1.0e-3, 3.0e-3]"))
+    assert run(suite, tmp_path / "r", workers=2) == 0
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "r" / "runs").glob("*.json")]
+    pids = {r["meta"]["lr_round"]: set() for r in recs}
+    for r in recs:
+        pids[r["meta"]["lr_round"]].add(r["pid"])
+    assert sorted(pids) == [0, 1] and len(recs) == 4  # round 1 added lr 3e-3 for both seeds
+    assert pids[1] <= pids[0], pids

@@ -33,9 +33,11 @@ def summarise(root: str | Path) -> dict[str, Any]:
         by_status[r.get("status", "?")] = by_status.get(r.get("status", "?"), 0) + 1
     perf = [r["perf"] for r in recs if r.get("status") == "ok" and r.get("perf")]
 
-    def med(key: str) -> float | None:
-        xs = [p[key] for p in perf if p.get(key) is not None]
+    def med(key: str, among: list[dict] = perf) -> float | None:
+        xs = [p[key] for p in among if p.get(key) is not None]
         return statistics.median(xs) if xs else None
+
+    no_compile = compiled_nothing(perf)
 
     done = sum(v for k, v in by_status.items() if k != "failed")
     gpu_h = float(wall["wall_s"]) * int(wall.get("gpus", 1)) / 3600
@@ -54,9 +56,22 @@ def summarise(root: str | Path) -> dict[str, Any]:
         "graphs_kept_runs": sum(bool(s.get("graphs_kept")) for s in step_of),
         "median_wall_s": med("wall_s"), "median_train_s": med("train_s"), "median_eval_s": med("eval_s"),
         "median_step_time_s": med("step_time_s"),
+        "runs_no_compile": len(no_compile), "median_wall_s_no_compile": med("wall_s", no_compile),
+        "median_train_s_no_compile": med("train_s", no_compile),
         "eval_share": (sum(p["eval_s"] for p in perf) / sum(p["wall_s"] for p in perf)) if perf else None,
         "step_setups": [json.loads(s) for s in sorted(steps)],
     }
+
+
+def compiled_nothing(perf: list[dict]) -> list[dict]:
+    """The runs' ``perf`` of those that compiled no graph: eager runs, and compiled runs that a worker's kept graphs
+    served whole (``step.graphs_built`` 0; records from before that field count as compiling). A worker's steady
+    state: its first runs pay the compiles."""
+    def nothing(p: dict) -> bool:
+        step = p.get("step") or {}
+        return not step.get("compiled") or step.get("graphs_built") == 0
+
+    return [p for p in perf if nothing(p)]
 
 
 def after_first_wave(recs: list[dict], workers: int | None, gpus: int = 1) -> float | None:
@@ -80,8 +95,9 @@ def to_markdown(rows: dict[str, dict[str, Any]]) -> str:
     base = rows[names[0]]["runs_per_hour"]
     lines = ["| setup | device | GPUs | runs | wall (s) | runs / hour | runs / GPU-hour | vs " + names[0] +
              " (per hour) | runs / hour after the first wave | compiled runs (graphs kept) | median run (s) "
-             "| median train (s) | median eval (s) | eval share |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| median train (s) | median eval (s) | eval share | runs that compiled nothing: n, median run, median "
+             "train (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda x, d=1: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
     for n, r in rows.items():
         ratio = r["runs_per_hour"] / base if base and r["runs_per_hour"] else None
@@ -90,7 +106,8 @@ def to_markdown(rows: dict[str, dict[str, Any]]) -> str:
                      f"| {f(ratio, 2)} | {f(r.get('runs_per_hour_after_first_wave'))} "
                      f"| {r.get('compiled_runs', 0)} ({r.get('graphs_kept_runs', 0)}) | {f(r['median_wall_s'])} "
                      f"| {f(r['median_train_s'])} | {f(r['median_eval_s'])} "
-                     f"| {f(r['eval_share'], 2)} |")
+                     f"| {f(r['eval_share'], 2)} | {r.get('runs_no_compile', '-')}, {f(r.get('median_wall_s_no_compile'))}, "
+                     f"{f(r.get('median_train_s_no_compile'))} |")
     return "\n".join(lines) + "\n"
 
 

@@ -77,7 +77,7 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
     from benchmarks.runner import grid, ledger
     from benchmarks.runner.built_models import resolve_built
     from benchmarks.runner.execute import make_resolver, resolve_task
-    from benchmarks.runner.pool import _gpu_ids, run_grid
+    from benchmarks.runner.pool import WorkerPools, _gpu_ids, run_grid
     from benchmarks.runner.store import ResultStore, atomic_write_json
     from benchmarks.runner.suite import load_suite
 
@@ -137,7 +137,7 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
             else:
                 summary = run_grid(phase_specs, str(out), phase=phase, resolver=resolver, injector=injector,
                                    workers=workers, max_minutes=left(), retry_failed=retry_failed, progress=progress,
-                                   threads=threads)
+                                   threads=threads, pools=keep_pools)
             inv["end"] = {k: getattr(summary, k) for k in ("total", "skipped", "ok", "collapsed", "diverged", "failed",
                                                            "interrupted", "remaining")}
         log(f"{phase}: {summary.line()}")
@@ -145,66 +145,69 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
             log(f"  failed: {f}")
         return summary.complete
 
-    chosen = None
-    failed = 0
-    if suite.tune:
-        tune_specs = grid.expand_tune(suite, info_of)
-        log(f"tuning {', '.join(suite.tune['methods'])} options on dev task(s) {', '.join(t.name for t in suite.dev_tasks)}: "
-            f"{len(tune_specs)} runs in {out / 'tune'}")
-        if dry_run:
-            _list(tune_specs, ResultStore(out, "tune"), log, timings_from)
-        elif not run_phase(tune_specs, "tune"):
-            return EXIT_MORE_TO_DO
-        ids = {s.run_id for s in tune_specs}
-        recs = [r for r in ResultStore(out, "tune").records() if r["run_id"] in ids]
-        failed += sum(is_failure(r) for r in recs)
-        if len(recs) == len(ids):
-            tuned = grid.choose_tuned(recs, {m: sorted(o) for m, o in suite.tune["methods"].items()})
-            tuned["dev_tasks"] = [t.name for t in suite.dev_tasks]
-            tuned["suite"] = suite.name
-            if not dry_run:
-                atomic_write_json(out / "tune" / "chosen.json", tuned)
-            chosen = tuned["chosen"]
-            log(f"tuned options (reported apart as {', '.join(m + '-tuned' for m in chosen)}): {chosen}")
-        elif dry_run:
-            log("tuning is not complete: the -tuned entries run once it is")
+    # One set of worker processes for every phase and lr round: a worker's compiled graphs serve all its runs.
+    keep_pools = WorkerPools(workers) if workers > 0 and backend == "pool" and not dry_run else None
+    with keep_pools or contextlib.nullcontext():
+        chosen = None
+        failed = 0
+        if suite.tune:
+            tune_specs = grid.expand_tune(suite, info_of)
+            log(f"tuning {', '.join(suite.tune['methods'])} options on dev task(s) {', '.join(t.name for t in suite.dev_tasks)}: "
+                f"{len(tune_specs)} runs in {out / 'tune'}")
+            if dry_run:
+                _list(tune_specs, ResultStore(out, "tune"), log, timings_from)
+            elif not run_phase(tune_specs, "tune"):
+                return EXIT_MORE_TO_DO
+            ids = {s.run_id for s in tune_specs}
+            recs = [r for r in ResultStore(out, "tune").records() if r["run_id"] in ids]
+            failed += sum(is_failure(r) for r in recs)
+            if len(recs) == len(ids):
+                tuned = grid.choose_tuned(recs, {m: sorted(o) for m, o in suite.tune["methods"].items()})
+                tuned["dev_tasks"] = [t.name for t in suite.dev_tasks]
+                tuned["suite"] = suite.name
+                if not dry_run:
+                    atomic_write_json(out / "tune" / "chosen.json", tuned)
+                chosen = tuned["chosen"]
+                log(f"tuned options (reported apart as {', '.join(m + '-tuned' for m in chosen)}): {chosen}")
+            elif dry_run:
+                log("tuning is not complete: the -tuned entries run once it is")
 
-    store = ResultStore(out, "main")
-    grids = grid.initial_grids(suite, info_of)
-    bounds = {m.label: m.lr_bounds for m in suite.methods}
-    lr_round = 0
-    while True:
-        specs = grid.expand(suite, info_of, chosen, grids)
-        log(f"suite {suite.name}, lr round {lr_round}: {len(specs)} runs ({len(suite.tasks)} tasks x "
-            f"{len(suite.methods)} methods x lr grid x seeds) in {out / 'runs'}")
+        store = ResultStore(out, "main")
+        grids = grid.initial_grids(suite, info_of)
+        bounds = {m.label: m.lr_bounds for m in suite.methods}
+        lr_round = 0
+        while True:
+            specs = grid.expand(suite, info_of, chosen, grids)
+            log(f"suite {suite.name}, lr round {lr_round}: {len(specs)} runs ({len(suite.tasks)} tasks x "
+                f"{len(suite.methods)} methods x lr grid x seeds) in {out / 'runs'}")
+            if dry_run:
+                if not all(store.is_done(s.run_id) for s in specs):
+                    _list(specs, store, log, timings_from)  # the current round only: later rounds depend on its results
+                    return 0
+            elif not run_phase(specs, "main"):
+                return EXIT_MORE_TO_DO
+            recs = [r for r in (store.load(s.run_id) for s in specs) if r is not None]
+            grown = grid.extend_grids(grids, recs, lambda cell: bounds[cell[2]])
+            if not grown:
+                break
+            lr_round += 1
+            for (model, task, label), lrs in grown.items():
+                new = sorted(set(lrs) - set(grids[(model, task, label)]))
+                log(f"  lr round {lr_round}: {model}/{task}/{label} best lr at an edge; adding {', '.join(f'{x:g}' for x in new)}")
+            grids.update(grown)
         if dry_run:
-            if not all(store.is_done(s.run_id) for s in specs):
-                _list(specs, store, log, timings_from)  # the current round only: later rounds depend on its results
-                return 0
-        elif not run_phase(specs, "main"):
-            return EXIT_MORE_TO_DO
-        recs = [r for r in (store.load(s.run_id) for s in specs) if r is not None]
-        grown = grid.extend_grids(grids, recs, lambda cell: bounds[cell[2]])
-        if not grown:
-            break
-        lr_round += 1
-        for (model, task, label), lrs in grown.items():
-            new = sorted(set(lrs) - set(grids[(model, task, label)]))
-            log(f"  lr round {lr_round}: {model}/{task}/{label} best lr at an edge; adding {', '.join(f'{x:g}' for x in new)}")
-        grids.update(grown)
-    if dry_run:
-        _list(specs, store, log, timings_from)
+            _list(specs, store, log, timings_from)
+            return 0
+        failed += sum(is_failure(r) for r in recs)
+        if failed:
+            log(f"done, but {failed} run(s) failed with an exception (exit {EXIT_RUNS_FAILED}); see the 'failed' lines, "
+                "fix the cause and rerun with --retry-failed")
+            return EXIT_RUNS_FAILED
+        if not os.environ.get("NALORA_BENCH_REPORT_FOLLOWS"):  # run_all.sh rebuilds it itself right after
+            log(f"done; rebuild the leaderboard with: nalora-bench report --results {out}")
+        else:
+            log("done")
         return 0
-    failed += sum(is_failure(r) for r in recs)
-    if failed:
-        log(f"done, but {failed} run(s) failed with an exception (exit {EXIT_RUNS_FAILED}); see the 'failed' lines, "
-            "fix the cause and rerun with --retry-failed")
-        return EXIT_RUNS_FAILED
-    if not os.environ.get("NALORA_BENCH_REPORT_FOLLOWS"):  # run_all.sh rebuilds it itself right after
-        log(f"done; rebuild the leaderboard with: nalora-bench report --results {out}")
-    else:
-        log("done")
-    return 0
 
 
 def is_failure(rec: dict) -> bool:

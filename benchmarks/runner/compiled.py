@@ -518,10 +518,11 @@ def auto_compile_reason(device: torch.device) -> str:
     """Why ``compile: auto`` trains eagerly on ``device`` ("" would mean: compile)."""
     if device.type != "cuda":
         return f"auto: {device.type} (compile on CUDA only)"
-    # Measured on an H200: whole 300-step runs, ten at once, were slower compiled than eager
-    # (results/perf/h200/throughput.md, 0.73x the runs per hour): every run compiled again, because the
-    # misalignment diagnostic's forwards compiled a graph per layer, which reset the graphs a worker keeps.
-    # Fixed since (train.py runs the diagnostic eagerly), not yet measured again.
+    # Measured on an H200 (results/perf/h200/throughput.md): whole 300-step runs, ten at once, were slower compiled
+    # than eager: 0.73x the runs per hour (every run compiled again: the misalignment diagnostic's forwards reset
+    # a worker's graphs), then 0.83x once that was fixed: runs served by a worker's kept graphs took 44.9 s
+    # against eager's 85.9 s, but each worker compiled again at the start of every lr round (a pool per round,
+    # kept for the whole invocation since: pool.WorkerPools), and compiling cost each worker about 100 s.
     return "auto: eager (compiled whole runs were slower: results/perf/h200/throughput.md); compile: true compiles"
 
 

@@ -128,6 +128,9 @@ class RunContext:
     progress: bool = True
 
 
+_PROCESS_RUNS = [0]  # runs this process has started: a pool worker's first run pays its imports and compiles
+
+
 def execute(spec: RunSpec, ctx: RunContext, position: int = 0) -> dict[str, Any]:
     """Train ``spec`` and write its record under ``ctx.root``; returns a short summary for the grid bar."""
     import torch
@@ -148,7 +151,10 @@ def execute(spec: RunSpec, ctx: RunContext, position: int = 0) -> dict[str, Any]
     try:
         task = resolve_task(resolver, spec.config)
         task_info = task.describe()
+        earlier, _PROCESS_RUNS[0] = _PROCESS_RUNS[0], _PROCESS_RUNS[0] + 1
         result = train_run(spec.config, task, injector=injector, deadline=deadline, progress=progress, position=position)
+        if isinstance(result.get("perf"), dict):  # which process ran it, and after how many runs of its own
+            result["perf"]["worker"] = {"pid": os.getpid(), "earlier_runs": earlier}
         status, error = result.get("status", "ok"), None
         if status not in RESULT_STATUSES:
             raise RuntimeError(f"train_run returned unknown status {status!r} (expected one of {RESULT_STATUSES})")

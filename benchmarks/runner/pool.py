@@ -7,6 +7,7 @@ This module imports no torch at top level, so spawned workers set the variable b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -167,10 +168,12 @@ def _signature_key(spec: RunSpec) -> tuple:
 
 def run_grid(specs: list[RunSpec], root: str, *, phase: str = "main", resolver: Callable[[str], Any],
              injector: Callable | None = None, workers: int = 0, max_minutes: float | None = None,
-             retry_failed: bool = False, progress: bool = True, threads: int | None = None) -> GridSummary:
+             retry_failed: bool = False, progress: bool = True, threads: int | None = None,
+             pools: WorkerPools | None = None) -> GridSummary:
     """Run every spec without a result JSON under ``root``; returns what happened.
 
     ``threads``: torch CPU threads of the in-process runner (``workers`` 0; default ``available_cpus()``).
+    ``pools``: the invocation's worker processes, kept across its grids (else this grid starts and stops its own).
 
     With ``max_minutes``, a run starts only if its expected time (``TimeBudget``) fits in what is left of the
     budget, and a run still going at the budget's end is abandoned unrecorded; the next invocation picks up there.
@@ -231,64 +234,99 @@ def run_grid(specs: list[RunSpec], root: str, *, phase: str = "main", resolver: 
                     account(execute(spec, ctx, 1), spec)
                 summary.remaining = len(queue)
             else:
-                _run_pools(todo, ctx, workers, next_run, account, summary)
+                if pools is not None and pools.workers != workers:
+                    raise ValueError(f"run_grid: workers={workers} but the pools given have {pools.workers} per GPU")
+                with contextlib.nullcontext(pools) if pools is not None else WorkerPools(workers) as used:
+                    _run_pools(todo, ctx, used, next_run, account, summary)
         finally:
             bar.close()
         return summary
 
 
-def _run_pools(todo: list[RunSpec], ctx: Any, workers: int, next_run: Callable[[list[RunSpec]], RunSpec | None],
-               account: Callable[[dict, RunSpec], None], summary: GridSummary) -> None:
-    """``workers`` spawned processes per visible GPU (one pool per GPU), each run through ``execute(spec, ctx)``;
-    a dead worker's runs are retried once, then recorded failed."""
-    import multiprocessing as mp
+class WorkerPools:
+    """The spawned worker processes of one invocation: ``workers`` per visible GPU (one pool per GPU), started on
+    first use and kept until ``close`` across every grid run through them (phases, lr rounds).
 
+    A worker's compiled graphs (``compiled._keep_graphs``) and imports then serve its runs of every round; with a
+    pool per round every worker compiled again at each round's start (GPU visit of 2026-12-01:
+    results/perf/h200/tp-improved-v2, every run of lr round 1 rebuilt its graphs).
+    """
+
+    def __init__(self, workers: int) -> None:
+        if workers < 1:
+            raise ValueError(f"worker pools need workers >= 1, got {workers}")
+        self.workers = workers
+        self.gpus: list[str | None] = _gpu_ids() or [None]  # CPU-only machine: one pool
+        threads = _threads_per_worker(workers, len(self.gpus))
+        self._initargs = {g: (g, threads, os.getpid()) for g in self.gpus}
+        self._pools: dict[str | None, ProcessPoolExecutor] = {}
+
+    def get(self, gpu: str | None) -> ProcessPoolExecutor:
+        """The pool pinned to ``gpu`` (started now if it is not running)."""
+        if gpu not in self._pools:
+            import multiprocessing as mp
+
+            self._pools[gpu] = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),  # fork after CUDA init is unsafe
+                                                   initializer=_init_worker, initargs=self._initargs[gpu])
+        return self._pools[gpu]
+
+    def discard(self, gpu: str | None, pool: ProcessPoolExecutor) -> None:
+        """Drop ``pool`` (broken: a worker died) if it is still ``gpu``'s; the next ``get`` starts a fresh one."""
+        if self._pools.get(gpu) is pool:
+            del self._pools[gpu]
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        for p in self._pools.values():
+            p.shutdown(wait=True, cancel_futures=True)
+        self._pools.clear()
+
+    def __enter__(self) -> "WorkerPools":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _run_pools(todo: list[RunSpec], ctx: Any, pools: WorkerPools, next_run: Callable[[list[RunSpec]], RunSpec | None],
+               account: Callable[[dict, RunSpec], None], summary: GridSummary) -> None:
+    """Each run through ``execute(spec, ctx)`` in one of ``pools``' workers; a dead worker's runs are retried once,
+    then recorded failed."""
     from benchmarks.runner.execute import execute
 
-    gpus = _gpu_ids() or [None]  # CPU-only machine: one pool
-    spawn = mp.get_context("spawn")  # fork after CUDA init is unsafe
-    threads = _threads_per_worker(workers, len(gpus))
-    initargs = {g: (g, threads, os.getpid()) for g in gpus}
-    pools = {g: ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_worker, initargs=initargs[g])
-             for g in gpus}
+    gpus, workers = pools.gpus, pools.workers
     free_slots = {g: list(range(workers)) for g in gpus}
     running: dict[Future, tuple[RunSpec, Any, int, ProcessPoolExecutor]] = {}
     queue = list(todo)
     deaths: dict[str, int] = {}
-    try:
-        while queue or running:
-            for g in gpus:
-                while queue and free_slots[g] and (spec := next_run(queue)) is not None:
-                    slot = free_slots[g].pop(0)
-                    position = 1 + gpus.index(g) * workers + slot
-                    fut = pools[g].submit(execute, spec, ctx, position)
-                    running[fut] = (spec, g, slot, pools[g])
-            if not running:
-                break
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in done:
-                spec, g, slot, pool = running.pop(fut)
-                free_slots[g].append(slot)
-                free_slots[g].sort()
-                try:
-                    account(fut.result(), spec)
-                except BrokenProcessPool:
-                    # A worker died (killed for memory, segfault) and took its pool's runs with it; we cannot
-                    # tell which run did it, so each is retried once and recorded failed on a second death.
-                    deaths[spec.run_id] = deaths.get(spec.run_id, 0) + 1
-                    if deaths[spec.run_id] >= 2:
-                        _record_dead_worker(spec, ctx.root, ctx.phase)
-                        account({"status": "failed", "message": "worker process died twice", "seconds": 0.0}, spec)
-                    else:
-                        queue.insert(0, spec)
-                    if pools[g] is pool:  # the first of its runs to report: replace the broken pool once
-                        pools[g].shutdown(wait=False, cancel_futures=True)
-                        pools[g] = ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_worker,
-                                                       initargs=initargs[g])
-        summary.remaining = len(queue)
-    finally:
-        for p in pools.values():
-            p.shutdown(wait=True, cancel_futures=True)
+    while queue or running:
+        for g in gpus:
+            while queue and free_slots[g] and (spec := next_run(queue)) is not None:
+                slot = free_slots[g].pop(0)
+                position = 1 + gpus.index(g) * workers + slot
+                pool = pools.get(g)
+                fut = pool.submit(execute, spec, ctx, position)
+                running[fut] = (spec, g, slot, pool)
+        if not running:
+            break
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for fut in done:
+            spec, g, slot, pool = running.pop(fut)
+            free_slots[g].append(slot)
+            free_slots[g].sort()
+            try:
+                account(fut.result(), spec)
+            except BrokenProcessPool:
+                # A worker died (killed for memory, segfault) and took its pool's runs with it; we cannot
+                # tell which run did it, so each is retried once and recorded failed on a second death.
+                deaths[spec.run_id] = deaths.get(spec.run_id, 0) + 1
+                if deaths[spec.run_id] >= 2:
+                    _record_dead_worker(spec, ctx.root, ctx.phase)
+                    account({"status": "failed", "message": "worker process died twice", "seconds": 0.0}, spec)
+                else:
+                    queue.insert(0, spec)
+                pools.discard(g, pool)  # the first of its runs to report replaces the broken pool, once
+    summary.remaining = len(queue)
 
 
 def _record_dead_worker(spec: RunSpec, root: str, phase: str) -> None:
