@@ -169,3 +169,20 @@ def test_the_pool_keeps_its_workers_across_lr_rounds(tmp_path, monkeypatch):
         pids[r["meta"]["lr_round"]].add(r["pid"])
     assert sorted(pids) == [0, 1] and len(recs) == 4  # round 1 added lr 3e-3 for both seeds
     assert pids[1] <= pids[0], pids
+
+
+@pytest.mark.slow  # starts a local Ray and two worker processes that import torch
+def test_ray_backend_keeps_one_local_ray_across_lr_rounds(ray_env, monkeypatch):
+    """``run --backend ray`` starts its local Ray once for the whole invocation: lr round 1 runs in the Ray of
+    round 0 (a Ray per round started its worker processes, and their compiles, again)."""
+    ray = pytest.importorskip("ray")
+    starts = []
+    real_init = ray.init
+    monkeypatch.setattr(ray, "init", lambda *a, **k: starts.append(k) or real_init(*a, **k))
+    suite = write_suite(ray_env / "s.yaml", BASE_SUITE.replace("seeds: [0]", "seeds: [0, 1]").replace(
+        "lr_bounds: [1.0e-3, 1.0e-3]", "lr_bounds: [1.0e-3, 3.0e-3]"))
+    assert run(suite, ray_env / "r", workers=2, backend="ray", resolver=resolver) == 0
+    recs = [json.loads(p.read_text()) for p in (ray_env / "r" / "runs").glob("*.json")]
+    assert sorted(r["meta"]["lr_round"] for r in recs) == [0, 0, 1, 1]  # round 1 added lr 3e-3 for both seeds
+    assert all(r["status"] == "ok" for r in recs), [r["error"] for r in recs]
+    assert len(starts) == 1 and not ray.is_initialized()  # started once, stopped at the end

@@ -147,7 +147,7 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
 
     # One set of worker processes for every phase and lr round: a worker's compiled graphs serve all its runs.
     keep_pools = WorkerPools(workers) if workers > 0 and backend == "pool" and not dry_run else None
-    with keep_pools or contextlib.nullcontext():
+    with keep_pools or (_ray_session(address, workers or 1) if backend == "ray" and not dry_run else contextlib.nullcontext()):
         chosen = None
         failed = 0
         if suite.tune:
@@ -208,6 +208,12 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
         else:
             log("done")
         return 0
+
+
+def _ray_session(address: str | None, workers: int) -> Any:
+    from benchmarks.runner.ray_backend import ray_session  # ray is optional: imported only for --backend ray
+
+    return ray_session(address, workers)
 
 
 def is_failure(rec: dict) -> bool:

@@ -5,14 +5,17 @@ store and resume: a run whose JSON exists is skipped). With GPUs in the cluster 
 ``1 / workers`` of a GPU, so ``workers`` runs share each GPU as in the local pool; Ray sets
 ``CUDA_VISIBLE_DEVICES`` for the task. A task whose worker process dies (killed for memory, segfault) is
 retried by Ray up to ``max_retries`` times, then recorded failed. Without ``address`` a local Ray is
-started (and stopped at the end); with one, the run store ``root`` must be on a filesystem every node sees.
+started (and stopped at the end: of the grid, or of the invocation inside ``ray_session``, whose worker processes
+and their compiled graphs then serve every phase and lr round); with one, the run store ``root`` must be on a
+filesystem every node sees.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from benchmarks.runner.budget import TimeBudget
 from benchmarks.runner.grid import RunSpec
@@ -47,6 +50,20 @@ def _start_ray(address: str | None, workers: int, num_cpus: int | None, max_retr
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": path}}, _system_config={"task_oom_retries": max_retries})
     return True
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, workers: int, num_cpus: int | None = None, max_retries: int = 1) -> Iterator[None]:
+    """Ray for a whole invocation: ``run_grid_ray`` inside uses it (a local Ray started here is stopped on exit),
+    so its worker processes are not started again for each lr round."""
+    started = _start_ray(address, workers, num_cpus, max_retries)
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
 
 
 def run_grid_ray(specs: list[RunSpec], root: str, *, phase: str = "main", resolver: Callable[[str], Any],
