@@ -147,7 +147,8 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
 
     # One set of worker processes for every phase and lr round: a worker's compiled graphs serve all its runs.
     keep_pools = WorkerPools(workers) if workers > 0 and backend == "pool" and not dry_run else None
-    with keep_pools or (_ray_session(address, workers or 1) if backend == "ray" and not dry_run else contextlib.nullcontext()):
+    ray = _ray_session(address, workers or 1) if backend == "ray" and not dry_run else None
+    with keep_pools or ray or contextlib.nullcontext():
         chosen = None
         failed = 0
         if suite.tune:

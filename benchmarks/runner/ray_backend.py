@@ -90,8 +90,7 @@ def run_grid_ray(specs: list[RunSpec], root: str, *, phase: str = "main", resolv
         return summary
     budget = TimeBudget(str(root), phase, max_minutes)
     deadline = budget.deadline
-    started = _start_ray(address, workers, num_cpus, max_retries)
-    try:
+    with ray_session(address, workers, num_cpus, max_retries):  # a no-op inside the invocation's session
         gpus = int(ray.cluster_resources().get("GPU", 0))
         opts: dict[str, Any] = {"max_retries": max_retries, "retry_exceptions": False, "num_cpus": 1}
         if gpus:
@@ -130,9 +129,6 @@ def run_grid_ray(specs: list[RunSpec], root: str, *, phase: str = "main", resolv
             bar.close()
             for ref in running:  # interrupted: the runs in flight are abandoned, unrecorded
                 ray.cancel(ref, force=True)
-    finally:
-        if started:
-            ray.shutdown()
     return summary
 
 
