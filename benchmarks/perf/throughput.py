@@ -38,6 +38,7 @@ def summarise(root: str | Path) -> dict[str, Any]:
         return statistics.median(xs) if xs else None
 
     no_compile = compiled_nothing(perf)
+    first = workers_first_runs(perf)
 
     done = sum(v for k, v in by_status.items() if k != "failed")
     gpu_h = float(wall["wall_s"]) * int(wall.get("gpus", 1)) / 3600
@@ -58,6 +59,8 @@ def summarise(root: str | Path) -> dict[str, Any]:
         "median_step_time_s": med("step_time_s"),
         "runs_no_compile": len(no_compile), "median_wall_s_no_compile": med("wall_s", no_compile),
         "median_train_s_no_compile": med("train_s", no_compile),
+        # what a worker's start costs (model load, a cold or carried compile cache): records naming their worker
+        "worker_first_runs": len(first), "median_train_s_first_run": med("train_s", first),
         "eval_share": (sum(p["eval_s"] for p in perf) / sum(p["wall_s"] for p in perf)) if perf else None,
         "step_setups": [json.loads(s) for s in sorted(steps)],
     }
@@ -72,6 +75,12 @@ def compiled_nothing(perf: list[dict]) -> list[dict]:
         return not step.get("compiled") or step.get("graphs_built") == 0
 
     return [p for p in perf if nothing(p)]
+
+
+def workers_first_runs(perf: list[dict]) -> list[dict]:
+    """The runs' ``perf`` of those that were their worker process's first (``worker.earlier_runs`` 0): what a
+    worker's start costs, a cold or a carried compile cache. Records from before ``worker`` are not counted."""
+    return [p for p in perf if (p.get("worker") or {}).get("earlier_runs") == 0]
 
 
 def after_first_wave(recs: list[dict], workers: int | None, gpus: int = 1) -> float | None:
@@ -96,8 +105,8 @@ def to_markdown(rows: dict[str, dict[str, Any]]) -> str:
     lines = ["| setup | device | GPUs | runs | wall (s) | runs / hour | runs / GPU-hour | vs " + names[0] +
              " (per hour) | runs / hour after the first wave | compiled runs (graphs kept) | median run (s) "
              "| median train (s) | median eval (s) | eval share | runs that compiled nothing: n, median run, median "
-             "train (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "train (s) | workers' first runs: n, median train (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda x, d=1: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
     for n, r in rows.items():
         ratio = r["runs_per_hour"] / base if base and r["runs_per_hour"] else None
@@ -107,7 +116,8 @@ def to_markdown(rows: dict[str, dict[str, Any]]) -> str:
                      f"| {r.get('compiled_runs', 0)} ({r.get('graphs_kept_runs', 0)}) | {f(r['median_wall_s'])} "
                      f"| {f(r['median_train_s'])} | {f(r['median_eval_s'])} "
                      f"| {f(r['eval_share'], 2)} | {r.get('runs_no_compile', '-')}, {f(r.get('median_wall_s_no_compile'))}, "
-                     f"{f(r.get('median_train_s_no_compile'))} |")
+                     f"{f(r.get('median_train_s_no_compile'))} "
+                     f"| {r.get('worker_first_runs', '-')}, {f(r.get('median_train_s_first_run'))} |")
     return "\n".join(lines) + "\n"
 
 

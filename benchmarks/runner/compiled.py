@@ -515,15 +515,14 @@ def pad_to_bucket(batch: Any, multiple: int = 64, pad_id: int = 0) -> Any:
 
 
 def auto_compile_reason(device: torch.device) -> str:
-    """Why ``compile: auto`` trains eagerly on ``device`` ("" would mean: compile)."""
+    """Why ``compile: auto`` trains eagerly on ``device``; "" (compile) on CUDA."""
     if device.type != "cuda":
         return f"auto: {device.type} (compile on CUDA only)"
-    # Measured on an H200 (results/perf/h200/throughput.md): whole 300-step runs, ten at once, were slower compiled
-    # than eager: 0.73x the runs per hour (every run compiled again: the misalignment diagnostic's forwards reset
-    # a worker's graphs), then 0.83x once that was fixed: runs served by a worker's kept graphs took 44.9 s
-    # against eager's 85.9 s, but each worker compiled again at the start of every lr round (a pool per round,
-    # kept for the whole invocation since: pool.WorkerPools), and compiling cost each worker about 100 s.
-    return "auto: eager (compiled whole runs were slower: results/perf/h200/throughput.md); compile: true compiles"
+    # Measured on an H200 (results/perf/h200/throughput.md, rows eager-v3 and improved-v3: the same 40 whole runs,
+    # same commit, ten workers): compiled 1.30x the eager path's runs per GPU-hour, as a worker's graphs now serve
+    # its later runs; each worker's first run pays the compile (its median train time about 3.5x a later run's), so
+    # a single short run (`nalora-bench train`) is faster with compile: false.
+    return ""
 
 
 def _default_bf16() -> bool:
@@ -536,8 +535,7 @@ def prepare_model(model: nn.Module, *, compile: bool | str = "auto", bf16_frozen
                   compile_scope: str = "regional", log: Callable[[str], None] | None = None) -> Prepared:
     """Make ``model`` (already on its device, after ``inject`` and ``accelerator.prepare``) fast to train.
 
-    ``compile``: True, False, or "auto" (eager for now: compiling pays per step but not yet per run, see
-    ``auto_compile_reason``); ``compile_scope``: "regional" or "model" (``compile_in_place``).
+    ``compile``: True, False, or "auto" (compile on CUDA, see ``auto_compile_reason``); ``compile_scope``: "regional" or "model" (``compile_in_place``).
     ``bf16_frozen``: True / "auto" (cast when exact, see ``cast_frozen_to_bf16``) or False. ``mixed_precision``: the run's setting
     ("bf16" | "fp16" | "no"; None: bf16 where the GPU has it). ``light_loss``: install the chunked
     vocabulary loss (True / "auto") or not. Returns ``Prepared`` (``.model`` is ``model``: compiled in place).
