@@ -521,7 +521,7 @@ def auto_compile_reason(device: torch.device) -> str:
     # Measured on an H200 (results/perf/h200/throughput.md, rows eager-v3 and improved-v3: the same 40 whole runs,
     # same commit, ten workers): compiled 1.30x the eager path's runs per GPU-hour, as a worker's graphs now serve
     # its later runs; each worker's first run pays the compile (its median train time about 3.5x a later run's), so
-    # a single short run (`nalora-bench train`) is faster with compile: false.
+    # an invocation of a single short run is faster with compile: false.
     return ""
 
 
@@ -535,7 +535,8 @@ def prepare_model(model: nn.Module, *, compile: bool | str = "auto", bf16_frozen
                   compile_scope: str = "regional", log: Callable[[str], None] | None = None) -> Prepared:
     """Make ``model`` (already on its device, after ``inject`` and ``accelerator.prepare``) fast to train.
 
-    ``compile``: True, False, or "auto" (compile on CUDA, see ``auto_compile_reason``); ``compile_scope``: "regional" or "model" (``compile_in_place``).
+    ``compile``: True, False, or "auto" (compile on CUDA, see ``auto_compile_reason``); ``compile_scope``:
+    "regional" or "model" (``compile_in_place``).
     ``bf16_frozen``: True / "auto" (cast when exact, see ``cast_frozen_to_bf16``) or False. ``mixed_precision``: the run's setting
     ("bf16" | "fp16" | "no"; None: bf16 where the GPU has it). ``light_loss``: install the chunked
     vocabulary loss (True / "auto") or not. Returns ``Prepared`` (``.model`` is ``model``: compiled in place).
