@@ -523,6 +523,7 @@ class NALoRAController(StepRescaler):
 
     def history(self) -> dict[str, Any]:
         """Mask dynamics per statistics refresh (syncs with the host: call it for logging, not per step).
+        Tensor statistics come as the shortest decimals of their float32 values (exact at float32).
 
         ``occupancy[i][j]`` is the (supp, sel, lin) fraction of layer j's tokens x channels on refresh i;
         ``turnover`` the fraction of the new keep set not kept before; NaN where not applicable.
@@ -533,7 +534,7 @@ class NALoRAController(StepRescaler):
             for key in ("step", "rho", "kept_fraction"):
                 out[key].append(h[key])
             for key in ("turnover", "occupancy", "gamma_mean"):
-                out[key].append(h[key].cpu().tolist())
+                out[key].append(_float32_list(h[key]))
         return out
 
     # ---------------------------------------------------------------- persistence and teardown
@@ -592,3 +593,12 @@ class NALoRAController(StepRescaler):
                     s.param.mul_(s.view(s.keep).to(s.param.dtype))
                     s.stash = None
         super().fold()
+
+
+def _float32_list(t: torch.Tensor) -> list:
+    """``t.tolist()`` with each value the shortest decimal that is the same float32 (0.87179524, not
+    0.8717952370643616): the statistics are float32, and a run record then stores half the digits."""
+    import numpy as np
+
+    a = t.detach().float().cpu().numpy()
+    return np.array([float(str(v)) for v in a.ravel()]).reshape(a.shape).tolist()  # v: a numpy float32

@@ -76,6 +76,19 @@ def test_gsm8k_variants(cache):
     assert Cache(cache).record("gsm8k-templates")["info"]["splits"]["test"]["problems"] == len(dd["test"])
 
 
+def test_gsm8k_generation_budget_holds_every_reference_solution(cache):
+    """A model that learned the solutions can write each one out: no reference solution (test split included)
+    is longer than the task's ``max_new_tokens`` in SmolLM2's tokens (128 cut half of them before "#### n")."""
+    from tasks.registry import get_task
+
+    _fetch(cache, "gsm8k-templates", "smollm2-135m")
+    task = get_task("gsm8k")
+    tok = task.setup("smollm2-135m", "cpu").extras["tokenizer"]
+    longest = max(len(tok(task.doc_to_target(ex), add_special_tokens=False)["input_ids"])
+                  for split in ("train", "validation", "test") for ex in task.examples(split))
+    assert 250 < longest <= task.max_new_tokens, longest
+
+
 def test_fashion_mnist(cache):
     from benchmarks.assets import load_dataset
 

@@ -394,6 +394,11 @@ def test_statistics_only_on_refresh_steps_and_no_host_sync():
     assert h["kept_fraction"] == [[keep_count(keep_fraction(s + 1, 12, 0.0, 0.3, 0.5), d) / d] * n for s in (0, 5, 10)]
     assert h["rho"][-1] == 0.5 and all(0 <= t <= 1 for row in h["turnover"] for t in row)
     assert all(abs(sum(o) - 1) < 1e-5 for o in h["occupancy"][-1])
+    # The tensor statistics are stored as their float32 values in shortest decimals: exact, and short.
+    last = ctrl._history[-1]["occupancy"]
+    assert torch.equal(torch.tensor(h["occupancy"][-1], dtype=torch.float32), last.cpu())
+    values = [v for row in h["occupancy"] for o in row for v in o]
+    assert all(len(repr(v)) <= 15 for v in values), max(values, key=lambda v: len(repr(v)))  # <= 9 digits
 
 
 def test_eval_forward_does_not_collect():

@@ -106,6 +106,30 @@ def test_collapsed_runs_are_not_selected_for_extension(tmp_path, monkeypatch):
     assert {r["status"] for r in recs if r["config"]["lr"] == 1e-3} == {"collapsed"}
 
 
+def test_a_cell_with_a_failed_run_is_not_extended_until_it_is_rerun(tmp_path, monkeypatch):
+    # One seed of one lr runs out of memory: the cell's grid is incomplete, so the lr rule waits (its complete
+    # settings alone say "top edge"); --retry-failed reruns that run, and then the rule extends the cell.
+    import benchmarks.runner.train as train
+    from benchmarks.runner.cli import EXIT_RUNS_FAILED
+
+    ok = fake_trainer(optimum=3e-2)
+
+    def oom_once(config, task, **kw):
+        if config["lr"] == 1e-4 and config["seed"] == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 640.00 MiB")
+        return ok(config, task, **kw)
+
+    monkeypatch.setattr(train, "train_run", oom_once)
+    suite = grid_suite(tmp_path)
+    assert tr.run(suite, tmp_path / "r") == EXIT_RUNS_FAILED
+    assert set(lrs_run(tmp_path / "r")) == {1e-4, 3e-4, 1e-3}
+    failed = [r for r in tr.runs(tmp_path / "r").values() if r["status"] == "failed"]
+    assert [(r["config"]["lr"], r["error"]["type"]) for r in failed] == [(1e-4, "oom")]
+    monkeypatch.setattr(train, "train_run", ok)
+    assert tr.run(suite, tmp_path / "r", retry_failed=True) == 0
+    assert set(lrs_run(tmp_path / "r")) == {1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1}
+
+
 def test_dry_run_shows_the_current_round_only(tmp_path, monkeypatch):
     import benchmarks.runner.train as train
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import test_runner as tr
+from conftest import require_assets
 
 from benchmarks.assets.cache import AssetError, Cache, file_table
 from benchmarks.runner.sidefile import read_full, side_path
@@ -79,6 +80,7 @@ def test_read_only_results_folder_fails_before_training(tmp_path, monkeypatch, c
     from benchmarks.cli import main
 
     (tmp_path / "afile").write_text("x")
+    require_assets("sarcasm")  # a real suite's asset check comes first: its task's data must be cached
     real = tr.write_suite(tmp_path / "real.yaml", tr.BASE_SUITE.replace("tasks: [fake]", "tasks: [sarcasm]"))
     assert main(["run", "--suite", str(real), "--out", str(tmp_path / "afile" / "r"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

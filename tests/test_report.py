@@ -299,6 +299,23 @@ def test_cell_with_holes_in_its_grid_is_provisional(tmp_path):
     assert "Grid still running in 2 of" in findings and "t1/lora (lr 0.0001: not run; lr 0.001: seeds 2)" in findings
 
 
+def test_cell_with_a_failed_run_is_provisional_until_it_is_rerun(tmp_path):
+    """One of LoRA's t1 runs ran out of memory: the cell is ◊ (the runner's lr rule waits for the rerun), the
+    selection table says why, and no paired comparison uses it."""
+    store = ResultStore(tmp_path)
+    for r in make_results(tmp_path / "full"):
+        c = r["config"]
+        if (c["task"], c["method"], c["seed"], c["lr"]) == ("t1", "lora", 2, 1e-4):
+            r["status"], r["error"] = "failed", {"type": "oom", "message": "CUDA out of memory"}
+        store.write(r)
+    report(tmp_path)
+    sel = (tmp_path / "tables/selection.md").read_text()
+    assert "1 run(s) failed (oom): to rerun (--retry-failed) before the lr rule judges the cell" in sel
+    paired_md = tmp_path / "tables/paired_m.md"
+    paired = paired_md.read_text() if paired_md.exists() else ""
+    assert not any(line.startswith("| nalora | t1") for line in paired.splitlines())
+
+
 @pytest.mark.parametrize("bounds, provisional", [((1e-5, 1e-2), True), ((1e-5, 1e-3), False)])
 def test_edge_short_of_the_bound_is_provisional(tmp_path, bounds, provisional):
     """Every cell selects lr 1e-3, the top of {1e-4, 1e-3}. With bounds up to 1e-2 the extension rule still has

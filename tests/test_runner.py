@@ -95,6 +95,19 @@ class DevTask(FakeTask):
     name = "fake-dev"
 
 
+class SlowEvalTask(FakeTask):
+    """Fast training, an evaluation of many slow forwards (as a generation task's)."""
+
+    name = "fake-slow-eval"
+
+    def evaluate(self, setup, model, split, limit=None, batch_size=16):
+        x = _examples(1, 4).to(next(model.parameters()).device)
+        for _ in range(150):
+            time.sleep(0.1)
+            model(input_ids=x)
+        return {"acc": 0.0}
+
+
 class BrokenTask(FakeTask):
     """Raises while setting up: a run that fails with an exception (not a result)."""
 
@@ -104,7 +117,7 @@ class BrokenTask(FakeTask):
         raise RuntimeError("boom: cannot set up")
 
 
-TASKS = {c.name: c for c in (FakeTask, NanTask, SlowTask, DevTask, BrokenTask)}
+TASKS = {c.name: c for c in (FakeTask, NanTask, SlowTask, DevTask, BrokenTask, SlowEvalTask)}
 
 
 def fake_resolver(name: str) -> Task:
@@ -456,6 +469,19 @@ def test_max_minutes_stops_and_resumes(tmp_path):
     assert rc == EXIT_MORE_TO_DO and len(runs(tmp_path / "r")) < 3
     assert run(suite, tmp_path / "r") == 0 and len(runs(tmp_path / "r")) == 3
     assert not list((tmp_path / "r/runs").glob(".*"))  # no temp files left behind
+
+
+def test_time_budget_ends_a_run_inside_a_long_evaluation_and_says_where(tmp_path):
+    """The budget is checked before every evaluation forward, not only between steps: a run whose evaluation
+    outlasts it stops there (unrecorded, redone next time) instead of holding the invocation past its time."""
+    from benchmarks.runner.cli import EXIT_MORE_TO_DO
+
+    suite = write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("tasks: [fake]", "tasks: [fake-slow-eval]"))
+    lines: list[str] = []
+    assert run(suite, tmp_path / "r", max_minutes=0.1, log=lines.append) == EXIT_MORE_TO_DO  # 6 s; an eval: 15 s
+    assert not runs(tmp_path / "r")
+    (where,) = [x for x in lines if x.startswith("  interrupted:")]
+    assert "s into the validation evaluation" in where, where
 
 
 def test_time_budget_expects_each_task_its_own_run_time(tmp_path):

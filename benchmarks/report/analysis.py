@@ -15,7 +15,7 @@ import numpy as np
 
 from benchmarks.report import stats
 from benchmarks.runner.grid import edge_status, next_lr, select_settings, setting_key
-from benchmarks.runner.record import record_chance
+from benchmarks.runner.record import is_failure, record_chance
 
 BASELINE = "lora"
 # Mechanism controls and NA-LoRA component ablations (by registered method): ablation/control table, not main.
@@ -138,6 +138,11 @@ def cells(records: list[dict]) -> dict[tuple[str, str, str], Cell]:
     for key, cell in out.items():
         cell.lrs.sort()
         cell.missing = _missing(by_cell[key])
+        failed = [r for r in by_cell[key] if is_failure(r)]
+        if failed:  # the runner's lr rule does not judge the cell until they are rerun (grid.extend_grids)
+            kinds = ", ".join(sorted({(r.get("error") or {}).get("type") or "exception" for r in failed}))
+            note = f"{len(failed)} run(s) failed ({kinds}): to rerun (--retry-failed) before the lr rule judges the cell"
+            cell.missing = f"{cell.missing}; {note}" if cell.missing else note
         sel = chosen.get(key)
         if sel is None:
             continue

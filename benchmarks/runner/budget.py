@@ -84,3 +84,61 @@ class TimeBudget:
 
     def finished(self, spec: RunSpec, seconds: float) -> None:
         self.now.setdefault(_kind(spec.config), []).append(float(seconds))
+
+
+# What a worker holds beyond its peak allocation: its CUDA context and the caching allocator's reserve (the
+# processes that ran Gemma-3 out of an H200's memory held 0.7-1.7 GiB more than their tensors).
+MEM_PER_PROCESS_MIB = 1536.0
+MEM_SLACK = 1.15  # the allocator reserves more than the peak allocation it reports
+MEM_USABLE = 0.95  # of a GPU's total: never plan to the last byte
+
+
+class MemoryBudget:
+    """Which runs fit on one GPU together: a run is expected to need the largest peak GPU memory of the stored
+    ``ok`` runs of its model, task and method (else of its model and task), times ``MEM_SLACK``, plus
+    ``MEM_PER_PROCESS_MIB``. A run with no such record is expected to fit (the pool's OOM retry then lowers the
+    GPU's concurrency). GPU visit of 2026-12-02: 20 workers on one H200 and Gemma-3 runs of movie-reviews that
+    peak at 12.3 GiB each; 25 of 60 runs ran out of memory.
+    """
+
+    def __init__(self, root: str, phase: str) -> None:
+        self.peaks: dict[tuple[str, ...], float] = {}
+        for ph in (phase, "tune" if phase == "main" else "main"):
+            for r in ResultStore(root, ph).records():
+                self.add(r)
+
+    def add(self, rec: dict) -> None:
+        """Take a finished run's peak memory into the expectations."""
+        peak = (rec.get("perf") or {}).get("peak_gpu_mem_mib")
+        if rec.get("status") != "ok" or not isinstance(peak, (int, float)) or not peak:
+            return
+        c = rec.get("config") or {}
+        for key in (_kind(c) + (str(c.get("method")),), _kind(c)):
+            self.peaks[key] = max(self.peaks.get(key, 0.0), float(peak))
+
+    def need(self, spec: RunSpec) -> float:
+        """MiB ``spec`` is expected to hold on its GPU (0: unknown)."""
+        c = spec.config
+        peak = self.peaks.get(_kind(c) + (str(c.get("method")),)) or self.peaks.get(_kind(c))
+        return MEM_SLACK * peak + MEM_PER_PROCESS_MIB if peak else 0.0
+
+    @staticmethod
+    def fits(need: float, held: list[float], total_mib: float | None) -> bool:
+        """Whether a run needing ``need`` MiB may join runs holding ``held`` on a GPU of ``total_mib`` (None:
+        unknown, no limit). A run alone on its GPU always starts: whether it fits there is its own result."""
+        return total_mib is None or not held or need + sum(held) <= MEM_USABLE * total_mib
+
+
+def gpu_memory_mib(ids: list[str]) -> dict[str, float | None]:
+    """Total memory of each visible GPU ``ids`` (None where nvidia-smi cannot tell)."""
+    from benchmarks.runner.ledger import nvidia_smi
+
+    total = nvidia_smi("memory.total") if ids else {}
+
+    def mib(g: str) -> float | None:
+        try:
+            return float(total[str(g).strip()])
+        except (KeyError, ValueError):
+            return None
+
+    return {g: mib(g) for g in ids}

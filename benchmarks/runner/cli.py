@@ -78,6 +78,7 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
     from benchmarks.runner.built_models import resolve_built
     from benchmarks.runner.execute import make_resolver, resolve_task
     from benchmarks.runner.pool import WorkerPools, _gpu_ids, run_grid
+    from benchmarks.runner.record import is_failure
     from benchmarks.runner.store import ResultStore, atomic_write_json
     from benchmarks.runner.suite import load_suite
 
@@ -143,6 +144,8 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
         log(f"{phase}: {summary.line()}")
         for f in summary.failures:
             log(f"  failed: {f}")
+        for f in summary.interruptions:
+            log(f"  interrupted: {f}")
         return summary.complete
 
     # One set of worker processes for every phase and lr round: a worker's compiled graphs serve all its runs.
@@ -215,14 +218,6 @@ def _ray_session(address: str | None, workers: int) -> Any:
     from benchmarks.runner.ray_backend import ray_session  # ray is optional: imported only for --backend ray
 
     return ray_session(address, workers)
-
-
-def is_failure(rec: dict) -> bool:
-    """A run that raised (a bug, OOM, bad input): not a result. ``collapsed``/``diverged`` are results."""
-    if rec.get("status") != "failed":
-        return False
-    # Records written before execute.py knew "diverged" say failed/nan_loss for a non-finite loss.
-    return (rec.get("error") or {}).get("type") not in ("nan_loss", "diverged")
 
 
 def _list(specs: list, store: Any, log: Callable[[str], None], timings_from: list[str] | None = None) -> None:

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from benchmarks.runner.record import is_failure
 from benchmarks.runner.suite import MethodSpec, Suite, TaskSpec
 
 NO_ADAPTER_METHODS = ("full", "head")
@@ -259,7 +260,11 @@ def extend_grids(grids: Grids, records: list[dict], bounds_of: Callable[[Cell], 
     """One extension round: for each cell whose validation-best lr (mean over seeds, ``ok`` runs, as
     ``select_settings``) sits at an edge of its grid, add the next half-decade lr on that side within the
     cell's bounds. Returns only the cells that grew (new lrs tagged with the next round). Deterministic:
-    a rerun computes the same extensions from the same stored records."""
+    a rerun computes the same extensions from the same stored records.
+
+    A cell with a run that raised (``is_failure``: OOM, a bug) is not judged: its grid is incomplete, and the
+    missing seeds could move its optimum (GPU visit of 2026-12-02: 14 of a cell's 15 runs had failed for
+    memory, and the lone ok run would have extended it). It is judged once those runs are rerun."""
     by_cell: dict[Cell, list[dict]] = {}
     for rec in records:
         c = rec["config"]
@@ -267,6 +272,8 @@ def extend_grids(grids: Grids, records: list[dict], bounds_of: Callable[[Cell], 
     grown: Grids = {}
     for cell, lrs in grids.items():
         recs = [r for r in by_cell.get(cell, []) if float(r["config"]["lr"]) in lrs]
+        if any(is_failure(r) for r in recs):
+            continue
         sel = select_settings(recs).get(cell)
         if sel is None:
             continue  # no ok run at all: nothing says which way the optimum lies

@@ -40,17 +40,23 @@ def _append(path: Path, entry: dict[str, Any]) -> None:
         os.close(fd)
 
 
+def nvidia_smi(field: str) -> dict[str, str]:
+    """``{gpu index: value}`` of one ``nvidia-smi --query-gpu`` field (no CUDA context in this process); empty
+    when nvidia-smi is missing or fails."""
+    if shutil.which("nvidia-smi") is None:
+        return {}
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu=index,{field}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return dict(line.split(", ", 1) for line in out.strip().splitlines() if ", " in line)
+
+
 def gpu_names(ids: list[str]) -> list[str]:
-    """Names of the visible GPUs ``ids`` from ``nvidia-smi`` (no CUDA context in this process), "unknown GPU" for
-    each it cannot name (the count is what GPU-hours need)."""
-    names: dict[str, str] = {}
-    if ids and shutil.which("nvidia-smi") is not None:
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=index,name", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=20, check=True).stdout
-            names = dict(line.split(", ", 1) for line in out.strip().splitlines() if ", " in line)
-        except (OSError, subprocess.SubprocessError):
-            pass
+    """Names of the visible GPUs ``ids``, "unknown GPU" for each nvidia-smi cannot name (the count is what
+    GPU-hours need)."""
+    names = nvidia_smi("name") if ids else {}
     return [names.get(i.strip(), "unknown GPU") for i in ids]
 
 

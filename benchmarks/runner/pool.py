@@ -18,9 +18,11 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from benchmarks.runner.budget import TimeBudget
+from benchmarks.runner.budget import MemoryBudget, TimeBudget, gpu_memory_mib
 from benchmarks.runner.grid import RunSpec
 from benchmarks.runner.store import ResultStore, is_environment_failure, results_lock
+
+OOM_RETRIES = 2  # retries of a run out of GPU memory on a shared GPU, each with one run fewer there
 
 
 @dataclass
@@ -39,6 +41,7 @@ class GridSummary:
     retried_environment: int = 0  # environment failures of earlier invocations, run again now
     stop_reason: str = ""  # why runs were left for the next invocation
     failures: list[str] = field(default_factory=list)
+    interruptions: list[str] = field(default_factory=list)  # where each interrupted run was (its next try's timing)
 
     @property
     def complete(self) -> bool:
@@ -54,6 +57,7 @@ class GridSummary:
             self.failures.append(f"{label}: {res['message']}")
         else:
             self.interrupted += 1
+            self.interruptions.append(f"{label}: {res.get('message', '')}")
 
     def line(self) -> str:
         s = f"{self.total} runs: {self.skipped} already done, {self.ok} ok"
@@ -237,7 +241,7 @@ def run_grid(specs: list[RunSpec], root: str, *, phase: str = "main", resolver: 
                 if pools is not None and pools.workers != workers:
                     raise ValueError(f"run_grid: workers={workers} but the pools given have {pools.workers} per GPU")
                 with contextlib.nullcontext(pools) if pools is not None else WorkerPools(workers) as used:
-                    _run_pools(todo, ctx, used, next_run, account, summary)
+                    _run_pools(todo, ctx, used, next_run, account, summary, MemoryBudget(str(root), phase))
         finally:
             bar.close()
         return summary
@@ -289,19 +293,45 @@ class WorkerPools:
 
 
 def _run_pools(todo: list[RunSpec], ctx: Any, pools: WorkerPools, next_run: Callable[[list[RunSpec]], RunSpec | None],
-               account: Callable[[dict, RunSpec], None], summary: GridSummary) -> None:
+               account: Callable[[dict, RunSpec], None], summary: GridSummary,
+               memory: MemoryBudget | None = None) -> None:
     """Each run through ``execute(spec, ctx)`` in one of ``pools``' workers; a dead worker's runs are retried once,
-    then recorded failed."""
+    then recorded failed.
+
+    A run out of GPU memory while other runs shared its GPU is the pool's doing, not the method's: that GPU takes
+    one run fewer at once from then on, and the run goes back to the front of the queue (``OOM_RETRIES`` times;
+    its record says failed/oom until the retry's record replaces it). GPU visit of 2026-12-02: 20 workers on one
+    H200 ran Gemma-3 out of its 140 GB, and 25 of 60 runs were recorded failed.
+
+    ``memory``: a run starts on a GPU only beside runs it fits with (``MemoryBudget``: the stored runs' peaks);
+    ``workers`` is then an upper bound per GPU."""
     from benchmarks.runner.execute import execute
 
     gpus, workers = pools.gpus, pools.workers
     free_slots = {g: list(range(workers)) for g in gpus}
+    cap = {g: workers for g in gpus}  # runs at once per GPU, lowered by each shared-GPU OOM
     running: dict[Future, tuple[RunSpec, Any, int, ProcessPoolExecutor]] = {}
     queue = list(todo)
     deaths: dict[str, int] = {}
+    ooms: dict[str, int] = {}
+
+    totals = gpu_memory_mib([g for g in gpus if g is not None]) if memory is not None else {}
+
+    def busy(g: Any) -> int:
+        return sum(1 for v in running.values() if v[1] == g)
+
+    def fits(spec: RunSpec, g: Any) -> bool:
+        if memory is None:
+            return True
+        held = [memory.need(v[0]) for v in running.values() if v[1] == g]
+        return memory.fits(memory.need(spec), held, totals.get(g))
+
     while queue or running:
         for g in gpus:
-            while queue and free_slots[g] and (spec := next_run(queue)) is not None:
+            while queue and free_slots[g] and busy(g) < cap[g] and (spec := next_run(queue)) is not None:
+                if not fits(spec, g):
+                    queue.insert(0, spec)  # it waits for a run on this GPU to finish (other GPUs may take it)
+                    break
                 slot = free_slots[g].pop(0)
                 position = 1 + gpus.index(g) * workers + slot
                 pool = pools.get(g)
@@ -315,7 +345,18 @@ def _run_pools(todo: list[RunSpec], ctx: Any, pools: WorkerPools, next_run: Call
             free_slots[g].append(slot)
             free_slots[g].sort()
             try:
-                account(fut.result(), spec)
+                res = fut.result()
+                shared = busy(g) > 0  # runs still on this GPU shared its memory when this one ran out
+                if res.get("error_type") == "oom" and shared and ooms.get(spec.run_id, 0) < OOM_RETRIES:
+                    ooms[spec.run_id] = ooms.get(spec.run_id, 0) + 1
+                    cap[g] = max(1, min(cap[g], busy(g) + 1) - 1)
+                    print(f"pool: {spec.label()} ran out of GPU memory beside {busy(g)} other run(s) on GPU "
+                          f"{g}; retrying it, with at most {cap[g]} run(s) at once there", file=sys.stderr, flush=True)
+                    queue.insert(0, spec)
+                    continue
+                account(res, spec)
+                if memory is not None and res.get("status") == "ok":
+                    memory.add(ResultStore(ctx.root, ctx.phase).load(spec.run_id) or {})
             except BrokenProcessPool:
                 # A worker died (killed for memory, segfault) and took its pool's runs with it; we cannot
                 # tell which run did it, so each is retried once and recorded failed on a second death.

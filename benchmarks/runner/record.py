@@ -171,3 +171,11 @@ def leaderboard_row(rec: dict, selected: bool) -> dict[str, Any]:
         "gpu": (rec.get("provenance", {}).get("hardware") or {}).get("gpu") or "",
         "suite": rec.get("meta", {}).get("suite", ""),
     }
+
+
+def is_failure(rec: dict) -> bool:
+    """A run that raised (a bug, OOM, bad input): not a result. ``collapsed``/``diverged`` are results."""
+    if rec.get("status") != "failed":
+        return False
+    # Records written before execute.py knew "diverged" say failed/nan_loss for a non-finite loss.
+    return (rec.get("error") or {}).get("type") not in ("nan_loss", "diverged")

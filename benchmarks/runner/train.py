@@ -55,14 +55,25 @@ def _mixed_precision(setting: str | None) -> str:
 
 
 def _evaluate(task: Task, setup: Any, model: torch.nn.Module, accelerator: Any, split: str, limit: int | None, bs: int,
-              per_example: bool = False, progress: bool = False, position: int = 0) -> tuple[dict, dict | None]:
+              per_example: bool = False, progress: bool = False, position: int = 0,
+              deadline: float | None = None) -> tuple[dict, dict | None]:
     """``(metrics, per_example)``; per-example results (``Task.evaluate_examples``) only when asked and given.
-    ``progress``: a bar counting forward passes, so that a long evaluation is never silent."""
+    ``progress``: a bar counting forward passes, so that a long evaluation is never silent. ``deadline``: the
+    time budget's end, checked before every forward (a generation task's evaluation can outlast a GPU call)."""
     from benchmarks.runner.progress import eval_progress
 
     was_training = model.training
     model.eval()
     examples = None
+    t0, forwards = time.time(), [0]
+
+    def check_deadline(module: torch.nn.Module, args: Any) -> None:
+        forwards[0] += 1
+        if time.time() > deadline:
+            raise RunInterrupted(f"time budget ran out {time.time() - t0:.0f} s into the {split} evaluation "
+                                 f"({forwards[0] - 1} forwards done)")
+
+    hook = model.register_forward_pre_hook(check_deadline) if deadline is not None else None
     try:
         with torch.no_grad(), accelerator.autocast(), eager_mode(model), \
                 eval_progress(model, f"  eval {split}", progress, position + 1):
@@ -72,6 +83,8 @@ def _evaluate(task: Task, setup: Any, model: torch.nn.Module, accelerator: Any, 
             else:
                 out = task.evaluate(setup, model, split, limit=limit, batch_size=bs)
     finally:
+        if hook is not None:
+            hook.remove()
         model.train(was_training)
     return {k: float(v) for k, v in out.items()}, examples
 
@@ -258,10 +271,11 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
         if eval_every and step % eval_every == 0 and step != steps and accelerator.is_main_process:
             t0 = time.time()
             history["validation"].append([step, _evaluate(task, setup, unwrapped, accelerator, "validation", curve_limit, eval_bs,
-                                                          progress=progress, position=position)[0]])
+                                                          progress=progress, position=position, deadline=deadline)[0]])
             eval_s += time.time() - t0
         if deadline is not None and time.time() > deadline:
-            raise RunInterrupted(f"time budget ran out at step {step}/{steps}")
+            raise RunInterrupted(f"time budget ran out at step {step}/{steps}, {time.time() - t_train:.0f} s in "
+                                 f"({eval_s:.0f} s of them evaluating)")
     bar.close()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -281,7 +295,7 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
         per_example: dict[str, dict] = {}
         for split, limit in (("validation", val_limit), ("test", test_limit)):
             metrics[split], examples = _evaluate(task, setup, unwrapped, accelerator, split, limit, eval_bs, per_example=True,
-                                                 progress=progress, position=position)
+                                                 progress=progress, position=position, deadline=deadline)
             if examples:
                 per_example[split] = health.compact(examples)
         history["validation"].append([steps, metrics["validation"]])

@@ -66,7 +66,8 @@ tar -czf "$work/a.tgz" -C "$work/pack" cache src
 sha256sum "$work/a.tgz" | cut -d' ' -f1 > .gpu/assets.sha256
 # The working tree (tracked and untracked files) and .gpu travel with every chunk: a call carries 64 MiB in all,
 # so a chunk gets what the tree leaves, less 2 MiB of margin (the results folders grow the tree visit by visit).
-tree_kb=$(git ls-files -z --cached --others --exclude-standard | xargs -0 du -ck 2>/dev/null | tail -1 | cut -f1)
+# (one du over the whole list: xargs could split it into several totals; a tracked file deleted here does not travel)
+tree_kb=$( (git ls-files -z --cached --others --exclude-standard | du -ck --files0-from=- 2>/dev/null || true) | tail -1 | cut -f1)
 CHUNK_MB=${CHUNK_MB:-$(( (64 * 1024 - tree_kb - $(du -sk .gpu | cut -f1)) / 1024 - 2 ))}
 [ "$CHUNK_MB" -ge 8 ] || { echo "carry: the working tree leaves ${CHUNK_MB} MiB per chunk; carry fewer files" >&2; exit 2; }
 split -b "${CHUNK_MB}M" -d -a 2 "$work/a.tgz" "$work/a.part"
