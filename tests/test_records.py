@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -49,6 +50,12 @@ def real_shaped_record() -> dict:
                       "lr": [[s + 10, x] for s, x in zip(steps, f32(REFRESHES))],
                       "validation": [[s, {"acc": x}] for s, x in zip((100, 200, 300), f32(3))]}
     rec["provenance"]["packages"] = {f"package-{i}": f"{i}.{i}.{i}" for i in range(25)}
+    sha = lambda i: hashlib.sha256(str(i).encode()).hexdigest()  # noqa: E731
+    rec["provenance"]["assets"] = {name: {"name": name, "kind": "model", "main_file": {"path": "model.safetensors", "sha256": sha(name)},
+                                          "sources": [{"package": f"{name}-part{i}", "sha256": sha(f"{name}{i}")} for i in range(5)]}
+                                   for name in ("smollm2-135m", "fashion-mnist")}
+    rec["provenance"]["files"] = [{"path": f"/cache/entries/x/file{i}", "sha256": sha(i), "bytes": 1000 * i, "role": "weights"}
+                                  for i in range(12)]
     return rec
 
 
@@ -60,6 +67,8 @@ def test_store_writes_compact_record_and_report_reads_the_same_histories(tmp_pat
     assert all("pred" not in pe for pe in on_disk["per_example"].values())
     assert on_disk["per_example"]["test"]["correct"] == rec["per_example"]["test"]["correct"]  # the bootstrap's bits stay
     assert "per_layer" not in on_disk["diagnostics"]["selection_misalignment"]
+    # the asset and file checksums go too; what the ledger and tables read of the provenance stays
+    assert set(on_disk["provenance"]) == set(rec["provenance"]) - {"assets", "files"}
     assert on_disk["side"]["file"] == sidefile.side_path(path).name
     (loaded,) = load_records(tmp_path)
     assert loaded == rec

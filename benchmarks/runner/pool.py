@@ -340,17 +340,17 @@ def _run_pools(todo: list[RunSpec], ctx: Any, pools: WorkerPools, next_run: Call
         if not running:
             break
         done, _ = wait(running, return_when=FIRST_COMPLETED)
+        sharing = {g: busy(g) for g in gpus}  # runs on each GPU while these ran (an OOM burst ends several at once)
         for fut in done:
             spec, g, slot, pool = running.pop(fut)
             free_slots[g].append(slot)
             free_slots[g].sort()
             try:
                 res = fut.result()
-                shared = busy(g) > 0  # runs still on this GPU shared its memory when this one ran out
-                if res.get("error_type") == "oom" and shared and ooms.get(spec.run_id, 0) < OOM_RETRIES:
+                if res.get("error_type") == "oom" and sharing[g] > 1 and ooms.get(spec.run_id, 0) < OOM_RETRIES:
                     ooms[spec.run_id] = ooms.get(spec.run_id, 0) + 1
-                    cap[g] = max(1, min(cap[g], busy(g) + 1) - 1)
-                    print(f"pool: {spec.label()} ran out of GPU memory beside {busy(g)} other run(s) on GPU "
+                    cap[g] = max(1, min(cap[g], sharing[g]) - 1)
+                    print(f"pool: {spec.label()} ran out of GPU memory beside {sharing[g] - 1} other run(s) on GPU "
                           f"{g}; retrying it, with at most {cap[g]} run(s) at once there", file=sys.stderr, flush=True)
                     queue.insert(0, spec)
                     continue

@@ -9,7 +9,8 @@ meta, health, ``history``, the ``per_example`` ids hash and correct bits). The p
 The side file is gzip (mtime 0, no file name: equal content gives equal bytes) of canonical JSON
 ``{"run_id": ..., "values": {"nalora/history": ..., ...}}``. ``attach`` puts the parts back after checking
 the sha256, so a hydrated record equals the record before ``compact``. A missing or damaged side file loses
-only those parts (plots of mask dynamics skip the run); the record itself stays complete.
+only those parts (plots of mask dynamics skip the run, the asset checksums are unknown); the record itself
+keeps everything the tables read.
 """
 
 from __future__ import annotations
@@ -26,12 +27,16 @@ SIDE_SUFFIX = ".hist.json.gz"
 SIDE_KEY = "side"
 WILDCARD = "*"  # any key at this level (the per_example splits)
 # Key paths moved out of the record: per-refresh controller history, per-layer misalignment, the per-module
-# adapter report, per-example predictions (the collapse rule read them before the record was written).
+# adapter report, per-example predictions (the collapse rule read them before the record was written), and the
+# provenance of every asset and file the run read (sha256s and paths: a third of a record's bytes, read by no
+# table; the commit, packages, GPU and finish time stay in the record).
 MOVED: tuple[tuple[str, ...], ...] = (
     ("nalora", "history"),
     ("diagnostics", "selection_misalignment", "per_layer"),
     ("adapted_modules",),
     ("per_example", WILDCARD, "pred"),
+    ("provenance", "assets"),
+    ("provenance", "files"),
 )
 
 

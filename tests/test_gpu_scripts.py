@@ -1,0 +1,47 @@
+"""The GPU-visit helper that moves results files around (scripts/gpu/slim.sh): nothing may be lost."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted((root / "results").rglob("*")) if p.is_file()}
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_slim_keeps_the_visits_records_and_restores_every_file(tmp_path):
+    runs = tmp_path / "results/default/runs"
+    runs.mkdir(parents=True)
+    for i, task in enumerate(["gsm8k", "sarcasm", "gsm8k", "socialiqa"]):
+        (runs / f"r{i}.json").write_text(json.dumps({"run_id": f"r{i}", "config": {"task": task}}))
+        (runs / f"r{i}.hist.json.gz").write_bytes(b"side %d" % i)
+    (tmp_path / "results/default/leaderboard.csv").write_text("run_id\n")
+    (tmp_path / "results/perf/h200").mkdir(parents=True)
+    (tmp_path / "results/perf/h200/x.json").write_text("{}")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    before = _tree(tmp_path)
+    env = {**os.environ, "PY": sys.executable}
+    slim = ["bash", str(REPO / "scripts/gpu/slim.sh")]
+    out = subprocess.run(slim + ["default", "gsm8k"], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    assert "kept 4 files" in out.stdout
+    assert sorted(_tree(tmp_path)) == ["results/default/runs/r0.hist.json.gz", "results/default/runs/r0.json",
+                                       "results/default/runs/r2.hist.json.gz", "results/default/runs/r2.json"]
+    refused = subprocess.run(slim + ["default", "gsm8k"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "restore first" in refused.stderr  # never sets aside twice
+    (runs / "new.json").write_text("{}")  # a record the visit brought home
+    subprocess.run(slim + ["--restore"], cwd=tmp_path, env=env, capture_output=True, check=True)
+    after = _tree(tmp_path)
+    assert after.pop("results/default/runs/new.json") and after == before
+    assert not (tmp_path / ".slim").exists()
