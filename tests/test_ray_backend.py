@@ -281,3 +281,22 @@ def test_the_pool_starts_a_run_only_beside_runs_it_fits_with_in_gpu_memory(tmp_p
     _run_pools(small, None, p, lambda q: q.pop(0) if q else None, lambda res, spec: None, GridSummary(), memory)
     p.ex.shutdown()
     assert state["peak"]["new"] == 4  # nothing stored: the worker count is the only bound
+
+
+def test_a_ray_task_asks_the_gpu_share_its_expected_memory_needs(tmp_path):
+    """The Ray backend's counterpart of the pool's memory check: a run expected to need 40% of the usable memory
+    asks 0.4 of a GPU, not 1/workers; a run with no stored peak asks 1/workers; never more than one GPU."""
+    from benchmarks.runner.budget import MEM_PER_PROCESS_MIB, MEM_SLACK, MEM_USABLE, MemoryBudget
+    from benchmarks.runner.grid import RunSpec
+
+    memory = MemoryBudget(str(tmp_path), "main")
+    total = 10_000.0
+    for model, frac in (("big", 0.4), ("huge", 3.0)):
+        peak = (frac * MEM_USABLE * total - MEM_PER_PROCESS_MIB) / MEM_SLACK
+        memory.add({"status": "ok", "config": {"model": model, "task": "t", "method": "lora"},
+                    "perf": {"peak_gpu_mem_mib": peak}})
+    spec = lambda m: RunSpec({"model": m, "method": "lora", "task": "t", "seed": 0, "lr": 1e-3})  # noqa: E731
+    assert memory.gpu_share(spec("big"), 10, total) == pytest.approx(0.4)
+    assert memory.gpu_share(spec("new"), 10, total) == pytest.approx(0.1)
+    assert memory.gpu_share(spec("huge"), 10, total) == 1.0
+    assert memory.gpu_share(spec("big"), 10, None) == pytest.approx(0.1)  # GPU memory unknown

@@ -502,7 +502,7 @@ def _run_all(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_run_all_flag_without_value_is_one_clear_line():
-    for flag in ("--suite", "--out", "--tasks"):
+    for flag in ("--suite", "--out", "--tasks", "--backend", "--address"):
         p = _run_all(flag)
         assert p.returncode == 2 and p.stderr.strip() == f"run_all.sh: {flag} needs a value (see --help)"
     p = _run_all("--suite", "--out", "x")  # the next flag is not a value

@@ -122,6 +122,14 @@ class MemoryBudget:
         peak = self.peaks.get(_kind(c) + (str(c.get("method")),)) or self.peaks.get(_kind(c))
         return MEM_SLACK * peak + MEM_PER_PROCESS_MIB if peak else 0.0
 
+    def gpu_share(self, spec: RunSpec, workers: int, total_mib: float | None) -> float:
+        """The fraction of a GPU ``spec`` asks of Ray: ``1/workers``, or more when its expected memory needs more
+        of a GPU of ``total_mib`` (the same expectation as the local pool's; at most one GPU)."""
+        need = self.need(spec)
+        if not need or not total_mib:
+            return 1.0 / workers
+        return min(1.0, max(1.0 / workers, need / (MEM_USABLE * total_mib)))
+
     @staticmethod
     def fits(need: float, held: list[float], total_mib: float | None) -> bool:
         """Whether a run needing ``need`` MiB may join runs holding ``held`` on a GPU of ``total_mib`` (None:

@@ -17,9 +17,9 @@ import os
 import sys
 from typing import Any, Callable, Iterator
 
-from benchmarks.runner.budget import TimeBudget
+from benchmarks.runner.budget import MemoryBudget, TimeBudget, gpu_memory_mib
 from benchmarks.runner.grid import RunSpec
-from benchmarks.runner.pool import GridSummary, _dedup, _record_dead_worker
+from benchmarks.runner.pool import GridSummary, _dedup, _gpu_ids, _record_dead_worker
 from benchmarks.runner.store import ResultStore
 
 
@@ -72,8 +72,8 @@ def run_grid_ray(specs: list[RunSpec], root: str, *, phase: str = "main", resolv
                  max_retries: int = 1, num_cpus: int | None = None) -> GridSummary:
     """Run every spec without a result JSON under ``root`` as Ray tasks; same contract as ``pool.run_grid``.
 
-    ``workers``: runs sharing one GPU (each task asks for ``1/workers`` GPU); on a CPU-only cluster, runs
-    at a time (one CPU each). ``num_cpus``: CPUs of a local Ray (default ``workers`` per visible GPU). ``max_retries``:
+    ``workers``: runs sharing one GPU (each task asks for ``1/workers`` GPU, or the larger share its expected
+    memory needs on a local Ray: ``MemoryBudget.gpu_share``); on a CPU-only cluster, runs at a time (one CPU each). ``num_cpus``: CPUs of a local Ray (default ``workers`` per visible GPU). ``max_retries``:
     how often a task whose worker process died is run again before it is recorded failed.
     """
     if workers < 1:
@@ -96,7 +96,11 @@ def run_grid_ray(specs: list[RunSpec], root: str, *, phase: str = "main", resolv
         if gpus:
             opts["num_gpus"] = 1.0 / workers
         slots = workers * max(1, gpus) if gpus else workers  # tasks in flight: the pool's capacity
-        task = ray.remote(_execute_task).options(**opts)
+        remote_fn = ray.remote(_execute_task)
+        task = remote_fn.options(**opts)
+        memory = MemoryBudget(str(root), phase)
+        # the GPUs of a cluster given by --address are not this machine's: there every run asks 1/workers
+        total = None if (address or not gpus) else min((t for t in gpu_memory_mib(_gpu_ids()).values() if t), default=None)
         resolver_ref = ray.put(resolver)
         injector_ref = ray.put(injector)
 
@@ -107,7 +111,8 @@ def run_grid_ray(specs: list[RunSpec], root: str, *, phase: str = "main", resolv
             while queue or running:
                 while queue and len(running) < slots and (i := budget.next_index(queue)) is not None:
                     spec = queue.pop(i)
-                    running[task.remote(spec, str(root), phase, resolver_ref, injector_ref, deadline)] = spec
+                    run = remote_fn.options(**{**opts, "num_gpus": memory.gpu_share(spec, workers, total)}) if total else task
+                    running[run.remote(spec, str(root), phase, resolver_ref, injector_ref, deadline)] = spec
                 if not running:
                     break
                 done, _ = ray.wait(list(running), num_returns=1)
