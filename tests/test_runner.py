@@ -96,7 +96,8 @@ class DevTask(FakeTask):
 
 
 class SlowEvalTask(FakeTask):
-    """Fast training, an evaluation of many slow forwards (as a generation task's)."""
+    """Fast training, an evaluation of many slow generation steps (peft's generate calls its base model, not the
+    adapted model's own forward)."""
 
     name = "fake-slow-eval"
 
@@ -104,7 +105,8 @@ class SlowEvalTask(FakeTask):
         x = _examples(1, 4).to(next(model.parameters()).device)
         for _ in range(150):
             time.sleep(0.1)
-            model(input_ids=x)
+            model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=1, do_sample=False,
+                           pad_token_id=0)
         return {"acc": 0.0}
 
 

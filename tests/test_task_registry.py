@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.runner.sidefile import read_full
 from tasks import registry
 from tasks.base import Task
 from tasks.registry import get_task, list_tasks, load_tasks, register_task, task_source
@@ -422,7 +423,7 @@ def _sha256(path: str | Path) -> str:
 
 
 def _files_by_path(rec: dict) -> dict[str, dict]:
-    files = rec["provenance"]["files"]
+    files = rec["provenance"]["files"]  # in the side file: ``rec`` is read with ``read_full``
     for f in files:  # every listed file with the sha256 of its bytes now (hashed here independently)
         assert f["sha256"] == _sha256(f["path"]) and f["bytes"] == Path(f["path"]).stat().st_size, f
     return {f["path"]: f for f in files}
@@ -440,7 +441,7 @@ def test_guide_language_plugin_with_local_files_through_the_runner(tmp_path, cle
     out = tmp_path / "results"
     monkeypatch.chdir(tmp_path)  # the guide's relative `--include-path my_tasks`
     assert cli(_guide_command("## A language task on local files", out)) == 0
-    recs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    recs = [read_full(p) for p in sorted((out / "runs").glob("*.json"))]
     assert sorted(r["config"]["method"] for r in recs) == ["lora", "nalora"]
     assert all(r["status"] in ("ok", "collapsed") and r["error"] is None and r["config"]["task"] == "parity"
                for r in recs), [r["error"] for r in recs]
@@ -505,7 +506,7 @@ def test_guide_vision_plugin_through_the_runner_records_every_file(tmp_path, cle
     assert cli(_guide_command("## A vision task on local images", out)) == 0
     err = capfd.readouterr().err
     assert not re.search(r"\d+%\||it/s\]|s/it\]|step/s\]|fwd/s\]", err), err[-2000:]
-    recs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    recs = [read_full(p) for p in sorted((out / "runs").glob("*.json"))]
     assert len(recs) == 1 and recs[0]["error"] is None and recs[0]["status"] in ("ok", "collapsed"), recs[0]["error"]
     assert recs[0]["config"]["task"] == "shapes" and recs[0]["task_info"]["chance"] == {"acc": 0.5, "acc_norm": 0.5}
     files = _files_by_path(recs[0])

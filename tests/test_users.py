@@ -189,6 +189,23 @@ def test_eval_progress_counts_forward_passes_and_removes_its_hook(capsys):
     assert bar is None and not model._forward_pre_hooks
 
 
+def test_eval_progress_counts_each_forward_of_a_peft_model_once_generation_included(capsys):
+    """peft's ``generate`` calls its base model, not the adapted model's forward: each scored batch and each
+    generated token is one forward on the bar (a hook on the adapted model counted no generated token)."""
+    from peft import LoraConfig, get_peft_model
+
+    from benchmarks.runner.progress import eval_progress
+
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["gate_proj"], r=2))
+    x = torch.randint(1, 32, (2, 5))
+    with eval_progress(model, "eval validation", True) as bar:
+        model(input_ids=x)
+        assert bar.n == 1
+        model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert bar.n == 1 + 4
+    assert not model._forward_pre_hooks and not model.get_base_model()._forward_pre_hooks
+
+
 def test_evaluation_shows_progress_unless_told_not_to(tmp_path, capsys):
     from benchmarks.runner.cli import run_suite
     from tests.test_runner import stand_in_inject

@@ -14,6 +14,15 @@ from typing import Any
 import torch
 
 
+def forward_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose forward pre-hook sees each forward of ``model`` once: under peft its base model (peft's
+    ``generate`` calls the base model, not the adapted model's forward: a hook on the adapted model never saw a
+    generated token; its forward calls the base model too), else ``model``."""
+    base = getattr(model, "get_base_model", None)
+    inner = base() if callable(base) else None
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
 @contextmanager
 def eval_progress(model: torch.nn.Module, desc: str, enabled: bool = True, position: int = 0) -> Iterator[Any]:
     """Show ``desc`` with a live count of ``model``'s forward passes (and their rate) while the block runs.
@@ -26,7 +35,7 @@ def eval_progress(model: torch.nn.Module, desc: str, enabled: bool = True, posit
     from tqdm.auto import tqdm
 
     bar = tqdm(desc=desc, unit="fwd", leave=False, position=position, mininterval=1.0)
-    handle = model.register_forward_pre_hook(lambda module, args: bar.update(1))
+    handle = forward_module(model).register_forward_pre_hook(lambda module, args: bar.update(1))
     try:
         yield bar
     finally:

@@ -60,7 +60,7 @@ def _evaluate(task: Task, setup: Any, model: torch.nn.Module, accelerator: Any, 
     """``(metrics, per_example)``; per-example results (``Task.evaluate_examples``) only when asked and given.
     ``progress``: a bar counting forward passes, so that a long evaluation is never silent. ``deadline``: the
     time budget's end, checked before every forward (a generation task's evaluation can outlast a GPU call)."""
-    from benchmarks.runner.progress import eval_progress
+    from benchmarks.runner.progress import eval_progress, forward_module
 
     was_training = model.training
     model.eval()
@@ -73,7 +73,7 @@ def _evaluate(task: Task, setup: Any, model: torch.nn.Module, accelerator: Any, 
             raise RunInterrupted(f"time budget ran out {time.time() - t0:.0f} s into the {split} evaluation "
                                  f"({forwards[0] - 1} forwards done)")
 
-    hook = model.register_forward_pre_hook(check_deadline) if deadline is not None else None
+    hook = forward_module(model).register_forward_pre_hook(check_deadline) if deadline is not None else None
     try:
         with torch.no_grad(), accelerator.autocast(), eager_mode(model), \
                 eval_progress(model, f"  eval {split}", progress, position + 1):
