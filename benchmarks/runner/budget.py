@@ -14,6 +14,12 @@ def _kind(config: dict) -> tuple[str, str]:
     return str(config.get("model")), str(config.get("task"))
 
 
+def stored_ok(root: str, phase: str) -> list[dict]:
+    """The ``ok`` records of a results folder, this phase's and the other's (what the budgets learn from)."""
+    return [r for ph in (phase, "tune" if phase == "main" else "main")
+            for r in ResultStore(root, ph).records() if r.get("status") == "ok"]
+
+
 SAFETY = 1.2  # a run's time varies with how many share its GPU (Fashion-MNIST runs on an H200: 239-327 s)
 
 
@@ -30,18 +36,20 @@ class TimeBudget:
 
     def __init__(self, root: str, phase: str, max_minutes: float | None) -> None:
         self.deadline = time.time() + 60 * max_minutes if max_minutes else None
+        self.records: list[dict] | None = None  # the stored ok records, once loaded
         self.stored: dict[tuple[str, str], list[float]] = {}
         self.now: dict[tuple[str, str], list[float]] = {}
         if self.deadline is not None:
             self.load(root, phase)
 
     def load(self, root: str, phase: str) -> TimeBudget:
-        """Read the finished runs' wall times (this phase's and the other's) from the results folder."""
-        for ph in (phase, "tune" if phase == "main" else "main"):
-            for r in ResultStore(root, ph).records():
-                wall = (r.get("perf") or {}).get("wall_s")
-                if r.get("status") == "ok" and wall:
-                    self.stored.setdefault(_kind(r["config"]), []).append(float(wall))
+        """Read the finished runs' wall times (this phase's and the other's) from the results folder; the records
+        read stay in ``self.records`` (a ``MemoryBudget`` of the same grid takes them instead of reading again)."""
+        self.records = stored_ok(root, phase)
+        for r in self.records:
+            wall = (r.get("perf") or {}).get("wall_s")
+            if wall:
+                self.stored.setdefault(_kind(r["config"]), []).append(float(wall))
         return self
 
     def estimate(self, specs: list[RunSpec]) -> str:
@@ -101,11 +109,11 @@ class MemoryBudget:
     peak at 12.3 GiB each; 25 of 60 runs ran out of memory.
     """
 
-    def __init__(self, root: str, phase: str) -> None:
+    def __init__(self, root: str, phase: str, records: list[dict] | None = None) -> None:
+        """``records``: the folder's ``stored_ok`` records when already read (``TimeBudget.records``)."""
         self.peaks: dict[tuple[str, ...], float] = {}
-        for ph in (phase, "tune" if phase == "main" else "main"):
-            for r in ResultStore(root, ph).records():
-                self.add(r)
+        for r in stored_ok(root, phase) if records is None else records:
+            self.add(r)
 
     def add(self, rec: dict) -> None:
         """Take a finished run's peak memory into the expectations."""

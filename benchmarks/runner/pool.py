@@ -241,7 +241,7 @@ def run_grid(specs: list[RunSpec], root: str, *, phase: str = "main", resolver: 
                 if pools is not None and pools.workers != workers:
                     raise ValueError(f"run_grid: workers={workers} but the pools given have {pools.workers} per GPU")
                 with contextlib.nullcontext(pools) if pools is not None else WorkerPools(workers) as used:
-                    _run_pools(todo, ctx, used, next_run, account, summary, MemoryBudget(str(root), phase))
+                    _run_pools(todo, ctx, used, next_run, account, summary, MemoryBudget(str(root), phase, budget.records))
         finally:
             bar.close()
         return summary

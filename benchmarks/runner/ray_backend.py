@@ -98,7 +98,7 @@ def run_grid_ray(specs: list[RunSpec], root: str, *, phase: str = "main", resolv
         slots = workers * max(1, gpus) if gpus else workers  # tasks in flight: the pool's capacity
         remote_fn = ray.remote(_execute_task)
         task = remote_fn.options(**opts)
-        memory = MemoryBudget(str(root), phase)
+        memory = MemoryBudget(str(root), phase, budget.records)
         # the GPUs of a cluster given by --address are not this machine's: there every run asks 1/workers
         total = None if (address or not gpus) else min((t for t in gpu_memory_mib(_gpu_ids()).values() if t), default=None)
         resolver_ref = ray.put(resolver)
