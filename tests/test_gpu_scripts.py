@@ -45,3 +45,34 @@ def test_slim_keeps_the_visits_records_and_restores_every_file(tmp_path):
     after = _tree(tmp_path)
     assert after.pop("results/default/runs/new.json") and after == before
     assert not (tmp_path / ".slim").exists()
+
+
+def test_collect_adds_new_records_and_takes_a_rerun_over_the_record_it_replaces(tmp_path):
+    """A visit's archive holds its whole results folder: records already here are kept, unless the visit ran them
+    again (--retry-failed), when the later run replaces the record and its side file."""
+    def rec(root: Path, rid: str, status: str, finished: str, side: bytes | None) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / f"{rid}.json").write_text(json.dumps({"run_id": rid, "status": status,
+                                                      "provenance": {"finished_at": finished}}))
+        if side is not None:
+            (root / f"{rid}.hist.json.gz").write_bytes(side)
+
+    here, there = tmp_path / "results/default/runs", tmp_path / "visit/default/runs"
+    rec(here, "kept", "ok", "2026-12-02T10:00:00+00:00", b"kept")
+    rec(here, "rerun", "failed", "2026-12-02T10:00:00+00:00", b"old side")
+    rec(here, "older", "ok", "2026-12-02T12:00:00+00:00", b"here")
+    rec(there, "kept", "ok", "2026-12-02T10:00:00+00:00", b"kept")
+    rec(there, "rerun", "ok", "2026-12-04T02:00:00+00:00", b"new side")
+    rec(there, "older", "failed", "2026-12-02T11:00:00+00:00", None)
+    rec(there, "new", "ok", "2026-12-04T02:05:00+00:00", b"new")
+    (tmp_path / "visit/default/invocations.jsonl").write_text('{"id": "a"}\n')
+    subprocess.run(["tar", "czf", str(tmp_path / "default.tgz"), "-C", str(tmp_path / "visit"), "default"], check=True)
+    out = subprocess.run(["bash", str(REPO / "scripts/gpu/collect.sh"), "default", str(tmp_path / "default.tgz")],
+                         cwd=tmp_path, env={**os.environ, "PY": sys.executable, "REPORT": "0"},
+                         capture_output=True, text=True, check=True)
+    assert "1 new run records, 1 replaced by a later run of the same id (4 in all)" in out.stdout
+    status = {p.stem: json.loads(p.read_text())["status"] for p in here.glob("*.json")}
+    assert status == {"kept": "ok", "rerun": "ok", "older": "ok", "new": "ok"}
+    assert (here / "rerun.hist.json.gz").read_bytes() == b"new side"
+    assert (here / "older.hist.json.gz").read_bytes() == b"here"
+    assert (tmp_path / "results/default/invocations.jsonl").read_text() == '{"id": "a"}\n'

@@ -447,6 +447,26 @@ def test_steptime_reference_on_cpu(tmp_path):
     assert r["timer"] == "perf_counter"
 
 
+def test_steptime_profile_counts_each_steps_operators(tmp_path):
+    """--profile N: N more steps per candidate under torch.profiler. On a CPU only the operator count is there
+    (the GPU fields are None); NA-LoRA's step dispatches more operators than LoRA's (its statistics and step
+    rescaling run eagerly beside the optimiser)."""
+    import json
+
+    from benchmarks.perf import step_time
+
+    assert step_time.main(_steptime_args(tmp_path, variants="eager", rounds=1, profile=3)) == 0
+    r = json.loads((tmp_path / "steptime.json").read_text())
+    lora, nal = (r["candidates"][m]["profile"] for m in ("lora", "nalora"))
+    assert lora["steps"] == 3 and lora["wall_ms"] > 0 and lora["aten_ops"] > 50
+    assert (lora["gpu_busy_ms"], lora["gpu_busy_share"], lora["gpu_ops"]) == (None, None, None)
+    assert nal["aten_ops"] > lora["aten_ops"]
+    md = (tmp_path / "steptime.md").read_text()
+    assert "Profiled steps (3 per candidate" in md and "| lora | " in md.split("Profiled steps")[1]
+    with pytest.raises(ValueError, match="--profile must be >= 0"):
+        step_time.main(_steptime_args(tmp_path, variants="eager", profile=-1))
+
+
 def test_time_limit_interrupts_a_stuck_block():
     import time
 
@@ -566,7 +586,7 @@ def test_throughput_summary_of_two_result_folders(tmp_path):
     assert 0 < rows["eager"]["eval_share"] < 1
     assert (rows["eager"]["compiled_runs"], rows["eager"]["graphs_kept_runs"]) == (0, 0)  # compile: auto on a CPU
     assert "| 0 (0) |" in (tmp_path / "tp.md").read_text()
-    assert "| improved | cpu | 1 | 2 | 10.0 |" in (tmp_path / "tp.md").read_text()
+    assert "| improved | cpu | 1 | off | 2 | 10.0 |" in (tmp_path / "tp.md").read_text()
     # eager runs compile nothing: every run is the steady state
     assert rows["eager"]["runs_no_compile"] == 2
     assert rows["eager"]["median_train_s_no_compile"] == rows["eager"]["median_train_s"]

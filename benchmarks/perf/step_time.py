@@ -15,6 +15,13 @@ A candidate that runs past ``--candidate-timeout`` seconds in its build (compila
 round is recorded as timed out (where) and left out of the later rounds; the others go on (a recompiling
 model once stalled a whole command).
 
+With ``--profile N``, each candidate then runs N more steps under ``torch.profiler``: per step, the wall time
+under the profiler, the GPU's busy time (the kernels' and copies' durations added up), that busy time's share of
+the wall time, and the kernels and the aten operators the step dispatched. A share well below 1 says the GPU waits
+for the host (launches, Python), which no concurrency on the GPU side (more workers, MPS) can hide; on a CPU only
+the operator count is there. The profiler's own cost inflates the wall time, so the timed rounds stay the figure
+of record.
+
 Variants of the project's runner step: ``eager`` (today's step: fp32 master weights under bf16 autocast,
 the model's own loss), ``lean`` (``prepare_model`` without compile: frozen weights in bf16, chunked loss),
 ``compiled`` (``prepare_model``: lean + ``torch.compile``, its default scope: each repeated block, as runs
@@ -32,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -62,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidate-timeout", type=float, default=900.0,
                         help="seconds one candidate may spend in its build or in one round before it is recorded "
                              "as timed out and dropped (0: no limit; POSIX main thread only)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after the rounds, N profiled steps per candidate: GPU busy time per step against its "
+                             "wall time, kernels and aten operators per step (0: none)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (tests: aot_eager)")
     parser.add_argument("--out", default=None,
                         help="folder for steptime.json and steptime.md (a path ending in .json: that file and .md beside it)")
@@ -120,6 +131,7 @@ class Candidate:
     timed_out: str | None = None  # "build" or "round N" when it ran past the per-candidate limit
     build_s: float = 0.0  # wall time of build() and the first step (compilation included)
     graphs: int = 0  # graphs dynamo compiled while this candidate ran (build and rounds)
+    profile: dict | None = None  # profile_steps' result (--profile)
 
 
 class CandidateTimeout(Exception):
@@ -324,6 +336,34 @@ def _read_json(path: str) -> dict:
     return d
 
 
+def profile_steps(runner: Callable[[int, int, "_Timer"], None], steps: int, device: torch.device) -> dict[str, Any]:
+    """``steps`` steps of ``runner`` under ``torch.profiler``, after one unprofiled step: per step, the wall time
+    (ms, profiler included), the GPU's busy time (ms: every kernel, copy and memset added up; one stream, so
+    nothing overlaps), its share of the wall time, kernels and aten operators; GPU fields None on a CPU."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    runner(1, 0, _Timer(device))
+    if cuda:
+        torch.cuda.synchronize()
+    with warnings.catch_warnings():  # "clears events at the end of each cycle": there is one cycle, no schedule
+        warnings.filterwarnings("ignore", message=".*Profiler clears events.*")
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            t0 = time.perf_counter()
+            runner(0, steps, _Timer(device))
+            if cuda:
+                torch.cuda.synchronize()
+            wall_ms = 1e3 * (time.perf_counter() - t0)
+        events = prof.events()
+    on_gpu = [e for e in events if e.device_type == DeviceType.CUDA]
+    busy_ms = sum(e.time_range.elapsed_us() for e in on_gpu) / 1e3
+    ops = sum(1 for e in events if e.device_type == DeviceType.CPU and e.name.startswith("aten::"))
+    return {"steps": steps, "wall_ms": wall_ms / steps, "gpu_busy_ms": busy_ms / steps if cuda else None,
+            "gpu_busy_share": busy_ms / wall_ms if cuda and wall_ms > 0 else None,
+            "gpu_ops": len(on_gpu) / steps if cuda else None, "aten_ops": ops / steps}
+
+
 @contextlib.contextmanager
 def _count_graphs(c: Candidate) -> Iterator[None]:
     """Add the graphs dynamo compiles inside the block to ``c.graphs`` (its global counter, read before and after)."""
@@ -340,12 +380,13 @@ def measure(model_name: str, methods: list[str], *, variants: tuple[str, ...] = 
             reference: bool = False, targets: tuple[str, ...] = ("gate", "up", "down"), rank: int = 8,
             batch_size: int = 8, seq_len: int = 512, steps: int = 30, warmup: int = 5, rounds: int = 9,
             compile_backend: str = "inductor", candidate_timeout: float = 0.0, progress: bool = True,
-            checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+            checkpoint: Callable[[dict[str, Any]], None] | None = None, profile: int = 0) -> dict[str, Any]:
     """Time every candidate over ``rounds`` interleaved rounds on one fixed batch; see the module doc.
 
     ``checkpoint(result)`` is called after every round with the rounds so far (a command stopped by a
     time limit still leaves its finished rounds). ``candidate_timeout`` (seconds, 0: none): a candidate's
-    build or round that runs longer is recorded as timed out and the candidate is dropped from later rounds."""
+    build or round that runs longer is recorded as timed out and the candidate is dropped from later rounds.
+    ``profile``: steps per candidate of ``profile_steps`` after the rounds (0: none)."""
     from tqdm.auto import tqdm
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -410,6 +451,14 @@ def measure(model_name: str, methods: list[str], *, variants: tuple[str, ...] = 
                 c.peak_bytes.append(c.resident_bytes + torch.cuda.max_memory_allocated(device) - start)
         if checkpoint is not None:
             checkpoint(result())
+    for c in order if profile > 0 else []:
+        if c.timed_out or c.variant == "hf_trainer":  # its run() builds a Trainer: the setup would be profiled too
+            continue
+        try:
+            with time_limit(candidate_timeout), _count_graphs(c):
+                c.profile = profile_steps(c.runner, profile, device)
+        except CandidateTimeout as err:
+            print(f"steptime: {c.name} timed out in its profiled steps ({err})", file=sys.stderr)
     bar.close()
     return result()
 
@@ -429,6 +478,8 @@ def _assemble(model_name: str, weights: str, device: torch.device, targets: tupl
             d["peak_mib"] = spread([b / 2**20 for b in c.peak_bytes])
         if "prepare" in c.info:
             d["prepare"] = c.info["prepare"].to_dict()
+        if c.profile is not None:
+            d["profile"] = c.profile
         return d
 
     eager = {c.name: c for c in order if c.group == "runner" and c.variant == "eager"}
@@ -473,6 +524,16 @@ def to_markdown(r: dict[str, Any]) -> str:
             + f", {prep['bf16_frozen_params']} bf16 frozen, loss {prep['loss']}")
         lines.append(f"| {name} | {s['median']:.2f} | {s['iqr'][0]:.2f}-{s['iqr'][1]:.2f} | "
                      f"{s['min']:.2f}-{s['max']:.2f} | {peak} | {how} | {c.get('build_s', 0):.1f} | {c.get('graphs', '-')} |")
+    profiled = {n: c["profile"] for n, c in r["candidates"].items() if c.get("profile")}
+    if profiled:
+        f = lambda x, d=2: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
+        lines += ["", f"Profiled steps ({next(iter(profiled.values()))['steps']} per candidate, torch.profiler; its "
+                  "overhead is in the wall time; busy = kernels, copies and memsets added up):", "",
+                  "| candidate | wall per step (ms) | GPU busy per step (ms) | busy share | GPU ops per step "
+                  "| aten ops per step |", "|---|---|---|---|---|---|"]
+        for name, p in profiled.items():
+            lines.append(f"| {name} | {f(p['wall_ms'])} | {f(p['gpu_busy_ms'])} | {f(p['gpu_busy_share'])} "
+                         f"| {f(p['gpu_ops'], 0)} | {f(p['aten_ops'], 0)} |")
     if r["ratios"]:
         lines += ["", "Paired per-round ratios (median, IQR):", "",
                   "| ratio | time | time IQR | peak memory |", "|---|---|---|---|"]
@@ -499,6 +560,8 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0")
     if args.warmup < 0:
         raise ValueError("--warmup must be >= 0")
+    if args.profile < 0:
+        raise ValueError(f"--profile must be >= 0 steps, got {args.profile}")
     if not args.candidate_timeout >= 0:
         raise ValueError(f"--candidate-timeout must be >= 0 seconds, got {args.candidate_timeout}")
     out = None
@@ -518,7 +581,8 @@ def main(args: argparse.Namespace) -> int:
     r = measure(args.model, methods, variants=variants, reference=args.reference,
                 targets=tuple(t for t in args.targets.split(",") if t), rank=args.rank, batch_size=args.batch_size,
                 seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
-                compile_backend=args.compile_backend, candidate_timeout=args.candidate_timeout, checkpoint=save)
+                compile_backend=args.compile_backend, candidate_timeout=args.candidate_timeout, checkpoint=save,
+                profile=args.profile)
     save(r)
     print(to_markdown(r))
     return 0

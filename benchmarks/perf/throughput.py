@@ -49,6 +49,8 @@ def summarise(root: str | Path) -> dict[str, Any]:
     return {
         "root": str(root), "device": wall.get("device"), "gpus": int(wall.get("gpus", 1)), "wall_s": float(wall["wall_s"]),
         "workers": wall.get("workers"), "runs": len(recs), "by_status": by_status,
+        # how the workers shared a GPU (runner/mps.py): "on", "off", "-" for records from before the field
+        "mps": ", ".join(sorted({str((p.get("worker") or {}).get("mps", "-")) for p in perf})) or "-",
         "runs_per_gpu_hour": done / gpu_h if gpu_h > 0 else None,
         "runs_per_hour": done / (float(wall["wall_s"]) / 3600) if float(wall["wall_s"]) > 0 else None,
         "runs_per_hour_after_first_wave": steady,
@@ -102,15 +104,15 @@ def to_markdown(rows: dict[str, dict[str, Any]]) -> str:
     """One row per folder; speed-ups against the first."""
     names = list(rows)
     base = rows[names[0]]["runs_per_hour"]
-    lines = ["| setup | device | GPUs | runs | wall (s) | runs / hour | runs / GPU-hour | vs " + names[0] +
+    lines = ["| setup | device | GPUs | MPS | runs | wall (s) | runs / hour | runs / GPU-hour | vs " + names[0] +
              " (per hour) | runs / hour after the first wave | compiled runs (graphs kept) | median run (s) "
              "| median train (s) | median eval (s) | eval share | runs that compiled nothing: n, median run, median "
              "train (s) | workers' first runs: n, median train (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda x, d=1: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
     for n, r in rows.items():
         ratio = r["runs_per_hour"] / base if base and r["runs_per_hour"] else None
-        lines.append(f"| {n} | {r['device']} | {r['gpus']} | {r['runs']} | {f(r['wall_s'])} | {f(r['runs_per_hour'])} "
+        lines.append(f"| {n} | {r['device']} | {r['gpus']} | {r.get('mps', '-')} | {r['runs']} | {f(r['wall_s'])} | {f(r['runs_per_hour'])} "
                      f"| {f(r['runs_per_gpu_hour'])} "
                      f"| {f(ratio, 2)} | {f(r.get('runs_per_hour_after_first_wave'))} "
                      f"| {r.get('compiled_runs', 0)} ({r.get('graphs_kept_runs', 0)}) | {f(r['median_wall_s'])} "

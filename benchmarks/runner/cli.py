@@ -52,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(pip install 'nalora-bench[cluster]'); both write the same result store and resume alike")
     parser.add_argument("--address", default=None,
                         help="with --backend ray: the cluster to join (e.g. ray://head:10001); default: a local Ray")
+    parser.add_argument("--mps", choices=("auto", "on", "off"), default=None,
+                        help="workers sharing a GPU run their kernels side by side through CUDA MPS (a private daemon "
+                             "for this invocation). off (default, or $NALORA_MPS): time-slicing; auto: MPS when a GPU "
+                             "has 2+ workers and nvidia-cuda-mps-control is there, else time-slicing with the reason; "
+                             "on: refuse to start without it")
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -63,14 +68,14 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
               models: list[str] | None = None, threads: int | None = None, seeds: list[int] | None = None, include_paths: list[str] | None = None, workers: int = 0, max_minutes: float | None = None, retry_failed: bool = False, dry_run: bool = False,
               progress: bool = True, resolver: Callable[[str], Any] | None = None, injector: Callable | None = None,
               log: Callable[[str], None] = print, backend: str = "pool", address: str | None = None,
-              timings_from: list[str] | None = None) -> int:
+              timings_from: list[str] | None = None, mps: str | None = None) -> int:
     """Tune (if the suite has ``tune``), then run the reported grid in lr-extension rounds.
 
     Returns 0 when everything is done and no run failed, ``EXIT_MORE_TO_DO`` when the time budget left
     runs for the next invocation, ``EXIT_RUNS_FAILED`` when the grid is done but runs raised exceptions
     (``collapsed`` and ``diverged`` runs are results, not failures). ``resolver(task_name) -> Task`` and
     ``injector`` (``nalora.inject``'s signature) are injectable for tests. ``timings_from``: results folders whose
-    records also inform a dry run's time estimate.
+    records also inform a dry run's time estimate. ``mps``: how the pool's workers share a GPU (``WorkerPools``).
     """
     import time
 
@@ -127,7 +132,8 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
             gpus = [] if (backend == "ray" and address) else _gpu_ids()
             recorded = ledger.invocation(out, {"suite": suite.name, "phase": phase, "backend": backend,
                                                "workers": workers, "gpu_ids": gpus, "gpus": ledger.gpu_names(gpus),
-                                               "max_minutes": left()})
+                                               "max_minutes": left(),
+                                               "mps": keep_pools.mps.state if keep_pools is not None else "off"})
         with recorded as inv:
             if backend == "ray":
                 from benchmarks.runner.ray_backend import run_grid_ray
@@ -149,7 +155,7 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
         return summary.complete
 
     # One set of worker processes for every phase and lr round: a worker's compiled graphs serve all its runs.
-    keep_pools = WorkerPools(workers) if workers > 0 and backend == "pool" and not dry_run else None
+    keep_pools = WorkerPools(workers, mps) if workers > 0 and backend == "pool" and not dry_run else None
     ray = _ray_session(address, workers or 1) if backend == "ray" and not dry_run else None
     with keep_pools or ray or contextlib.nullcontext():
         chosen = None
@@ -248,6 +254,8 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.address and args.backend != "ray":
         raise ValueError("--address needs --backend ray")
+    if args.mps == "on" and (args.backend != "pool" or args.workers < 1):
+        raise ValueError("--mps on needs the worker pool (--backend pool, --workers N)")
     if args.timings_from and not args.dry_run:
         raise ValueError("--timings-from needs --dry-run (it only informs the time estimate)")
     for d in args.timings_from:
@@ -259,4 +267,4 @@ def main(args: argparse.Namespace) -> int:
                      include_paths=args.include_path, workers=args.workers,
                      max_minutes=args.max_minutes, retry_failed=args.retry_failed, dry_run=args.dry_run,
                      progress=not args.no_progress, backend=args.backend, address=args.address,
-                     timings_from=args.timings_from)
+                     timings_from=args.timings_from, mps=args.mps)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from benchmarks.runner.grid import RunSpec
+from benchmarks.runner.mps import worker_state as mps_state
 from benchmarks.runner.record import make_record
 from benchmarks.runner.store import ENVIRONMENT, ResultStore
 
@@ -154,7 +155,8 @@ def execute(spec: RunSpec, ctx: RunContext, position: int = 0) -> dict[str, Any]
         earlier, _PROCESS_RUNS[0] = _PROCESS_RUNS[0], _PROCESS_RUNS[0] + 1
         result = train_run(spec.config, task, injector=injector, deadline=deadline, progress=progress, position=position)
         if isinstance(result.get("perf"), dict):  # which process ran it, and after how many runs of its own
-            result["perf"]["worker"] = {"pid": os.getpid(), "earlier_runs": earlier}
+            result["perf"]["worker"] = {"pid": os.getpid(), "earlier_runs": earlier,
+                                        "mps": mps_state()}
         status, error = result.get("status", "ok"), None
         if status not in RESULT_STATUSES:
             raise RuntimeError(f"train_run returned unknown status {status!r} (expected one of {RESULT_STATUSES})")

@@ -75,13 +75,15 @@ class GridSummary:
         return s
 
 
-def _init_worker(gpu: str | None, threads: int, parent_pid: int | None = None) -> None:
+def _init_worker(gpu: str | None, threads: int, parent_pid: int | None = None,
+                 env: dict[str, str] | None = None) -> None:
     """Pin a spawned worker to its GPU and to its share of the CPU cores, before it imports torch; make it
-    exit when the runner dies.
+    exit when the runner dies. ``env``: the invocation's MPS variables (``mps.Mps.env``).
 
     Without the thread cap every worker starts one intra-op thread per core, and N workers
     oversubscribe the CPU that launches their GPU kernels.
     """
+    os.environ.update(env or {})
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     # Inductor compiles in a pool of one process per core by default: N workers compiling at once would start
@@ -256,13 +258,22 @@ class WorkerPools:
     results/perf/h200/tp-improved-v2, every run of lr round 1 rebuilt its graphs).
     """
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, mps: str | None = None) -> None:
+        """``mps``: ``off``/``auto``/``on`` (default ``NALORA_MPS``, else off): the GPU's workers share it through
+        CUDA MPS (``benchmarks/runner/mps.py``); ``self.mps.state`` says whether they do, or why not."""
+        from benchmarks.runner.mps import start_mps
+
         if workers < 1:
             raise ValueError(f"worker pools need workers >= 1, got {workers}")
         self.workers = workers
         self.gpus: list[str | None] = _gpu_ids() or [None]  # CPU-only machine: one pool
         threads = _threads_per_worker(workers, len(self.gpus))
-        self._initargs = {g: (g, threads, os.getpid()) for g in self.gpus}
+        self.mps = start_mps(mps, self.gpus, workers)
+        if self.mps.state.startswith("off: ") and self.gpus != [None]:  # auto, and MPS could not serve
+            print(f"pool: workers share each GPU by time-slicing, not MPS ({self.mps.state[5:]})", file=sys.stderr,
+                  flush=True)
+        self._initargs = {g: (g if g is None else self.mps.device(g), threads, os.getpid(), self.mps.env)
+                          for g in self.gpus}
         self._pools: dict[str | None, ProcessPoolExecutor] = {}
 
     def get(self, gpu: str | None) -> ProcessPoolExecutor:
@@ -284,6 +295,7 @@ class WorkerPools:
         for p in self._pools.values():
             p.shutdown(wait=True, cancel_futures=True)
         self._pools.clear()
+        self.mps.stop()
 
     def __enter__(self) -> "WorkerPools":
         return self

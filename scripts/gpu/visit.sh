@@ -22,6 +22,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH=$PWD:/tmp/site NALORA_BENCH_CACHE=/tmp/nbcache
+export PATH=$PATH:/usr/local/nvidia/bin  # where the driver image keeps nvidia-cuda-mps-control when /usr/bin lacks it
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor}  # one place, so that cache-out finds it
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/res
 step=${1:?usage: visit.sh setup | suite NAME MINUTES [ARGS] | build [ARGS] | steptime NAME [ARGS]}; shift
@@ -110,7 +111,7 @@ json.dump({"wall_s": float(e) - float(s), "start": float(s), "gpus": torch.cuda.
            "device": torch.cuda.get_device_name(0), "workers": int(w.group(1)) if w else None, "args": args,
            "inductor_cache_files_at_start": int(warm),
            "env": {k: os.environ.get(k, "") for k in ("NALORA_EAGER", "NALORA_COMPILE", "NALORA_COMPILE_MODE",
-                                                      "CUDA_VISIBLE_DEVICES")}},
+                                                      "CUDA_VISIBLE_DEVICES", "NALORA_MPS")}},
           open(f"{d}/wall.json", "w"), indent=1)
 PY
   grep -v "^W1\|warn" "$d.log" | tail -3; cp "$d.log" "$d/"; tar czf "$OUT/tp-$name.tgz" -C /tmp "tp-$name"
