@@ -2,8 +2,8 @@
 workers on one GPU run side by side instead of taking turns.
 
 Without MPS, processes on one GPU are time-sliced: only one context's kernels run at a time. A small model's
-training step launches many small kernels that fill a few of the H200's 132 multiprocessors, so ten workers
-on one GPU mostly wait for each other's slices. With MPS their kernels share the GPU.
+training step launches many small kernels that fill a few of the H200's 132 multiprocessors; if its workers
+were waiting for each other's slices, MPS, under which their kernels share the GPU, would make them faster.
 
 ``NALORA_MPS`` (or ``run --mps``) picks the mode: ``off`` (default) never starts one; ``auto`` starts a private
 daemon when a GPU pool has two or more workers and ``nvidia-cuda-mps-control`` is on the PATH, and falls back to
@@ -17,7 +17,8 @@ with and without it: those runs were not waiting on each other's GPU time slices
 The daemon's pipe and log folders are private (a temporary folder), so no other user's MPS is touched; the
 GPU's compute mode and every other setting stay as they are. Under MPS a fatal GPU fault in one worker
 (an illegal memory access, not an out-of-memory error) ends every worker on that GPU: the pool's dead-worker
-retry then reruns their runs once.
+retry then reruns their runs once. A runner killed with SIGKILL leaves its daemon idle behind it (its workers
+exit with it); ``echo quit | CUDA_MPS_PIPE_DIRECTORY=/tmp/nalora-mps-*/pipe nvidia-cuda-mps-control`` ends it.
 """
 
 from __future__ import annotations
@@ -106,10 +107,14 @@ def start_mps(mode: str, gpus: list[str | None], workers: int,
     env = {PIPE_VAR: os.path.join(d, "pipe"), LOG_VAR: os.path.join(d, "log")}
     for p in env.values():
         os.makedirs(p)
-    started = subprocess.run([exe, "-d"], env={**os.environ, **env}, capture_output=True, text=True, timeout=30)
-    if started.returncode != 0:
+    try:
+        started = subprocess.run([exe, "-d"], env={**os.environ, **env}, capture_output=True, text=True, timeout=30)
+        failed = "" if started.returncode == 0 else f"exited {started.returncode}: {_last_line(started.stderr)}"
+    except (OSError, subprocess.TimeoutExpired) as err:
+        failed = f"did not start: {type(err).__name__}: {err}"
+    if failed:
         shutil.rmtree(d, ignore_errors=True)
-        return _refuse(mode, f"{CONTROL} -d exited {started.returncode}: {_last_line(started.stderr)}")
+        return _refuse(mode, f"{CONTROL} -d {failed}")
     ids = [g for g in gpus if g is not None]
     devices = {g: str(i) for i, g in enumerate(ids)} if os.environ.get("CUDA_VISIBLE_DEVICES") is not None else {}
     mps = Mps("on", {**env, STATE_VAR: "on"}, d, devices)
