@@ -28,6 +28,7 @@ def test_slim_keeps_the_visits_records_and_restores_every_file(tmp_path):
         (runs / f"r{i}.json").write_text(json.dumps({"run_id": f"r{i}", "config": {"task": task}}))
         (runs / f"r{i}.hist.json.gz").write_bytes(b"side %d" % i)
     (tmp_path / "results/default/leaderboard.csv").write_text("run_id\n")
+    (tmp_path / "results/default/interrupted.jsonl").write_text('{"task": "gsm8k"}\n')
     (tmp_path / "results/perf/h200").mkdir(parents=True)
     (tmp_path / "results/perf/h200/x.json").write_text("{}")
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
@@ -35,8 +36,9 @@ def test_slim_keeps_the_visits_records_and_restores_every_file(tmp_path):
     env = {**os.environ, "PY": sys.executable}
     slim = ["bash", str(REPO / "scripts/gpu/slim.sh")]
     out = subprocess.run(slim + ["default", "gsm8k"], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
-    assert "kept 4 files" in out.stdout
-    assert sorted(_tree(tmp_path)) == ["results/default/runs/r0.hist.json.gz", "results/default/runs/r0.json",
+    assert "kept 5 files" in out.stdout
+    assert sorted(_tree(tmp_path)) == ["results/default/interrupted.jsonl",
+                                       "results/default/runs/r0.hist.json.gz", "results/default/runs/r0.json",
                                        "results/default/runs/r2.hist.json.gz", "results/default/runs/r2.json"]
     refused = subprocess.run(slim + ["default", "gsm8k"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "restore first" in refused.stderr  # never sets aside twice
@@ -66,6 +68,8 @@ def test_collect_adds_new_records_and_takes_a_rerun_over_the_record_it_replaces(
     rec(there, "older", "failed", "2026-12-02T11:00:00+00:00", None)
     rec(there, "new", "ok", "2026-12-04T02:05:00+00:00", b"new")
     (tmp_path / "visit/default/invocations.jsonl").write_text('{"id": "a"}\n')
+    (tmp_path / "results/default/interrupted.jsonl").write_text('{"run_id": "x"}\n')
+    (tmp_path / "visit/default/interrupted.jsonl").write_text('{"run_id": "x"}\n{"run_id": "y"}\n')
     subprocess.run(["tar", "czf", str(tmp_path / "default.tgz"), "-C", str(tmp_path / "visit"), "default"], check=True)
     out = subprocess.run(["bash", str(REPO / "scripts/gpu/collect.sh"), "default", str(tmp_path / "default.tgz")],
                          cwd=tmp_path, env={**os.environ, "PY": sys.executable, "REPORT": "0"},
@@ -76,3 +80,4 @@ def test_collect_adds_new_records_and_takes_a_rerun_over_the_record_it_replaces(
     assert (here / "rerun.hist.json.gz").read_bytes() == b"new side"
     assert (here / "older.hist.json.gz").read_bytes() == b"here"
     assert (tmp_path / "results/default/invocations.jsonl").read_text() == '{"id": "a"}\n'
+    assert (tmp_path / "results/default/interrupted.jsonl").read_text() == '{"run_id": "x"}\n{"run_id": "y"}\n'

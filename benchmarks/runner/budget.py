@@ -3,11 +3,16 @@ the run-time estimate of a dry run."""
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import statistics
 import time
+from pathlib import Path
 
 from benchmarks.runner.grid import RunSpec
 from benchmarks.runner.store import ResultStore
+
+INTERRUPTED = "interrupted.jsonl"  # one line per run the time budget stopped: how long it had run, at what sharing
 
 
 def _kind(config: dict) -> tuple[str, str]:
@@ -32,13 +37,21 @@ class TimeBudget:
     about 2.5 times a sarcasm run on an H200, and a median over both started runs the deadline then killed).
     A run starts when ``SAFETY`` times that fits before the deadline; runs that do not fit are passed over for
     later queued runs that do, in queue order.
+
+    A run the deadline stopped took longer than it had run: ``account`` writes that to ``interrupted.jsonl`` in
+    the results folder, with the runs sharing each GPU then (``workers``), and a run of its model and task is
+    from then on expected to take at least that long wherever at least as many share a GPU. Without this a task
+    with no finished run (gsm8k on 2026-12-02) was expected to take the other tasks' median, started in every
+    call, and stopped by every call's end: no run ever finished.
     """
 
-    def __init__(self, root: str, phase: str, max_minutes: float | None) -> None:
+    def __init__(self, root: str, phase: str, max_minutes: float | None, workers: int = 1) -> None:
         self.deadline = time.time() + 60 * max_minutes if max_minutes else None
+        self.root, self.phase, self.workers = str(root), phase, max(1, workers)
         self.records: list[dict] | None = None  # the stored ok records, once loaded
         self.stored: dict[tuple[str, str], list[float]] = {}
         self.now: dict[tuple[str, str], list[float]] = {}
+        self.at_least: dict[tuple[str, str], float] = {}  # seconds a run takes at least, from stopped runs
         if self.deadline is not None:
             self.load(root, phase)
 
@@ -50,6 +63,10 @@ class TimeBudget:
             wall = (r.get("perf") or {}).get("wall_s")
             if wall:
                 self.stored.setdefault(_kind(r["config"]), []).append(float(wall))
+        for line in read_interruptions(root):
+            if int(line.get("workers") or 1) <= self.workers:  # as many or more sharing a GPU now: no faster
+                k = (str(line.get("model")), str(line.get("task")))
+                self.at_least[k] = max(self.at_least.get(k, 0.0), float(line.get("seconds") or 0.0))
         return self
 
     def estimate(self, specs: list[RunSpec]) -> str:
@@ -69,13 +86,15 @@ class TimeBudget:
                 f"at the concurrency they ran with): " + "; ".join(parts) + f"; {total / 3600:.2f} run-hours in all")
 
     def expected(self, spec: RunSpec) -> float:
-        """Seconds ``spec`` is expected to take (0 when nothing has finished yet)."""
+        """Seconds ``spec`` is expected to take (0 when nothing has finished or been stopped yet): the median of
+        the finished runs (see the class), and at least as long as a stopped run of its model and task had run."""
         k = _kind(spec.config)
+        floor = self.at_least.get(k, 0.0)
         for durations in (self.now.get(k), self.stored.get(k), [d for v in self.now.values() for d in v],
                           [d for v in self.stored.values() for d in v]):
             if durations:
-                return statistics.median(durations)
-        return 0.0
+                return max(statistics.median(durations), floor)
+        return floor
 
     def next_index(self, queue: list[RunSpec]) -> int | None:
         """Index of the first queued run that can finish before the deadline, or None."""
@@ -92,6 +111,52 @@ class TimeBudget:
 
     def finished(self, spec: RunSpec, seconds: float) -> None:
         self.now.setdefault(_kind(spec.config), []).append(float(seconds))
+
+    def account(self, spec: RunSpec, res: dict) -> None:
+        """A run's summary from ``execute``: a finished run's time, or a stopped run's lower bound (written down)."""
+        if res["status"] != "interrupted":
+            self.finished(spec, res["seconds"])
+            return
+        k, seconds = _kind(spec.config), float(res["seconds"])
+        self.at_least[k] = max(self.at_least.get(k, 0.0), seconds)
+        line = {"run_id": spec.run_id, "model": k[0], "task": k[1], "phase": self.phase,
+                "seconds": round(seconds, 1), "workers": self.workers, "where": res.get("message", ""),
+                "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        try:
+            with open(Path(self.root) / INTERRUPTED, "a", encoding="utf-8") as f:
+                f.write(json.dumps(line, sort_keys=True) + "\n")
+        except OSError:
+            pass  # a lost hint costs a later call some time, never a result
+
+    def why_not(self, queue: list[RunSpec]) -> str:
+        """Why no queued run may start: the time left, and the longest-known run kind if a stopped run says so."""
+        if self.deadline is None or not queue:
+            return ""
+        left = max(0.0, self.deadline - time.time())
+        bounded = [s for s in queue if self.at_least.get(_kind(s.config), 0.0) >= self.expected(s) > 0]
+        if not bounded:
+            return "time budget"
+        model, task = _kind(bounded[0].config)
+        return (f"time budget: a {task} run on {model} takes more than {self.at_least[(model, task)]:.0f} s with "
+                f"{self.workers} or more runs per GPU (a run was stopped that far in; {INTERRUPTED}), more than the "
+                f"{left:.0f} s left; give it more minutes, or fewer workers")
+
+
+def read_interruptions(root: str | Path) -> list[dict]:
+    """The lines of ``root/interrupted.jsonl`` (a torn last line, from a killed runner, is skipped)."""
+    try:
+        text = (Path(root) / INTERRUPTED).read_text(encoding="utf-8")
+    except OSError:
+        return []
+    out = []
+    for ln in text.splitlines():
+        try:
+            d = json.loads(ln)
+        except ValueError:
+            continue
+        if isinstance(d, dict):
+            out.append(d)
+    return out
 
 
 # What a worker holds beyond its peak allocation: its CUDA context and the caching allocator's reserve (the

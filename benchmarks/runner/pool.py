@@ -205,7 +205,7 @@ def run_grid(specs: list[RunSpec], root: str, *, phase: str = "main", resolver: 
                 summary.skipped_failed += 1
             elif is_environment_failure(rec):
                 summary.retried_environment += 1
-        budget = TimeBudget(str(root), phase, max_minutes)
+        budget = TimeBudget(str(root), phase, max_minutes, workers)
         refused: list[str] = []  # records the results folder refused (kept as orphans): start no more runs
 
         def next_run(queue: list[RunSpec]) -> RunSpec | None:
@@ -216,14 +216,13 @@ def run_grid(specs: list[RunSpec], root: str, *, phase: str = "main", resolver: 
             i = budget.next_index(queue)
             if i is None:
                 if queue:
-                    summary.stop_reason = "time budget"
+                    summary.stop_reason = budget.why_not(queue)
                 return None
             return queue.pop(i)
 
         def account(res: dict, spec: RunSpec) -> None:
             summary.add(res, spec.label())
-            if res["status"] != "interrupted":
-                budget.finished(spec, res["seconds"])
+            budget.account(spec, res)
             if res.get("orphaned"):
                 refused.append(res["orphaned"])
             bar.update(1)

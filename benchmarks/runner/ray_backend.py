@@ -88,7 +88,7 @@ def run_grid_ray(specs: list[RunSpec], root: str, *, phase: str = "main", resolv
     summary = GridSummary(total=len(specs), skipped=len(specs) - len(todo))
     if not todo:
         return summary
-    budget = TimeBudget(str(root), phase, max_minutes)
+    budget = TimeBudget(str(root), phase, max_minutes, workers)
     deadline = budget.deadline
     with ray_session(address, workers, num_cpus, max_retries):  # a no-op inside the invocation's session
         gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -130,6 +130,8 @@ def run_grid_ray(specs: list[RunSpec], root: str, *, phase: str = "main", resolv
                     bar.update(1)
                     bar.set_postfix(ok=summary.ok, failed=summary.failed)
             summary.remaining = len(queue)
+            if queue:
+                summary.stop_reason = budget.why_not(queue)
         finally:
             bar.close()
             for ref in running:  # interrupted: the runs in flight are abandoned, unrecorded
@@ -139,5 +141,4 @@ def run_grid_ray(specs: list[RunSpec], root: str, *, phase: str = "main", resolv
 
 def _account(summary: GridSummary, res: dict, spec: RunSpec, budget: TimeBudget) -> None:
     summary.add(res, spec.label())  # the pool's counting: collapsed / diverged are results, not interruptions
-    if res["status"] != "interrupted":
-        budget.finished(spec, res["seconds"])
+    budget.account(spec, res)

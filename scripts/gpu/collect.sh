@@ -3,7 +3,7 @@
 #   bash scripts/gpu/collect.sh NAME ARCHIVE [--readme README.md]
 # ARCHIVE: the NAME.tgz of the visit's last `visit.sh suite NAME ...` call (each call's archive holds the whole
 # /tmp/res/NAME). New run records are copied, and a record here is replaced only by a later run of its id (below),
-# the GPU-time ledger is merged line by line (invocations.jsonl: each line once, in order), and the
+# the GPU-time ledger and the stopped runs' lines are merged (invocations.jsonl, interrupted.jsonl), and the
 # report is rebuilt (report ARGS, e.g. --readme README.md, are passed on; REPORT=0 skips it).
 set -euo pipefail
 name=${1:?usage: collect.sh NAME ARCHIVE [REPORT ARGS]}; archive=${2:?usage: collect.sh NAME ARCHIVE [REPORT ARGS]}; shift 2
@@ -43,9 +43,11 @@ total = sum(1 for _ in dst.glob("*.json"))
 print(f"collect: {dst.parent.name}: {new} new run records, {replaced} replaced by a later run of the same id "
       f"({total} in all)")
 PY
-if [ -f "$tmp/$name/invocations.jsonl" ]; then
-  # the first collect into a folder has no ledger here yet
-  { cat "$dest/invocations.jsonl" 2>/dev/null || true; cat "$tmp/$name/invocations.jsonl"; } | awk '!seen[$0]++' > "$tmp/ledger"
-  mv "$tmp/ledger" "$dest/invocations.jsonl"
-fi
+# the GPU-time ledger, and the runs the time budget stopped (budget.py): each line once, in order (the first
+# collect into a folder has neither here yet)
+for f in invocations.jsonl interrupted.jsonl; do
+  [ -f "$tmp/$name/$f" ] || continue
+  { cat "$dest/$f" 2>/dev/null || true; cat "$tmp/$name/$f"; } | awk '!seen[$0]++' > "$tmp/merged"
+  mv "$tmp/merged" "$dest/$f"
+done
 [ "${REPORT:-1}" = 0 ] || $PY -m benchmarks.cli report --results "$dest" "$@"  # REPORT=0: copy only

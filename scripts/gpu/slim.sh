@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Run HERE before carry.sh: set aside what a campaign visit does not read, so that the working tree, which travels
 # with every `run` call beside the asset chunks (64 MiB in all), stays small however far the campaign has come.
-#   bash scripts/gpu/slim.sh SUITE TASK...   # keep results/SUITE's run records of TASK... (what the lr rule and the
-#                                            # time and memory budgets of those cells read); move every other file
-#                                            # under results/ to .slim/ (git-ignored: it does not travel)
+#   bash scripts/gpu/slim.sh SUITE TASK...   # keep results/SUITE's run records of TASK... and interrupted.jsonl (what
+#                                            # the lr rule and the time and memory budgets of those cells read);
+#                                            # move every other file under results/ to .slim/ (git-ignored: it
+#                                            # does not travel)
 #   bash scripts/gpu/slim.sh --restore       # put them back (then `git status` shows nothing moved); before
 #                                            # collect.sh, whose report reads every record of the suite
 # The first visit of 2026-12-02 did this by hand: the tree went from 46 MB to 10 MB, the assets from about 25 chunks
@@ -39,6 +40,7 @@ for rec_path in runs.glob("*.json"):
         continue  # not a record: set aside with the rest
     if task in tasks:
         keep |= {rec_path, rec_path.with_name(rec_path.stem + ".hist.json.gz")}
+keep.add(runs.parent / "interrupted.jsonl")  # the time budget reads how long stopped runs had run (budget.py)
 moved = 0
 for f in sorted(p for p in Path("results").rglob("*") if p.is_file()):
     if f in keep:
