@@ -3,13 +3,12 @@ the run-time estimate of a dry run."""
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import statistics
 import time
 from pathlib import Path
 
 from benchmarks.runner.grid import RunSpec
+from benchmarks.runner.ledger import append_line, now_iso, read_lines
 from benchmarks.runner.store import ResultStore
 
 INTERRUPTED = "interrupted.jsonl"  # one line per run the time budget stopped: how long it had run, at what sharing
@@ -38,11 +37,11 @@ class TimeBudget:
     A run starts when ``SAFETY`` times that fits before the deadline; runs that do not fit are passed over for
     later queued runs that do, in queue order.
 
-    A run the deadline stopped took longer than it had run: ``account`` writes that to ``interrupted.jsonl`` in
-    the results folder, with the runs sharing each GPU then (``workers``), and a run of its model and task is
-    from then on expected to take at least that long wherever at least as many share a GPU. Without this a task
-    with no finished run (gsm8k on 2026-12-02) was expected to take the other tasks' median, started in every
-    call, and stopped by every call's end: no run ever finished.
+    A run the deadline stopped took at least as long as it had run: ``account`` writes that time to
+    ``interrupted.jsonl`` in the results folder with the runs sharing each GPU then (``workers``), and it counts
+    among its own model and task's run times wherever at least as many share a GPU (a lower bound, so the median
+    errs short; never among the times other tasks fall back on). Without this a task with no finished run (gsm8k on 2026-12-02) was expected to take the other
+    tasks' median, started in every call, and stopped by every call's end: no run ever finished.
     """
 
     def __init__(self, root: str, phase: str, max_minutes: float | None, workers: int = 1) -> None:
@@ -51,7 +50,7 @@ class TimeBudget:
         self.records: list[dict] | None = None  # the stored ok records, once loaded
         self.stored: dict[tuple[str, str], list[float]] = {}
         self.now: dict[tuple[str, str], list[float]] = {}
-        self.at_least: dict[tuple[str, str], float] = {}  # seconds a run takes at least, from stopped runs
+        self.stopped: dict[tuple[str, str], list[float]] = {}  # how long stopped runs had run (lower bounds)
         if self.deadline is not None:
             self.load(root, phase)
 
@@ -63,10 +62,9 @@ class TimeBudget:
             wall = (r.get("perf") or {}).get("wall_s")
             if wall:
                 self.stored.setdefault(_kind(r["config"]), []).append(float(wall))
-        for line in read_interruptions(root):
-            if int(line.get("workers") or 1) <= self.workers:  # as many or more sharing a GPU now: no faster
-                k = (str(line.get("model")), str(line.get("task")))
-                self.at_least[k] = max(self.at_least.get(k, 0.0), float(line.get("seconds") or 0.0))
+        for line in read_lines(Path(root) / INTERRUPTED):
+            if line.get("seconds") and int(line.get("workers") or 1) <= self.workers:  # as many share now: no faster
+                self.stopped.setdefault((str(line.get("model")), str(line.get("task"))), []).append(float(line["seconds"]))
         return self
 
     def estimate(self, specs: list[RunSpec]) -> str:
@@ -86,15 +84,13 @@ class TimeBudget:
                 f"at the concurrency they ran with): " + "; ".join(parts) + f"; {total / 3600:.2f} run-hours in all")
 
     def expected(self, spec: RunSpec) -> float:
-        """Seconds ``spec`` is expected to take (0 when nothing has finished or been stopped yet): the median of
-        the finished runs (see the class), and at least as long as a stopped run of its model and task had run."""
+        """Seconds ``spec`` is expected to take (0 when nothing has finished or been stopped yet)."""
         k = _kind(spec.config)
-        floor = self.at_least.get(k, 0.0)
-        for durations in (self.now.get(k), self.stored.get(k), [d for v in self.now.values() for d in v],
-                          [d for v in self.stored.values() for d in v]):
+        own = (self.now.get(k) or self.stored.get(k) or []) + self.stopped.get(k, [])  # finished, then stopped
+        for durations in (own, [d for v in self.now.values() for d in v], [d for v in self.stored.values() for d in v]):
             if durations:
-                return max(statistics.median(durations), floor)
-        return floor
+                return statistics.median(durations)
+        return 0.0
 
     def next_index(self, queue: list[RunSpec]) -> int | None:
         """Index of the first queued run that can finish before the deadline, or None."""
@@ -113,50 +109,32 @@ class TimeBudget:
         self.now.setdefault(_kind(spec.config), []).append(float(seconds))
 
     def account(self, spec: RunSpec, res: dict) -> None:
-        """A run's summary from ``execute``: a finished run's time, or a stopped run's lower bound (written down)."""
+        """A run's summary from ``execute``: its time, and for a run the deadline stopped, a line in
+        ``interrupted.jsonl`` (a lost line costs a later call some time, never a result)."""
         if res["status"] != "interrupted":
             self.finished(spec, res["seconds"])
             return
-        k, seconds = _kind(spec.config), float(res["seconds"])
-        self.at_least[k] = max(self.at_least.get(k, 0.0), seconds)
-        line = {"run_id": spec.run_id, "model": k[0], "task": k[1], "phase": self.phase,
-                "seconds": round(seconds, 1), "workers": self.workers, "where": res.get("message", ""),
-                "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        k = _kind(spec.config)
+        self.stopped.setdefault(k, []).append(float(res["seconds"]))
+        line = {"run_id": spec.run_id, "model": k[0], "task": k[1], "phase": self.phase, "at": now_iso(),
+                "seconds": round(float(res["seconds"]), 1), "workers": self.workers, "where": res.get("message", "")}
         try:
-            with open(Path(self.root) / INTERRUPTED, "a", encoding="utf-8") as f:
-                f.write(json.dumps(line, sort_keys=True) + "\n")
+            append_line(Path(self.root) / INTERRUPTED, line)
         except OSError:
-            pass  # a lost hint costs a later call some time, never a result
+            pass
 
     def why_not(self, queue: list[RunSpec]) -> str:
-        """Why no queued run may start: the time left, and the longest-known run kind if a stopped run says so."""
+        """Why no queued run may start: the time left, and the kind whose expected time comes from stopped runs."""
         if self.deadline is None or not queue:
             return ""
-        left = max(0.0, self.deadline - time.time())
-        bounded = [s for s in queue if self.at_least.get(_kind(s.config), 0.0) >= self.expected(s) > 0]
-        if not bounded:
+        stopped = [s for s in queue if self.stopped.get(_kind(s.config))]
+        if not stopped:
             return "time budget"
-        model, task = _kind(bounded[0].config)
-        return (f"time budget: a {task} run on {model} takes more than {self.at_least[(model, task)]:.0f} s with "
-                f"{self.workers} or more runs per GPU (a run was stopped that far in; {INTERRUPTED}), more than the "
-                f"{left:.0f} s left; give it more minutes, or fewer workers")
-
-
-def read_interruptions(root: str | Path) -> list[dict]:
-    """The lines of ``root/interrupted.jsonl`` (a torn last line, from a killed runner, is skipped)."""
-    try:
-        text = (Path(root) / INTERRUPTED).read_text(encoding="utf-8")
-    except OSError:
-        return []
-    out = []
-    for ln in text.splitlines():
-        try:
-            d = json.loads(ln)
-        except ValueError:
-            continue
-        if isinstance(d, dict):
-            out.append(d)
-    return out
+        model, task = _kind(stopped[0].config)
+        return (f"time budget: a {task} run on {model} is expected to take {self.expected(stopped[0]):.0f} s or more "
+                f"with {self.workers} or more runs per GPU ({len(self.stopped[(model, task)])} stopped unfinished: "
+                f"{INTERRUPTED}), more than the {max(0.0, self.deadline - time.time()):.0f} s left; give it more "
+                "minutes, or fewer workers")
 
 
 # What a worker holds beyond its peak allocation: its CUDA context and the caching allocator's reserve (the

@@ -26,18 +26,37 @@ LEDGER = "invocations.jsonl"
 HEARTBEAT_S = 60.0
 
 
-def _now() -> str:
+def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _append(path: Path, entry: dict[str, Any]) -> None:
-    # One short line per write with O_APPEND: concurrent writers do not interleave within a line.
+def append_line(path: Path, entry: dict[str, Any]) -> None:
+    """Append ``entry`` to the JSON-lines file ``path``. One short line per write with O_APPEND: concurrent
+    writers do not interleave within a line."""
     line = json.dumps(entry, sort_keys=True) + "\n"
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())
     finally:
         os.close(fd)
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of the JSON-lines file ``path`` ([] if it is missing); unreadable lines (one cut by a
+    kill) are skipped."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(e, dict):
+            out.append(e)
+    return out
 
 
 def nvidia_smi(field: str) -> dict[str, str]:
@@ -76,7 +95,7 @@ def invocation(root: str | Path, info: dict[str, Any], heartbeat_s: float = HEAR
             return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _append(path, entry)
+            append_line(path, entry)
         except OSError as err:
             failed.append(str(err))
             print(f"ledger: {path} not written ({err}); this invocation's GPU time goes unrecorded", file=sys.stderr)
@@ -86,7 +105,7 @@ def invocation(root: str | Path, info: dict[str, Any], heartbeat_s: float = HEAR
 
     def beat() -> None:
         while not stop.wait(heartbeat_s):
-            write({"event": "alive", "id": inv["id"], "at": _now()})
+            write({"event": "alive", "id": inv["id"], "at": now_iso()})
 
     t = threading.Thread(target=beat, name="nalora-ledger", daemon=True)
     t.start()
@@ -96,19 +115,15 @@ def invocation(root: str | Path, info: dict[str, Any], heartbeat_s: float = HEAR
         stop.set()
         t.join(timeout=5)
         wall = (dt.datetime.now(dt.timezone.utc) - start).total_seconds()
-        write({"event": "end", "id": inv["id"], "at": _now(), "wall_s": round(wall, 1), **inv["end"]})
+        write({"event": "end", "id": inv["id"], "at": now_iso(), "wall_s": round(wall, 1), **inv["end"]})
 
 
 def read(root: str | Path) -> list[dict[str, Any]]:
     """Every invocation of ``root``'s ledger: ``{"id", "start", "last", "ended", "info", "end"}`` (unreadable
     lines are skipped: a line cut by a kill)."""
-    path = Path(root) / LEDGER
-    if not path.is_file():
-        return []
     invs: dict[str, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
+    for e in read_lines(Path(root) / LEDGER):
         try:
-            e = json.loads(line)
             at = dt.datetime.fromisoformat(e["at"])
         except (ValueError, KeyError, TypeError):
             continue
