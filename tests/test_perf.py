@@ -461,8 +461,12 @@ def test_steptime_profile_counts_each_steps_operators(tmp_path):
     assert lora["steps"] == 3 and lora["wall_ms"] > 0 and lora["aten_ops"] > 50
     assert (lora["gpu_busy_ms"], lora["gpu_busy_share"], lora["gpu_ops"]) == (None, None, None)
     assert nal["aten_ops"] > lora["aten_ops"]
+    top = lora["top_self_cpu"]  # where the host time goes: heaviest first, per step, at most 12
+    assert 0 < len(top) <= 12 and top[0]["self_cpu_ms"] >= top[-1]["self_cpu_ms"] > 0
+    assert sum(op["self_cpu_ms"] for op in top) <= lora["wall_ms"] and all(op["calls"] > 0 for op in top)
     md = (tmp_path / "steptime.md").read_text()
     assert "Profiled steps (3 per candidate" in md and "| lora | " in md.split("Profiled steps")[1]
+    assert f"| lora | `{top[0]['name']}` |" in md.split("most self CPU time")[1]
     with pytest.raises(ValueError, match="--profile must be >= 0"):
         step_time.main(_steptime_args(tmp_path, variants="eager", profile=-1))
 

@@ -72,6 +72,32 @@ def test_lr_grid_extends_upwards_until_interior(tmp_path, monkeypatch):
     assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "r/runs").glob("*.json")}
 
 
+def test_a_finished_cell_extends_while_another_tasks_runs_do_not_fit(tmp_path, monkeypatch):
+    """The lr rule reads one cell's runs, so a cell extends as soon as its own runs are in: on 2026-12-04 a call
+    of movie-reviews and gsm8k trained none of movie-reviews' next lr because gsm8k's runs did not fit the call
+    (the old loop waited for every cell's round). fake-slow's runs never fit here (stored ones took 10^5 s)."""
+    import benchmarks.runner.train as train
+    from benchmarks.runner.cli import EXIT_MORE_TO_DO
+
+    monkeypatch.setattr(train, "train_run", fake_trainer(optimum=3e-3))
+    text = grid_suite(tmp_path).read_text().replace("tasks: [fake]", "tasks: [fake-slow, fake]")
+    out = tmp_path / "r"
+    assert tr.run(tr.write_suite(tmp_path / "s9.yaml", text.replace("seeds: [0, 1]", "seeds: [9]")), out) == 0
+    for p in (out / "runs").glob("*.json"):  # as if fake-slow were a long GPU task
+        rec = json.loads(p.read_text())
+        rec["perf"]["wall_s"] = 1e5 if rec["config"]["task"] == "fake-slow" else 1.0
+        p.write_text(json.dumps(rec))
+    lines: list[str] = []
+    assert tr.run(tr.write_suite(tmp_path / "s.yaml", text), out, max_minutes=1, log=lines.append) == EXIT_MORE_TO_DO
+    mine = [r for r in tr.runs(out).values() if r["config"]["seed"] != 9]
+    assert {r["config"]["task"] for r in mine} == {"fake"}  # no fake-slow run started
+    # 1e-3 best of round 0 -> 3e-3 (round 1) -> 1e-2 (round 2): 3e-3 interior, both seeds, in this one call
+    got = {(r["config"]["lr"], r["meta"]["lr_round"]) for r in mine}
+    assert got == {(1e-4, 0), (3e-4, 0), (1e-3, 0), (3e-3, 1), (1e-2, 2)} and len(mine) == 10
+    assert any("fake/lora best lr at an edge; adding 0.003" in x for x in lines)
+    assert not any("fake-slow/lora best lr" in x for x in lines)  # its cell is not judged without its runs
+
+
 def test_lr_grid_extends_downwards_and_stops_at_the_bound(tmp_path, monkeypatch):
     import benchmarks.runner.train as train
     from benchmarks.runner.grid import edge_status, select_settings

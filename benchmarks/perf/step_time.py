@@ -361,7 +361,16 @@ def profile_steps(runner: Callable[[int, int, "_Timer"], None], steps: int, devi
     ops = sum(1 for e in events if e.device_type == DeviceType.CPU and e.name.startswith("aten::"))
     return {"steps": steps, "wall_ms": wall_ms / steps, "gpu_busy_ms": busy_ms / steps if cuda else None,
             "gpu_busy_share": busy_ms / wall_ms if cuda and wall_ms > 0 else None,
-            "gpu_ops": len(on_gpu) / steps if cuda else None, "aten_ops": ops / steps}
+            "gpu_ops": len(on_gpu) / steps if cuda else None, "aten_ops": ops / steps,
+            "top_self_cpu": _top_self_cpu(prof.key_averages(), steps)}
+
+
+def _top_self_cpu(averages: Any, steps: int, n: int = 12) -> list[dict[str, Any]]:
+    """The ``n`` host operators with the most self CPU time per step: where a host-bound step's time goes
+    (calls and self CPU ms per step, and the GPU time their own kernels took)."""
+    rows = sorted((a for a in averages if a.self_cpu_time_total > 0), key=lambda a: -a.self_cpu_time_total)[:n]
+    return [{"name": a.key, "calls": a.count / steps, "self_cpu_ms": a.self_cpu_time_total / 1e3 / steps,
+             "self_device_ms": getattr(a, "self_device_time_total", 0) / 1e3 / steps} for a in rows]
 
 
 @contextlib.contextmanager
@@ -534,6 +543,13 @@ def to_markdown(r: dict[str, Any]) -> str:
         for name, p in profiled.items():
             lines.append(f"| {name} | {f(p['wall_ms'])} | {f(p['gpu_busy_ms'])} | {f(p['gpu_busy_share'])} "
                          f"| {f(p['gpu_ops'], 0)} | {f(p['aten_ops'], 0)} |")
+        lines += ["", "Host operators with the most self CPU time per profiled step (top 6 of each candidate; the "
+                  "JSON has 12):", "", "| candidate | operator | calls per step | self CPU ms per step | own GPU ms "
+                  "per step |", "|---|---|---|---|---|"]
+        for name, p in profiled.items():
+            for op in p.get("top_self_cpu", [])[:6]:
+                lines.append(f"| {name} | `{op['name']}` | {op['calls']:.0f} | {op['self_cpu_ms']:.2f} "
+                             f"| {op['self_device_ms']:.2f} |")
     if r["ratios"]:
         lines += ["", "Paired per-round ratios (median, IQR):", "",
                   "| ratio | time | time IQR | peak memory |", "|---|---|---|---|"]

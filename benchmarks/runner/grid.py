@@ -256,6 +256,13 @@ def edge_status(lrs: list[float], best: float, bounds: tuple[float, float]) -> s
     return "edge" if next_lr(lrs, best, bounds) is not None else "at-bound"
 
 
+def finished_cells(grids: Grids, specs: list[RunSpec], stored: set[str]) -> Grids:
+    """The cells of ``grids`` whose every run in ``specs`` has a stored record (its id in ``stored``): those
+    ``extend_grids`` may judge while other cells' runs are still to do."""
+    missing = {(s.config["model"], s.config["task"], s.config["method"]) for s in specs if s.run_id not in stored}
+    return {cell: lrs for cell, lrs in grids.items() if cell not in missing}
+
+
 def extend_grids(grids: Grids, records: list[dict], bounds_of: Callable[[Cell], tuple[float, float]]) -> Grids:
     """One extension round: for each cell whose validation-best lr (mean over seeds, ``ok`` runs, as
     ``select_settings``) sits at an edge of its grid, add the next half-decade lr on that side within the
