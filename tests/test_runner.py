@@ -546,6 +546,14 @@ def test_a_run_the_deadline_stopped_keeps_its_kind_from_starting_where_it_cannot
     assert s.stop_reason.startswith("time budget: a gsm8k run on m is expected to take 500 s or more with 1 or more "
                                     "runs per GPU (2 stopped unfinished")
     assert "give it more minutes, or fewer workers" in s.stop_reason
+    # a model with no run of that task yet is expected to take the task's time on the other models, not the other
+    # tasks' (Gemma-3's first gsm8k runs started beside SmolLM2's stopped ones on 2026-12-04 and were stopped too)
+    started.clear()
+    on_m2 = [RunSpec({**spec(task, 0).config, "model": "m2"}) for task in ("gsm8k", "fast")]
+    s = run_grid(on_m2, str(root), resolver=None, workers=0, max_minutes=5, progress=False)
+    assert started == ["fast"] and s.remaining == 1
+    assert s.stop_reason.startswith("time budget: a gsm8k run on m2 is expected to take 500 s or more with 1 or more "
+                                    "runs per GPU (2 stopped unfinished of this task on other models")
     # a stopped time counts only where at least as many runs share a GPU as when the run was stopped
     (root / INTERRUPTED).write_text('{"model": "m", "task": "gsm8k", "seconds": 900, "workers": 10}\n')
     assert TimeBudget(str(root), "main", 60, workers=4).expected(spec("gsm8k", 0)) == 0.0

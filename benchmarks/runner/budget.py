@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.runner.grid import RunSpec
@@ -31,8 +32,8 @@ class TimeBudget:
     """Which queued run may still start before an invocation's deadline (``max_minutes``).
 
     A run is expected to take the median wall time of the finished runs of its own model and task (this
-    invocation's when it has some: they ran at today's concurrency; else the results folder's; else any
-    run's), so a slow task's run is not started on the strength of a fast task's (a composed-VLM run took
+    invocation's when it has some: they ran at today's concurrency; else the results folder's; else its task's
+    on the other models; else any run's), so a slow task's run is not started on the strength of a fast task's (a composed-VLM run took
     about 2.5 times a sarcasm run on an H200, and a median over both started runs the deadline then killed).
     A run starts when ``SAFETY`` times that fits before the deadline; runs that do not fit are passed over for
     later queued runs that do, in queue order.
@@ -76,18 +77,28 @@ class TimeBudget:
             return f"{len(specs)} runs to do; no timed run to estimate their time from (--timings-from DIR adds some)"
         parts = []
         for (model, task), group in sorted(groups.items()):
-            own = (model, task) in self.now or (model, task) in self.stored
+            own = bool(self._times(lambda k: k == (model, task)))
+            same_task = bool(self._times(lambda k: k[1] == task))
             parts.append(f"{task} on {model}: {len(group)} x {self.expected(group[0]):.0f} s"
-                         + ("" if own else " (no timed run of its own: the median over all)"))
+                         + ("" if own else " (no timed run of its own: its task's on other models)" if same_task
+                            else " (no timed run of its own: the median over all)"))
         total = sum(self.expected(s) for s in specs)
         return (f"{len(specs)} runs to do; expected run time (median of the stored runs of the same model and task, "
                 f"at the concurrency they ran with): " + "; ".join(parts) + f"; {total / 3600:.2f} run-hours in all")
 
+    def _times(self, keep: Callable[[tuple[str, str]], bool]) -> list[float]:
+        """Finished (this invocation's where it has some, else stored) and stopped run times of the kinds kept."""
+        kinds = {k for k in (*self.now, *self.stored, *self.stopped) if keep(k)}
+        return [d for k in kinds for d in (self.now.get(k) or self.stored.get(k) or []) + self.stopped.get(k, [])]
+
     def expected(self, spec: RunSpec) -> float:
-        """Seconds ``spec`` is expected to take (0 when nothing has finished or been stopped yet)."""
+        """Seconds ``spec`` is expected to take (0 when nothing has finished or been stopped yet): its own model
+        and task's times, else its task's on the other models (a task's length is mostly its own: on 2026-12-04
+        Gemma-3's first gsm8k runs, expected at the other tasks' median, started beside SmolLM2's stopped ones'
+        evidence and were stopped too), else any finished run's."""
         k = _kind(spec.config)
-        own = (self.now.get(k) or self.stored.get(k) or []) + self.stopped.get(k, [])  # finished, then stopped
-        for durations in (own, [d for v in self.now.values() for d in v], [d for v in self.stored.values() for d in v]):
+        for durations in (self._times(lambda x: x == k), self._times(lambda x: x[1] == k[1]),
+                          [d for v in self.now.values() for d in v], [d for v in self.stored.values() for d in v]):
             if durations:
                 return statistics.median(durations)
         return 0.0
@@ -127,12 +138,15 @@ class TimeBudget:
         """Why no queued run may start: the time left, and the kind whose expected time comes from stopped runs."""
         if self.deadline is None or not queue:
             return ""
-        stopped = [s for s in queue if self.stopped.get(_kind(s.config))]
+        tasks_stopped = {k[1]: len(v) for k, v in self.stopped.items() if v}
+        stopped = [s for s in queue if _kind(s.config)[1] in tasks_stopped]
         if not stopped:
             return "time budget"
         model, task = _kind(stopped[0].config)
+        n = len(self.stopped.get((model, task), [])) or tasks_stopped[task]
+        of = "" if self.stopped.get((model, task)) else " of this task on other models"
         return (f"time budget: a {task} run on {model} is expected to take {self.expected(stopped[0]):.0f} s or more "
-                f"with {self.workers} or more runs per GPU ({len(self.stopped[(model, task)])} stopped unfinished: "
+                f"with {self.workers} or more runs per GPU ({n} stopped unfinished{of}: "
                 f"{INTERRUPTED}), more than the {max(0.0, self.deadline - time.time()):.0f} s left; give it more "
                 "minutes, or fewer workers")
 

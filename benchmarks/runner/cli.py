@@ -165,7 +165,7 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
             log(f"tuning {', '.join(suite.tune['methods'])} options on dev task(s) {', '.join(t.name for t in suite.dev_tasks)}: "
                 f"{len(tune_specs)} runs in {out / 'tune'}")
             if dry_run:
-                _list(tune_specs, ResultStore(out, "tune"), log, timings_from)
+                _list(tune_specs, ResultStore(out, "tune"), log, timings_from, workers)
             elif not run_phase(tune_specs, "tune"):
                 return EXIT_MORE_TO_DO
             ids = {s.run_id for s in tune_specs}
@@ -192,7 +192,7 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
                 f"{len(suite.methods)} methods x lr grid x seeds) in {out / 'runs'}")
             if dry_run:
                 if not all(store.is_done(s.run_id) for s in specs):
-                    _list(specs, store, log, timings_from)  # the current round only: later rounds depend on its results
+                    _list(specs, store, log, timings_from, workers)  # the current round only: later rounds depend on its results
                     return 0
                 complete = True
             else:
@@ -213,7 +213,7 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
                 log(f"  lr round {lr_round}: {model}/{task}/{label} best lr at an edge; adding {', '.join(f'{x:g}' for x in new)}")
             grids.update(grown)
         if dry_run:
-            _list(specs, store, log, timings_from)
+            _list(specs, store, log, timings_from, workers)
             return 0
         failed += sum(is_failure(r) for r in recs)
         if failed:
@@ -233,7 +233,8 @@ def _ray_session(address: str | None, workers: int) -> Any:
     return ray_session(address, workers)
 
 
-def _list(specs: list, store: Any, log: Callable[[str], None], timings_from: list[str] | None = None) -> None:
+def _list(specs: list, store: Any, log: Callable[[str], None], timings_from: list[str] | None = None,
+          workers: int = 1) -> None:
     todo = []
     for s in specs:
         rec = store.load(s.run_id)
@@ -242,7 +243,7 @@ def _list(specs: list, store: Any, log: Callable[[str], None], timings_from: lis
     if todo:
         from benchmarks.runner.budget import TimeBudget
 
-        budget = TimeBudget(str(store.root), store.phase, None).load(str(store.root), store.phase)
+        budget = TimeBudget(str(store.root), store.phase, None, max(1, workers)).load(str(store.root), store.phase)
         for root in timings_from or []:
             budget.load(root, "main")
         log(budget.estimate(todo))
