@@ -298,5 +298,11 @@ def test_a_ray_task_asks_the_gpu_share_its_expected_memory_needs(tmp_path):
     spec = lambda m: RunSpec({"model": m, "method": "lora", "task": "t", "seed": 0, "lr": 1e-3})  # noqa: E731
     assert memory.gpu_share(spec("big"), 10, total) == pytest.approx(0.4)
     assert memory.gpu_share(spec("new"), 10, total) == pytest.approx(0.1)
+    # a task's first run on a model that has records elsewhere: that model's largest peak on any task
+    other_task = RunSpec({"model": "big", "method": "nalora", "task": "t2", "seed": 0, "lr": 1e-3})
+    assert memory.gpu_share(other_task, 10, total) == pytest.approx(0.4)
+    memory.add({"status": "ok", "config": {"model": "big", "task": "t2", "method": "lora"},
+                "perf": {"peak_gpu_mem_mib": (0.2 * MEM_USABLE * total - MEM_PER_PROCESS_MIB) / MEM_SLACK}})
+    assert memory.gpu_share(other_task, 10, total) == pytest.approx(0.2)  # then its own task's record
     assert memory.gpu_share(spec("huge"), 10, total) == 1.0
     assert memory.gpu_share(spec("big"), 10, None) == pytest.approx(0.1)  # GPU memory unknown

@@ -160,10 +160,12 @@ MEM_USABLE = 0.95  # of a GPU's total: never plan to the last byte
 
 class MemoryBudget:
     """Which runs fit on one GPU together: a run is expected to need the largest peak GPU memory of the stored
-    ``ok`` runs of its model, task and method (else of its model and task), times ``MEM_SLACK``, plus
-    ``MEM_PER_PROCESS_MIB``. A run with no such record is expected to fit (the pool's OOM retry then lowers the
-    GPU's concurrency). GPU visit of 2026-12-02: 20 workers on one H200 and Gemma-3 runs of movie-reviews that
-    peak at 12.3 GiB each; 25 of 60 runs ran out of memory.
+    ``ok`` runs of its model, task and method (else of its model and task; else of its model on any task: a
+    task's first runs on a model), times ``MEM_SLACK``, plus ``MEM_PER_PROCESS_MIB``. A run of a model with no
+    such record is expected to fit (the pool's OOM retry then lowers the GPU's concurrency). GPU visit of
+    2026-12-02: 20 workers on one H200 and Gemma-3 runs of movie-reviews that peak at 12.3 GiB each; 25 of 60 runs
+    ran out of memory. 2026-12-04: Gemma-3's first gsm8k runs, expected to fit, ran out of memory at 18-20 per GPU
+    (11 of 20), and the retries, one at a time with one run fewer, did not fit in the call's time left.
     """
 
     def __init__(self, root: str, phase: str, records: list[dict] | None = None) -> None:
@@ -178,13 +180,14 @@ class MemoryBudget:
         if rec.get("status") != "ok" or not isinstance(peak, (int, float)) or not peak:
             return
         c = rec.get("config") or {}
-        for key in (_kind(c) + (str(c.get("method")),), _kind(c)):
+        for key in (_kind(c) + (str(c.get("method")),), _kind(c), _kind(c)[:1]):
             self.peaks[key] = max(self.peaks.get(key, 0.0), float(peak))
 
     def need(self, spec: RunSpec) -> float:
         """MiB ``spec`` is expected to hold on its GPU (0: unknown)."""
         c = spec.config
-        peak = self.peaks.get(_kind(c) + (str(c.get("method")),)) or self.peaks.get(_kind(c))
+        k = _kind(c)
+        peak = self.peaks.get(k + (str(c.get("method")),)) or self.peaks.get(k) or self.peaks.get(k[:1])
         return MEM_SLACK * peak + MEM_PER_PROCESS_MIB if peak else 0.0
 
     def gpu_share(self, spec: RunSpec, workers: int, total_mib: float | None) -> float:
