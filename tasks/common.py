@@ -168,9 +168,9 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
-def _left_padded(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)`` of ``seqs`` padded on the left to the longest."""
-    width = max(len(s) for s in seqs)
+def _left_padded(seqs: Sequence[Sequence[int]], pad: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of ``seqs`` padded on the left to ``width`` (None: the longest)."""
+    width = max(len(s) for s in seqs) if width is None else width
     input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for r, s in enumerate(seqs):
@@ -249,13 +249,27 @@ def loglikelihoods(
 # generation
 
 
+GENERATION_CACHES = ("dynamic", "static")
+STATIC_WIDTH_MULTIPLE = 64  # static-cache prompts are left-padded to a multiple of this many tokens
+
+
 @torch.no_grad()
 def greedy_generate(
     model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 16,
-    stop: Sequence[str] = ("\n\n",), max_length: int = 1024, add_bos: bool = False,
+    stop: Sequence[str] = ("\n\n",), max_length: int = 1024, add_bos: bool = False, cache: str = "dynamic",
+    compile_on_cpu: bool = False,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (left-padded, length-sorted batches; returned in the prompts' order),
-    cut at the first ``stop`` string."""
+    cut at the first ``stop`` string.
+
+    ``cache="static"``: transformers' static KV cache, whose decoding step transformers compiles on a GPU
+    (CUDA graphs: one launch per step instead of thousands of operators; ``compile_on_cpu`` compiles it on a CPU
+    too, for tests). So that the step keeps one shape for the whole call, every batch has ``batch_size`` rows
+    (a short batch, even a call's only one, is filled with copies of its first prompt, whose outputs are dropped) and every prompt is
+    left-padded to the longest prompt rounded up to ``STATIC_WIDTH_MULTIPLE`` tokens.
+    """
+    if cache not in GENERATION_CACHES:
+        raise ValueError(f"generation cache must be one of {', '.join(GENERATION_CACHES)}, got {cache!r}")
     device = model_device(model)
     pad = _pad_id(tokenizer)
     enc = []
@@ -264,13 +278,26 @@ def greedy_generate(
         if add_bos and tokenizer.bos_token_id is not None:
             ids = [tokenizer.bos_token_id] + ids
         enc.append(ids[-(max_length - max_new_tokens) :])
+    extra: dict = {}
+    width = None
+    if cache == "static" and enc:
+        from transformers import CompileConfig
+
+        longest = max(len(e) for e in enc)
+        width = min(-(-longest // STATIC_WIDTH_MULTIPLE) * STATIC_WIDTH_MULTIPLE, max_length - max_new_tokens)
+        compile_config = CompileConfig()
+        compile_config._compile_all_devices = bool(compile_on_cpu) or None
+        extra = {"cache_implementation": "static", "compile_config": compile_config}
     texts = [""] * len(enc)
     for batch in length_sorted_batches([len(e) for e in enc], batch_size):
-        input_ids, mask = _left_padded([enc[i] for i in batch], pad)
+        rows = [enc[i] for i in batch]
+        if width is not None:
+            rows += [rows[0]] * (batch_size - len(rows))
+        input_ids, mask = _left_padded(rows, pad, width)
         gen = model.generate(
             input_ids=input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-            stop_strings=list(stop) or None, tokenizer=tokenizer,
+            stop_strings=list(stop) or None, tokenizer=tokenizer, **extra,
         )
         for i, row in zip(batch, gen[:, input_ids.shape[1] :]):
             text = tokenizer.decode(row, skip_special_tokens=True)

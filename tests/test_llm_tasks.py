@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import random
+import shutil
 import socket
 from pathlib import Path
 
@@ -182,6 +184,95 @@ def test_generation_evaluation_exact_match(monkeypatch, tiny):
     monkeypatch.setattr("tasks.llm.lm.greedy_generate",
                         lambda model, tok, prompts, **kw: [f"#### {int(g) + 1}" for g in golds])
     assert task.evaluate(setup, setup.model, "test", limit=5) == {"exact_match": 0.0}
+
+
+def test_a_failed_static_cache_falls_back_to_dynamic_with_its_reason(monkeypatch, tiny):
+    """The runner asks for the static cache on a GPU; when its compiled decoding fails, the task decodes with the
+    dynamic cache (the same predictions), says why in one line for the record, and stays dynamic."""
+    task = get_task("gsm8k", data_dir=FIXTURES / "gsm8k")
+    setup = task.setup_from(*tiny)
+    golds = [ex["answer"] for ex in task.examples("test", limit=5)]
+    asked = []
+
+    def generate(model, tok, prompts, cache="dynamic", **kw):
+        asked.append(cache)
+        if cache == "static":
+            raise RuntimeError("CUDA graph capture failed\nsecond line")
+        return [f"#### {g}" for g in golds]
+
+    monkeypatch.setattr("tasks.llm.lm.greedy_generate", generate)
+    setup.extras["generation_cache"] = "static"
+    with pytest.warns(UserWarning, match="static cache failed"):
+        assert task.evaluate(setup, setup.model, "test", limit=5) == {"exact_match": 1.0}
+    assert setup.extras["generation_cache_fallback"] == \
+        "static cache failed, dynamic from here: RuntimeError: CUDA graph capture failed"
+    assert task.evaluate(setup, setup.model, "test", limit=5) == {"exact_match": 1.0}
+    assert asked == ["static", "dynamic", "dynamic"]
+    # a dynamic failure is the task's own: raised, never retried
+    monkeypatch.setattr("tasks.llm.lm.greedy_generate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
+    with pytest.raises(RuntimeError, match="x"):
+        task.evaluate(setup, setup.model, "test", limit=5)
+
+
+def test_static_cache_generation_matches_dynamic():
+    """Static cache (eager here: transformers compiles it on a GPU only): the same texts as the dynamic cache,
+    with short batches filled up to the batch size and prompts left-padded to one width."""
+    base, tok = tiny_llama(layers=2)
+    model = _adapted_for_generation(base)
+    prompts = _numbered_prompts(11)
+    dyn = greedy_generate(model, tok, prompts, max_new_tokens=12, batch_size=4, stop=("\n\n",))
+    assert greedy_generate(model, tok, prompts, max_new_tokens=12, batch_size=4, stop=("\n\n",), cache="static") == dyn
+    assert greedy_generate(model, tok, prompts[:2], max_new_tokens=12, batch_size=4, cache="static",
+                           stop=("\n\n",)) == dyn[:2]
+    with pytest.raises(ValueError, match="generation cache must be one of dynamic, static"):
+        greedy_generate(model, tok, prompts, cache="paged")
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
+                    reason="torch.compile's inductor backend needs a C compiler on CPU")
+def test_compiled_static_decoding_matches_dynamic_with_bounded_graphs():
+    """What a GPU run does (``compile_on_cpu`` stands in for CUDA): the decoding step compiled for the process,
+    the same texts as dynamic decoding. Another prompt width (another split) compiles once more, with the width
+    dynamic; a third width and a fresh adapted model (a worker's next run) reuse those graphs. The runner's hooks
+    (progress here, the deadline alike) run eagerly, never traced: each splits the step's graph in two."""
+    from torch._dynamo.utils import counters
+
+    from benchmarks.runner.compiled import forget_compiled
+    from benchmarks.runner.progress import eval_progress
+
+    forget_compiled()
+    width_64, width_128, width_192 = ["1 2 3", "4"], ["7 " * 40], ["8 " * 70, "9"]  # tokens, rounded up to 64
+    graphs = []
+    for run, sets in enumerate(([width_64, width_128], [width_192, width_64])):
+        base, tok = tiny_llama(layers=2)
+        model = _adapted_for_generation(base, seed=run)
+        with eval_progress(model, "eval", enabled=True) as bar:
+            for prompts in sets:
+                dyn = greedy_generate(model, tok, prompts, max_new_tokens=10, batch_size=4, stop=("\n\n",))
+                assert greedy_generate(model, tok, prompts, max_new_tokens=10, batch_size=4, stop=("\n\n",),
+                                       cache="static", compile_on_cpu=True) == dyn
+                graphs.append(counters["stats"]["unique_graphs"])
+        assert bar.n > 0  # the progress hook still counted the forwards
+    assert graphs == [2, 4, 4, 4] and not counters["graph_break"], (graphs, dict(counters["graph_break"]))
+    forget_compiled()
+
+
+def _adapted_for_generation(base, seed: int = 0):
+    """``base`` with NA-LoRA on gate, up and down, its B matrices random (a fresh adapter would change nothing)."""
+    from nalora import inject
+
+    model = inject(base, "nalora", targets=("gate", "up", "down")).model
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = torch.randn(p.shape, generator=gen) * 0.05
+    return model.eval()
+
+
+def _numbered_prompts(n: int) -> list[str]:
+    rng = random.Random(0)
+    return [f"Question: {' '.join(str(rng.randint(0, 999)) for _ in range(rng.randint(2, 20)))}\nAnswer:"
+            for _ in range(n)]
 
 
 def test_train_batches_are_seeded_and_reshuffled(tiny):

@@ -6,8 +6,10 @@ checked for being *exact*: same loss, same gradients, same trained parameters as
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
+import os
 import shutil
 import weakref
 
@@ -539,11 +541,12 @@ def test_spread_and_paired_ratios():
 
 def test_step_options_from_config_and_environment():
     assert C.step_options({}, {}) == {"compile": "auto", "bf16_frozen": "auto", "light_loss": "auto",
-                                      "compile_scope": "regional", "backend": "inductor", "mode": None}
+                                      "compile_scope": "regional", "backend": "inductor", "mode": None,
+                                      "generation_cache": "auto"}
     assert C.step_options({"compile": False}, {"NALORA_LIGHT_LOSS": "0", "NALORA_COMPILE_SCOPE": "model",
                                                "NALORA_COMPILE_BACKEND": "aot_eager"}) == \
         {"compile": False, "bf16_frozen": "auto", "light_loss": False, "compile_scope": "model", "backend": "aot_eager",
-         "mode": None}
+         "mode": None, "generation_cache": "auto"}
     assert C.step_options({}, {"NALORA_COMPILE_MODE": "max-autotune-no-cudagraphs"})["mode"] == "max-autotune-no-cudagraphs"
     assert C.step_options({}, {"NALORA_COMPILE_MODE": "reduce-overhead", "NALORA_COMPILE_SCOPE": "model"})["mode"] == \
         "reduce-overhead"
@@ -559,7 +562,8 @@ def test_step_options_from_config_and_environment():
     with pytest.raises(ValueError, match="NALORA_COMPILE_SCOPE"):
         C.step_options({}, {"NALORA_COMPILE_SCOPE": "layers"})
     eager = C.step_options({"compile": True}, {"NALORA_EAGER": "1"})
-    assert {k: v for k, v in eager.items() if k not in ("compile_scope", "backend", "mode")} == dict.fromkeys(("compile", "bf16_frozen", "light_loss"), False)
+    assert {k: v for k, v in eager.items() if k not in ("compile_scope", "backend", "mode")} == \
+        {**dict.fromkeys(("compile", "bf16_frozen", "light_loss"), False), "generation_cache": "dynamic"}
     with pytest.raises(ValueError, match="NALORA_COMPILE"):
         C.step_options({}, {"NALORA_COMPILE": "maybe"})
     with pytest.raises(ValueError, match="training.bf16_frozen"):
@@ -780,3 +784,68 @@ def test_throughput_after_the_first_wave_leaves_out_the_start():
     assert after_first_wave(recs, 4) == pytest.approx(5 / (15 / 3600))
     assert after_first_wave(recs, 2, gpus=2) == after_first_wave(recs, 4)  # workers per GPU x GPUs
     assert after_first_wave(recs, None) is None and after_first_wave(recs[:4], 4) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# generation cache
+
+
+def test_generation_cache_follows_the_step_and_its_flag():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    compiled, eager = C.Prepared(model=None, compiled=True), C.Prepared(model=None)
+    assert C._generation_cache("auto", compiled, cuda) == ("static", "")
+    assert C._generation_cache("auto", eager, cuda) == ("dynamic", "auto: the step runs eagerly")
+    assert C._generation_cache("auto", compiled, cpu) == ("dynamic", "auto: cpu (static on CUDA only)")
+    assert C._generation_cache("static", eager, cpu) == ("static", "")
+    assert C._generation_cache("dynamic", compiled, cuda) == ("dynamic", "off (flag)")
+    assert C.step_options({}, {"NALORA_GENERATION_CACHE": "static"})["generation_cache"] == "static"
+    assert C.step_options({}, {"NALORA_GENERATION_CACHE": "static", "NALORA_EAGER": "1"})["generation_cache"] == "dynamic"
+    with pytest.raises(ValueError, match="NALORA_GENERATION_CACHE='paged': expected static, dynamic or auto"):
+        C.step_options({}, {"NALORA_GENERATION_CACHE": "paged"})
+
+
+def test_a_generation_run_decodes_with_the_static_cache_and_records_it(tmp_path, monkeypatch):
+    """Whole runs of the offline gsm8k fixture: the static cache (the runner's choice on a GPU, asked for by
+    flag here) predicts exactly what the dynamic cache does, and the record says which decoded; a static cache
+    that fails mid-run decodes dynamically from there, with the same predictions, and the record says why."""
+    from pathlib import Path
+
+    from test_runner import BASE_SUITE, load, write_suite
+
+    import tasks.llm.lm as lm
+    from benchmarks.runner.grid import expand
+    from benchmarks.runner.train import train_run
+    from tasks.registry import get_task, load_tasks
+
+    load_tasks()
+    task = get_task("gsm8k", data_dir=Path(__file__).resolve().parent / "fixtures" / "tasks" / "gsm8k")
+    suite = load(write_suite(tmp_path / "s.yaml", BASE_SUITE.replace("eval_limit: 8, test_limit: 8",
+                                                                     "eval_limit: 4, test_limit: 4")))
+    (spec,) = expand(suite, lambda n: ("llm", "tiny-llama"))
+    real = lm.greedy_generate
+    calls: list[str] = []
+
+    def counted(*a, cache="dynamic", **kw):
+        calls.append(cache)
+        if cache == "static" and os.environ.get("FAIL_STATIC") and len(calls) > 1:
+            raise RuntimeError("graph capture failed")
+        return real(*a, cache=cache, **kw)
+
+    monkeypatch.setattr(lm, "greedy_generate", counted)
+    out = {}
+    for label, cache, fail in (("dynamic", "dynamic", ""), ("static", "static", ""), ("fallback", "static", "1")):
+        monkeypatch.setenv("NALORA_GENERATION_CACHE", cache)
+        monkeypatch.setenv("FAIL_STATIC", fail)
+        calls.clear()
+        with pytest.warns(UserWarning, match="static cache failed") if fail else contextlib.nullcontext():
+            out[label] = train_run(spec.config, task, progress=False)
+        out[label]["calls"] = list(calls)
+    step = {k: (r["perf"]["step"]["generation_cache"], r["perf"]["step"]["generation_cache_reason"]) for k, r in out.items()}
+    assert step == {"dynamic": ("dynamic", "off (flag)"), "static": ("static", ""),
+                    "fallback": ("dynamic", "static cache failed, dynamic from here: RuntimeError: graph capture failed")}
+    # a periodic evaluation, then validation and test: the fallback's second call failed, the rest decoded dynamically
+    assert out["static"]["calls"] == ["static"] * 3
+    assert out["fallback"]["calls"] == ["static", "static", "dynamic", "dynamic"]
+    for k in ("static", "fallback"):
+        assert out[k]["metrics"] == out["dynamic"]["metrics"] and out[k]["per_example"] == out["dynamic"]["per_example"]
+        assert out[k]["history"]["validation"] == out["dynamic"]["history"]["validation"]

@@ -79,38 +79,56 @@ def measure_scoring(task: Any, setup: Any, *, limit: int, batch_size: int, round
 
 
 def measure_eval_batches(task: Any, setup: Any, *, split: str, limit: int, batch_sizes: list[int],
-                         rounds: int) -> dict[str, Any]:
+                         rounds: int, caches: tuple[str, ...] = ("dynamic",)) -> dict[str, Any]:
     """Seconds per example of ``task.evaluate_examples`` at each evaluation batch size (any task: language or
     vision-language; rounds rotate the order), and whether the batch size changes any prediction: each size's
-    per-example predictions against the first size's, and its metrics."""
+    per-example predictions against the first size's, and its metrics. ``caches``: for a generation task, each
+    size with each KV cache (``tasks.common.greedy_generate``; keys ``"256"`` dynamic, ``"256-static"``); a
+    variant's first call (its compile, for the static cache on a GPU) is timed apart, as ``first_call_s``."""
     model, autocast = _eval_mode(setup)
-    secs: dict[int, list[float]] = {b: [] for b in batch_sizes}
-    out: dict[int, Any] = {}
+    variants = [(b, c) for c in caches for b in batch_sizes]
+    keys = [str(b) if c == "dynamic" else f"{b}-{c}" for b, c in variants]
+    secs: dict[str, list[float]] = {k: [] for k in keys}
+    out: dict[str, Any] = {}
     peak: dict[str, float] = {}  # GPU only: what a worker sharing the GPU must have free for this batch size
+    first_call: dict[str, float] = {}
+
+    def call(key: str, b: int, cache: str) -> Any:
+        setup.extras["generation_cache"] = cache  # read by generation tasks only
+        return task.evaluate_examples(setup, model, split, limit=limit, batch_size=b)
+
     with torch.no_grad(), autocast:
-        for b in batch_sizes:  # warm-up, the outputs to compare and the peak memory
+        for k, (b, c) in zip(keys, variants):  # warm-up, the outputs to compare and the peak memory
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            out[b] = task.evaluate_examples(setup, model, split, limit=limit, batch_size=b)
+            _sync()
+            t0 = time.perf_counter()
+            out[k] = call(k, b, c)
+            _sync()
+            first_call[k] = round(time.perf_counter() - t0, 2)
             if torch.cuda.is_available():
-                peak[str(b)] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        n = len(out[batch_sizes[0]][1]["pred"])
+                peak[k] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            if setup.extras.pop("generation_cache_fallback", None):
+                raise RuntimeError(f"the {c} cache fell back to dynamic at batch size {b}: nothing to compare")
+        n = len(out[keys[0]][1]["pred"])
+        order = list(zip(keys, variants))
         for r in range(rounds):
-            for b in batch_sizes[r % len(batch_sizes):] + batch_sizes[: r % len(batch_sizes)]:
+            for k, (b, c) in order[r % len(order):] + order[: r % len(order)]:
                 _sync()
                 t0 = time.perf_counter()
-                task.evaluate_examples(setup, model, split, limit=limit, batch_size=b)
+                call(k, b, c)
                 _sync()
-                secs[b].append((time.perf_counter() - t0) / n)
-    first = out[batch_sizes[0]][1]["pred"]
+                secs[k].append((time.perf_counter() - t0) / n)
+    setup.extras.pop("generation_cache", None)
+    first = out[keys[0]][1]["pred"]
     return {
-        "split": split, "examples": n, "batch_sizes": batch_sizes,
-        "s_per_example": {str(b): spread(v) for b, v in secs.items()},
-        "speedup_vs_first": {str(b): spread([a / c for a, c in zip(secs[batch_sizes[0]], secs[b])]) for b in batch_sizes},
-        "same_predictions_as_first": {str(b): sum(x == y for x, y in zip(first, out[b][1]["pred"])) / n
-                                      for b in batch_sizes},
-        "metrics": {str(b): out[b][0] for b in batch_sizes},
+        "split": split, "examples": n, "batch_sizes": batch_sizes, "caches": list(caches),
+        "s_per_example": {k: spread(v) for k, v in secs.items()},
+        "speedup_vs_first": {k: spread([a / c for a, c in zip(secs[keys[0]], secs[k])]) for k in keys},
+        "same_predictions_as_first": {k: sum(x == y for x, y in zip(first, out[k][1]["pred"])) / n for k in keys},
+        "metrics": {k: out[k][0] for k in keys},
         "peak_mib": peak,
+        "first_call_s": first_call,
     }
 
 
@@ -168,6 +186,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batch-sizes", type=int, nargs="+", default=None,
                    help="instead: evaluation time per example at these eval_batch_size values, any task (VLM too)")
     p.add_argument("--split", default="validation", help="split of the --eval-batch-sizes measurement")
+    p.add_argument("--generation-caches", nargs="+", default=["dynamic"], choices=["dynamic", "static"],
+                   help="generation tasks: time each --eval-batch-sizes value with each KV cache (static: compiled "
+                        "decoding on a GPU)")
+    p.add_argument("--adapter", default=None, metavar="METHOD",
+                   help="evaluate the model with this method's fresh adapter on gate, up and down (rank 8; the "
+                        "runs' own layers, whose operators an eager decoding step launches too); default: the bare model")
     p.add_argument("--max-seqs-per-forward", type=int, default=None,
                    help="for this measurement only, the VLM QA tasks' cap on choice sequences per forward "
                         "(tasks/vlm/qa.py MAX_SEQS_PER_FORWARD, 2560: 256 images of 10 classes). It is part of those "
@@ -197,11 +221,16 @@ def main(argv: list[str] | None = None) -> int:
                 p.error("--max-seqs-per-forward must be >= 1")
             qa.MAX_SEQS_PER_FORWARD = a.max_seqs_per_forward
         setup = task.setup(a.model, device=device)
+        if a.adapter:
+            from nalora import inject
+
+            setup.model = inject(setup.model, a.adapter, targets=("gate", "up", "down")).model
         rec = {"model": a.model, "task": a.task, "torch_threads": torch.get_num_threads(),
-               "max_seqs_per_forward": a.max_seqs_per_forward,
+               "max_seqs_per_forward": a.max_seqs_per_forward, "adapter": a.adapter,
                "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                "eval_batches": measure_eval_batches(task, setup, split=a.split, limit=a.limit,
-                                                    batch_sizes=a.eval_batch_sizes, rounds=a.rounds)}
+                                                    batch_sizes=a.eval_batch_sizes, rounds=a.rounds,
+                                                    caches=tuple(a.generation_caches))}
         return _emit(rec, a.out)
     if not isinstance(task, ChoiceTask):
         p.error(f"task {a.task!r} is not a choice task scored by log-likelihood")

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tasks.common import GENERATION_CACHES
+
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_TOKENS = 2048  # tokens per chunk: 2048 x 49k vocab x 4 B = 400 MB of fp32 logits at most
 COMPILED_CHUNKS = 8  # under torch.compile the chunk count is fixed (a count derived from a dynamic size recompiles)
@@ -53,6 +55,11 @@ class Prepared:
     bf16_reason: str = ""
     loss: str = "model"  # "model" (the model's own loss) | "chunked" | "liger"
     loss_reason: str = ""
+    # How generation tasks decode (tasks.common.greedy_generate): "static" (a static KV cache, whose decoding step
+    # transformers compiles with CUDA graphs on a GPU) or "dynamic"; the reason says why dynamic, or why a run
+    # that started static fell back (the task's one line, recorded by the runner).
+    generation_cache: str = "dynamic"
+    generation_cache_reason: str = ""
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -66,7 +73,8 @@ class Prepared:
             else f"eager ({self.compile_reason})"
         bf = f"{self.bf16_frozen_params} frozen weights bf16" if self.bf16_frozen_params else f"fp32 frozen ({self.bf16_reason})"
         loss = self.loss if self.loss != "model" else f"model loss ({self.loss_reason})"
-        return f"step: {comp}; {bf}; loss: {loss}"
+        gen = self.generation_cache + (f" ({self.generation_cache_reason})" if self.generation_cache_reason else "")
+        return f"step: {comp}; {bf}; loss: {loss}; generation cache: {gen}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -525,6 +533,22 @@ def auto_compile_reason(device: torch.device) -> str:
     return ""
 
 
+def _generation_cache(choice: str, state: Prepared, device: torch.device) -> tuple[str, str]:
+    """``(cache, why dynamic)`` of a run's generation (``prepare_model``'s ``generation_cache``)."""
+    if choice not in GENERATION_CACHES + ("auto",):
+        raise ValueError(f"generation cache must be one of {', '.join(GENERATION_CACHES)} or auto, got {choice!r}")
+    if choice != "auto":
+        return choice, "" if choice == "static" else "off (flag)"
+    # Compiled on CUDA, a decoding step is one CUDA-graph launch instead of one per operator (thousands: the
+    # eager decoding is host-bound like the eager step; docs/gpu_visits.md, gsm8k); transformers compiles it only
+    # there, and an eager run stays the eager reference throughout.
+    if device.type != "cuda":
+        return "dynamic", f"auto: {device.type} (static on CUDA only)"
+    if not state.compiled:
+        return "dynamic", "auto: the step runs eagerly"
+    return "static", ""
+
+
 def _default_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
@@ -532,14 +556,16 @@ def _default_bf16() -> bool:
 def prepare_model(model: nn.Module, *, compile: bool | str = "auto", bf16_frozen: bool | str = "auto",
                   method: str | None = None, mixed_precision: str | None = None, light_loss: bool | str = "auto",
                   backend: str | Callable = "inductor", mode: str | None = None, dynamic: bool | None = None,
-                  compile_scope: str = "regional", log: Callable[[str], None] | None = None) -> Prepared:
+                  compile_scope: str = "regional", generation_cache: str = "auto",
+                  log: Callable[[str], None] | None = None) -> Prepared:
     """Make ``model`` (already on its device, after ``inject`` and ``accelerator.prepare``) fast to train.
 
     ``compile``: True, False, or "auto" (compile on CUDA, see ``auto_compile_reason``); ``compile_scope``:
     "regional" or "model" (``compile_in_place``).
     ``bf16_frozen``: True / "auto" (cast when exact, see ``cast_frozen_to_bf16``) or False. ``mixed_precision``: the run's setting
     ("bf16" | "fp16" | "no"; None: bf16 where the GPU has it). ``light_loss``: install the chunked
-    vocabulary loss (True / "auto") or not. Returns ``Prepared`` (``.model`` is ``model``: compiled in place).
+    vocabulary loss (True / "auto") or not. ``generation_cache``: "static", "dynamic" or "auto" (static where
+    the step compiles on CUDA: see ``Prepared.generation_cache``). Returns ``Prepared`` (``.model`` is ``model``: compiled in place).
     """
     log = log or (lambda s: None)
     if compile not in (True, False, "auto") or bf16_frozen not in (True, False, "auto") \
@@ -568,6 +594,7 @@ def prepare_model(model: nn.Module, *, compile: bool | str = "auto", bf16_frozen
         state.compile_reason = reason
     else:
         compile_in_place(model, state, backend=backend, mode=mode, dynamic=dynamic, scope=compile_scope, log=log)
+    state.generation_cache, state.generation_cache_reason = _generation_cache(generation_cache, state, device)
     log(state.line())
     return state
 
@@ -582,8 +609,9 @@ def step_options(training: dict | None = None, environ: dict | None = None) -> d
     (1/0/auto; the environment reaches spawned and local-Ray workers), or all three off with
     ``NALORA_EAGER=1`` (today's eager step, for side-by-side throughput). ``compile_scope`` comes from
     ``NALORA_COMPILE_SCOPE`` alone (regional / model; default regional), ``backend`` from
-    ``NALORA_COMPILE_BACKEND`` (default inductor) and ``mode`` from ``NALORA_COMPILE_MODE`` (torch.compile's
-    mode; default none): they are no training keys, so that run ids do not change with
+    ``NALORA_COMPILE_BACKEND`` (default inductor), ``mode`` from ``NALORA_COMPILE_MODE`` (torch.compile's
+    mode; default none) and ``generation_cache`` from ``NALORA_GENERATION_CACHE`` (static / dynamic / auto;
+    default auto): they are no training keys, so that run ids do not change with
     them (the record's ``perf.step`` says which ran). Bad values: one-line ValueError.
     """
     env = os.environ if environ is None else environ
@@ -621,4 +649,12 @@ def step_options(training: dict | None = None, environ: dict | None = None) -> d
                          f"scope on an H200 (reduce-overhead: results/perf/h200/steptime_compiled_cg_segfault.log); "
                          f"use NALORA_COMPILE_SCOPE=model or another mode")
     out["mode"] = mode
+    # How generation tasks decode: no training key either (a run's id stays its own); NALORA_EAGER=1 decodes
+    # with the dynamic cache like the eager step of before.
+    cache = env.get("NALORA_GENERATION_CACHE", "").strip().lower() or "auto"
+    if env.get("NALORA_EAGER", "").strip() == "1":
+        cache = "dynamic"
+    if cache not in GENERATION_CACHES + ("auto",):
+        raise ValueError(f"NALORA_GENERATION_CACHE={env['NALORA_GENERATION_CACHE']!r}: expected static, dynamic or auto")
+    out["generation_cache"] = cache
     return out

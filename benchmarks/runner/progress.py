@@ -35,7 +35,8 @@ def eval_progress(model: torch.nn.Module, desc: str, enabled: bool = True, posit
     from tqdm.auto import tqdm
 
     bar = tqdm(desc=desc, unit="fwd", leave=False, position=position, mininterval=1.0)
-    handle = forward_module(model).register_forward_pre_hook(lambda module, args: bar.update(1))
+    # Eager even inside a compiled generation step (static cache): traced, the count would guard recompiles.
+    handle = forward_module(model).register_forward_pre_hook(torch.compiler.disable(lambda module, args: bar.update(1)))
     try:
         yield bar
     finally:

@@ -54,6 +54,12 @@ def _mixed_precision(setting: str | None) -> str:
     return setting
 
 
+def _generation_fallback(setup: Any) -> dict[str, str]:
+    """The record's generation-cache keys when the run's static cache fell back (GenerationTask), else none."""
+    reason = setup.extras.get("generation_cache_fallback")
+    return {"generation_cache": "dynamic", "generation_cache_reason": reason} if reason else {}
+
+
 def _evaluate(task: Task, setup: Any, model: torch.nn.Module, accelerator: Any, split: str, limit: int | None, bs: int,
               per_example: bool = False, progress: bool = False, position: int = 0,
               deadline: float | None = None) -> tuple[dict, dict | None]:
@@ -67,6 +73,7 @@ def _evaluate(task: Task, setup: Any, model: torch.nn.Module, accelerator: Any, 
     examples = None
     t0, forwards = time.time(), [0]
 
+    @torch.compiler.disable  # a compiled generation step (static cache) calls it eagerly, never traced
     def check_deadline(module: torch.nn.Module, args: Any) -> None:
         forwards[0] += 1
         if time.time() > deadline:
@@ -213,6 +220,7 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
     prep = prepare_model(model, **step_options(tr), method=config["base_method"],
                          mixed_precision=accelerator.mixed_precision)
     graphs_before = dynamo_graphs() if prep.compiled else 0  # compiling is lazy: the graphs come with the first step
+    setup.extras["generation_cache"] = prep.generation_cache  # read by generation tasks (GenerationTask)
     unwrapped = accelerator.unwrap_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
     trainable, total = adapted.num_trainable(), sum(p.numel() for p in unwrapped.parameters())
@@ -330,7 +338,8 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
         "mixed_precision": accelerator.mixed_precision,
         "num_processes": n_proc,
         # graphs this run compiled (train, evaluation, diagnostics): 0 where a worker's kept graphs served it all
-        "step": {**prep.to_dict(), "graphs_built": dynamo_graphs() - graphs_before if prep.compiled else 0},
+        "step": {**prep.to_dict(), "graphs_built": dynamo_graphs() - graphs_before if prep.compiled else 0,
+                 **_generation_fallback(setup)},
     }
     return result
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -412,12 +413,27 @@ class GenerationTask(LMTask):
         if len(data) == 0:
             raise ValueError("no examples to score")
         prompts = [self.doc_to_text(ex) for ex in data]
-        with _EvalMode(model):
-            outs = greedy_generate(
+
+        def generate(cache: str) -> list[str]:
+            return greedy_generate(
                 model, setup.extras["tokenizer"], prompts, max_new_tokens=self.max_new_tokens,
                 batch_size=batch_size, stop=self.stop, max_length=self.max_length + self.max_new_tokens,
-                add_bos=setup.extras.get("add_bos", False),
+                add_bos=setup.extras.get("add_bos", False), cache=cache,
             )
+
+        with _EvalMode(model):
+            cache = setup.extras.get("generation_cache", "dynamic")  # the runner's choice (compiled.Prepared)
+            try:
+                outs = generate(cache)
+            except Exception as e:  # noqa: BLE001 - any failure of the compiled path: the dynamic cache is the reference
+                if cache == "dynamic" or isinstance(e, torch.OutOfMemoryError):
+                    raise
+                # The static cache (its compiled decoding) failed: this and every later evaluation of the run
+                # decode eagerly, and the record says why (the runner reads the reason back from the extras).
+                reason = f"{cache} cache failed, dynamic from here: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                setup.extras.update(generation_cache="dynamic", generation_cache_fallback=reason)
+                warnings.warn(reason, stacklevel=2)
+                outs = generate("dynamic")
         preds, correct = [], []
         for ex, out in zip(data, outs):
             gold, pred = final_number(self.doc_to_answer(ex)), final_number(out)
