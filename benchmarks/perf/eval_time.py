@@ -93,7 +93,7 @@ def measure_eval_batches(task: Any, setup: Any, *, split: str, limit: int, batch
     peak: dict[str, float] = {}  # GPU only: what a worker sharing the GPU must have free for this batch size
     first_call: dict[str, float] = {}
 
-    def call(key: str, b: int, cache: str) -> Any:
+    def call(b: int, cache: str) -> Any:
         setup.extras["generation_cache"] = cache  # read by generation tasks only
         return task.evaluate_examples(setup, model, split, limit=limit, batch_size=b)
 
@@ -103,7 +103,7 @@ def measure_eval_batches(task: Any, setup: Any, *, split: str, limit: int, batch
                 torch.cuda.reset_peak_memory_stats()
             _sync()
             t0 = time.perf_counter()
-            out[k] = call(k, b, c)
+            out[k] = call(b, c)
             _sync()
             first_call[k] = round(time.perf_counter() - t0, 2)
             if torch.cuda.is_available():
@@ -116,7 +116,7 @@ def measure_eval_batches(task: Any, setup: Any, *, split: str, limit: int, batch
             for k, (b, c) in order[r % len(order):] + order[: r % len(order)]:
                 _sync()
                 t0 = time.perf_counter()
-                call(k, b, c)
+                call(b, c)
                 _sync()
                 secs[k].append((time.perf_counter() - t0) / n)
     setup.extras.pop("generation_cache", None)
