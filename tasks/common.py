@@ -12,6 +12,7 @@ The scoring follows lm-evaluation-harness (``HFLM._encode_pair`` / ``loglikeliho
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -287,12 +288,13 @@ def greedy_generate(
         width = min(-(-longest // STATIC_WIDTH_MULTIPLE) * STATIC_WIDTH_MULTIPLE, max_length - max_new_tokens)
         compile_config = CompileConfig()
         compile_config._compile_all_devices = bool(compile_on_cpu) or None
-        extra = {"cache_implementation": "static", "compile_config": compile_config}
+        extra = {"compile_config": compile_config}
     texts = [""] * len(enc)
     for batch in length_sorted_batches([len(e) for e in enc], batch_size):
         rows = [enc[i] for i in batch]
         if width is not None:
             rows += [rows[0]] * (batch_size - len(rows))
+            extra["past_key_values"] = static_cache(model, width + max_new_tokens)
         input_ids, mask = _left_padded(rows, pad, width)
         gen = model.generate(
             input_ids=input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
@@ -305,6 +307,48 @@ def greedy_generate(
                 text = text.split(s)[0]
             texts[i] = text
     return texts
+
+
+def static_cache(model: nn.Module, max_cache_len: int):
+    """transformers' ``StaticCache`` for ``model``, its layers keeping keys and values in one dtype: the autocast
+    dtype under autocast, else the keys'.
+
+    Under bf16 autocast a Llama's keys leave RoPE in fp32 (cos and sin follow the fp32 hidden states) while its
+    values are bf16; transformers' ``StaticLayer`` allocates both in the keys' dtype, and copying the values in then
+    fails (``index_copy_(): ... Float and ... BFloat16``, on the H200 on 2026-12-04). Storing both in the autocast
+    dtype changes no number: attention under autocast (SDPA, matmul) casts its inputs to that dtype first.
+    """
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    classes = _one_dtype_layers()
+    for i, layer in enumerate(cache.layers):
+        if type(layer) not in classes:
+            raise TypeError(f"static cache: no one-dtype form of {type(layer).__name__}")
+        one = object.__new__(classes[type(layer)])
+        one.__dict__.update(vars(layer))  # the same (not yet allocated) state; only two methods differ
+        cache.layers[i] = one
+    return cache
+
+
+@functools.cache
+def _one_dtype_layers() -> dict[type, type]:
+    """transformers' static layer classes -> subclasses that store keys and values in one dtype (``static_cache``)."""
+    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+
+    class OneDtype:
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            dev = key_states.device.type
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else key_states.dtype
+            super().lazy_initialization(key_states.to(dtype), value_states.to(dtype))
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            return super().update(key_states.to(self.dtype), value_states.to(self.dtype), *args, **kwargs)
+
+    return {base: type(f"OneDtype{base.__name__}", (OneDtype, base), {})
+            for base in (StaticLayer, StaticSlidingWindowLayer)}
 
 
 _NUMBER = re.compile(r"-?[\d,]*\.?\d+")

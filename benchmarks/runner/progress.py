@@ -36,7 +36,13 @@ def eval_progress(model: torch.nn.Module, desc: str, enabled: bool = True, posit
 
     bar = tqdm(desc=desc, unit="fwd", leave=False, position=position, mininterval=1.0)
     # Eager even inside a compiled generation step (static cache): traced, the count would guard recompiles.
-    handle = forward_module(model).register_forward_pre_hook(torch.compiler.disable(lambda module, args: bar.update(1)))
+    # Returns None: a pre-hook's return value replaces the forward's arguments, and tqdm's update returns True
+    # whenever it redraws (a forward called a second after the last redraw got ``(True,)`` as its input_ids).
+    @torch.compiler.disable
+    def count(module: torch.nn.Module, args: tuple) -> None:
+        bar.update(1)
+
+    handle = forward_module(model).register_forward_pre_hook(count)
     try:
         yield bar
     finally:
