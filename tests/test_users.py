@@ -96,6 +96,24 @@ def test_unknown_task_or_model_suggests_close_names(tmp_path):
     assert "did you mean sarcasm" in str(e.value)
 
 
+def test_models_flag_with_the_suites_own_models_keeps_each_family_on_its_own():
+    """``--models`` naming models of the suite selects among them: ``default``'s language tasks on SmolLM2, its
+    vision-language tasks on the DINOv2 VLM, never one family's model on the other's tasks (it replaced every
+    task's models until 2026-12-07: SmolLM2 on emoji, the VLM on movie-reviews). A name outside the suite replaces."""
+    from benchmarks.runner.grid import expand
+    from benchmarks.runner.suite import load_suite
+
+    def pairs(**kw):
+        s = load_suite("default", methods=["lora"], seeds=[0], check=False, **kw)
+        family = {"fashion-mnist": "vlm", "emoji": "vlm"}
+        return {(sp.config["model"], sp.config["task"]) for sp in expand(s, lambda n: (family.get(n, "llm"), "x"))}
+
+    got = pairs(tasks=["movie-reviews", "emoji"], models=["smollm2-135m", "dinov2-s+smollm2-135m"])
+    assert got == {("smollm2-135m", "movie-reviews"), ("dinov2-s+smollm2-135m", "emoji")}
+    assert {m for m, _ in pairs(models=["gemma3-270m"])} == {"gemma3-270m"}  # the VLM tasks drop out
+    assert pairs(tasks=["emoji"], models=["tiny-llama"]) == {("tiny-llama", "emoji")}
+
+
 def test_models_flag_replaces_the_suites_models(tmp_path):
     suite = write_suite(tmp_path / "s.yaml", BASE_SUITE + "models: [smollm2-135m]\n")
     assert load(suite).models_for(load(suite).tasks[0], "llm", "x") == ["smollm2-135m"]

@@ -27,8 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated tasks: the suite's own or any registered task (plugins of --include-path "
                              "included; a task not in the suite gets the suite's training settings)")
     parser.add_argument("--models", default=None,
-                        help="comma-separated models every task runs on instead of the suite's (asset names, test "
-                             "models such as tiny-llama, hub ids; `nalora-bench list models`)")
+                        help="comma-separated models: the suite's own keep only those (each task on its family's); "
+                             "others replace every task's models (asset names, test models such as tiny-llama, hub "
+                             "ids; `nalora-bench list models`)")
     parser.add_argument("--seeds", default=None, help="comma-separated subset of the suite's seeds")
     parser.add_argument("--include-path", action="append", default=[], metavar="DIR",
                         help="also load tasks from DIR (*.py / *.yaml task files); may be repeated")

@@ -436,6 +436,27 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def _select_models(suite: Suite, models: list[str]) -> None:
+    """``--models``: names that are all among the suite's own models keep only those, each task on its own
+    family's (``--models smollm2-135m`` on ``default``: the language tasks on SmolLM2, no vision-language task);
+    any other name replaces the models of every task (asset, test, hub or local models)."""
+    tasks = suite.tasks + suite.dev_tasks
+    own = {m for names in suite.models.values() for m in names} | {m for t in tasks for m in t.models or ()}
+    if not set(models) <= own:
+        suite.models = {"*": models}
+        for t in tasks:
+            t.models = None
+        return
+    # "*" too, even where the suite has none: a family it does not name falls back to "*", not to a task's default
+    suite.models = {family: [m for m in names if m in models] for family, names in {"*": [], **suite.models}.items()}
+    for t in tasks:
+        if t.models:
+            t.models = [m for m in t.models if m in models]
+    # a task of its own models, none of them named, runs nowhere
+    suite.tasks = [t for t in suite.tasks if t.models is None or t.models]
+    suite.dev_tasks = [t for t in suite.dev_tasks if t.models is None or t.models]
+
+
 def load_suite(name_or_path: str | Path, *, methods: list[str] | None = None, tasks: list[str] | None = None,
                seeds: list[int] | None = None, task_paths: list[str] | None = None,
                resolver: Callable[[str], Any] | None = None, check: bool = True,
@@ -444,8 +465,8 @@ def load_suite(name_or_path: str | Path, *, methods: list[str] | None = None, ta
     ``task_paths`` add task folders (``--include-path``) to the suite's own.
 
     ``tasks`` (``--tasks``) may name any registered task: the suite's own entries keep their settings, any
-    other task gets the suite's training settings and its family's models. ``models`` (``--models``)
-    replaces the models of every task (asset, test, hub or local models).
+    other task gets the suite's training settings and its family's models. ``models`` (``--models``): see
+    ``_select_models``.
 
     With ``check`` (the default) names are checked too (``check_names``), with ``resolver(task) -> Task``
     (default: the task registry with the suite's task folders loaded).
@@ -473,9 +494,7 @@ def load_suite(name_or_path: str | Path, *, methods: list[str] | None = None, ta
                 check_model_name(name)
             except ValueError as err:
                 raise SuiteError(f"--models: {err}") from None
-        suite.models = {"*": list(dict.fromkeys(models))}
-        for t in suite.tasks + suite.dev_tasks:
-            t.models = None
+        _select_models(suite, list(dict.fromkeys(models)))
     if seeds is not None:
         every = sorted({s for m in suite.methods for s in m.seeds} | set(suite.seeds))
         unknown = sorted(set(seeds) - set(every))
