@@ -794,7 +794,7 @@ def test_generation_cache_follows_the_step_and_its_flag():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     compiled, eager = C.Prepared(model=None, compiled=True), C.Prepared(model=None)
     assert C._generation_cache("auto", compiled, cuda) == \
-        ("dynamic", "auto: static cache not exact under bf16 autocast yet (keys fp32, values bf16)")
+        ("dynamic", "auto: static decoding changes predictions (84% the same as dynamic, gsm8k, H100)")
     assert C._generation_cache("auto", eager, cuda) == ("dynamic", "auto: the step runs eagerly")
     assert C._generation_cache("auto", compiled, cpu) == ("dynamic", "auto: cpu (static on CUDA only)")
     assert C._generation_cache("static", eager, cpu) == ("static", "")
