@@ -316,7 +316,9 @@ def static_cache(model: nn.Module, max_cache_len: int):
     Under bf16 autocast a Llama's keys leave RoPE in fp32 (cos and sin follow the fp32 hidden states) while its
     values are bf16; transformers' ``StaticLayer`` allocates both in the keys' dtype, and copying the values in then
     fails (``index_copy_(): ... Float and ... BFloat16``, on the H200 on 2026-12-04). Storing both in the autocast
-    dtype changes no number: attention under autocast (SDPA, matmul) casts its inputs to that dtype first.
+    dtype changes no number by itself: attention under autocast (SDPA, matmul) casts its inputs to that dtype first
+    (eager decoding agrees exactly with the dynamic cache: tests/test_llm_tasks.py). The compiled decoding on a GPU
+    did change predictions (results/perf/README.md, 2026-12-07).
     """
     from transformers import StaticCache
 
