@@ -250,7 +250,7 @@ def loglikelihoods(
 # generation
 
 
-GENERATION_CACHES = ("dynamic", "static")
+GENERATION_CACHES = ("dynamic", "static", "static-eager")  # static-eager: the static layout, decoding not compiled
 STATIC_WIDTH_MULTIPLE = 64  # static-cache prompts are left-padded to a multiple of this many tokens
 
 
@@ -265,7 +265,7 @@ def greedy_generate(
 
     ``cache="static"``: transformers' static KV cache, whose decoding step transformers compiles on a GPU
     (CUDA graphs: one launch per step instead of thousands of operators; ``compile_on_cpu`` compiles it on a CPU
-    too, for tests). So that the step keeps one shape for the whole call, every batch has ``batch_size`` rows
+    too, for tests); ``"static-eager"``: the same cache, never compiled (what the compile alone changes). So that the step keeps one shape for the whole call, every batch has ``batch_size`` rows
     (a short batch, even a call's only one, is filled with copies of its first prompt, whose outputs are dropped) and every prompt is
     left-padded to the longest prompt rounded up to ``STATIC_WIDTH_MULTIPLE`` tokens.
     """
@@ -281,14 +281,14 @@ def greedy_generate(
         enc.append(ids[-(max_length - max_new_tokens) :])
     extra: dict = {}
     width = None
-    if cache == "static" and enc:
+    if cache != "dynamic" and enc:
         from transformers import CompileConfig
 
         longest = max(len(e) for e in enc)
         width = min(-(-longest // STATIC_WIDTH_MULTIPLE) * STATIC_WIDTH_MULTIPLE, max_length - max_new_tokens)
         compile_config = CompileConfig()
         compile_config._compile_all_devices = bool(compile_on_cpu) or None
-        extra = {"compile_config": compile_config}
+        extra = {"compile_config": compile_config, "disable_compile": cache == "static-eager"}
     texts = [""] * len(enc)
     for batch in length_sorted_batches([len(e) for e in enc], batch_size):
         rows = [enc[i] for i in batch]

@@ -225,7 +225,13 @@ def test_static_cache_generation_matches_dynamic():
     assert greedy_generate(model, tok, prompts, max_new_tokens=12, batch_size=4, stop=("\n\n",), cache="static") == dyn
     assert greedy_generate(model, tok, prompts[:2], max_new_tokens=12, batch_size=4, cache="static",
                            stop=("\n\n",)) == dyn[:2]
-    with pytest.raises(ValueError, match="generation cache must be one of dynamic, static"):
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    assert greedy_generate(model, tok, prompts, max_new_tokens=12, batch_size=4, stop=("\n\n",),
+                           cache="static-eager", compile_on_cpu=True) == dyn
+    assert counters["stats"]["unique_graphs"] == graphs  # compiling was allowed on the CPU, and static-eager declined
+    with pytest.raises(ValueError, match="generation cache must be one of dynamic, static, static-eager"):
         greedy_generate(model, tok, prompts, cache="paged")
 
 

@@ -801,7 +801,7 @@ def test_generation_cache_follows_the_step_and_its_flag():
     assert C._generation_cache("dynamic", compiled, cuda) == ("dynamic", "off (flag)")
     assert C.step_options({}, {"NALORA_GENERATION_CACHE": "static"})["generation_cache"] == "static"
     assert C.step_options({}, {"NALORA_GENERATION_CACHE": "static", "NALORA_EAGER": "1"})["generation_cache"] == "dynamic"
-    with pytest.raises(ValueError, match="NALORA_GENERATION_CACHE='paged': expected static, dynamic or auto"):
+    with pytest.raises(ValueError, match="NALORA_GENERATION_CACHE='paged': expected dynamic, static, static-eager or auto"):
         C.step_options({}, {"NALORA_GENERATION_CACHE": "paged"})
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from benchmarks.perf.step_time import spread
+from tasks.common import GENERATION_CACHES
 
 MODES = ("per_choice", "shared")
 
@@ -186,9 +187,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batch-sizes", type=int, nargs="+", default=None,
                    help="instead: evaluation time per example at these eval_batch_size values, any task (VLM too)")
     p.add_argument("--split", default="validation", help="split of the --eval-batch-sizes measurement")
-    p.add_argument("--generation-caches", nargs="+", default=["dynamic"], choices=["dynamic", "static"],
+    p.add_argument("--generation-caches", nargs="+", default=["dynamic"], choices=GENERATION_CACHES,
                    help="generation tasks: time each --eval-batch-sizes value with each KV cache (static: compiled "
-                        "decoding on a GPU)")
+                        "decoding on a GPU; static-eager: the static cache uncompiled)")
     p.add_argument("--adapter", default=None, metavar="METHOD",
                    help="evaluate the model with this method's fresh adapter on gate, up and down (rank 8; the "
                         "runs' own layers, whose operators an eager decoding step launches too); default: the bare model")

@@ -538,7 +538,7 @@ def _generation_cache(choice: str, state: Prepared, device: torch.device) -> tup
     if choice not in GENERATION_CACHES + ("auto",):
         raise ValueError(f"generation cache must be one of {', '.join(GENERATION_CACHES)} or auto, got {choice!r}")
     if choice != "auto":
-        return choice, "" if choice == "static" else "off (flag)"
+        return choice, "off (flag)" if choice == "dynamic" else ""
     # Compiled on CUDA, a decoding step is one CUDA-graph launch instead of one per operator (thousands: the
     # eager decoding is host-bound like the eager step; docs/gpu_visits.md, gsm8k); transformers compiles it only
     # there, and an eager run stays the eager reference throughout.
@@ -660,6 +660,7 @@ def step_options(training: dict | None = None, environ: dict | None = None) -> d
     if env.get("NALORA_EAGER", "").strip() == "1":
         cache = "dynamic"
     if cache not in GENERATION_CACHES + ("auto",):
-        raise ValueError(f"NALORA_GENERATION_CACHE={env['NALORA_GENERATION_CACHE']!r}: expected static, dynamic or auto")
+        raise ValueError(f"NALORA_GENERATION_CACHE={env['NALORA_GENERATION_CACHE']!r}: expected "
+                         f"{', '.join(GENERATION_CACHES)} or auto")
     out["generation_cache"] = cache
     return out
