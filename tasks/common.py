@@ -263,11 +263,12 @@ def greedy_generate(
     """Greedy continuations of ``prompts`` (left-padded, length-sorted batches; returned in the prompts' order),
     cut at the first ``stop`` string.
 
-    ``cache="static"``: transformers' static KV cache, whose decoding step transformers compiles on a GPU
+    ``cache="static"``: the static KV cache of ``static_cache``, whose decoding step transformers compiles on a GPU
     (CUDA graphs: one launch per step instead of thousands of operators; ``compile_on_cpu`` compiles it on a CPU
-    too, for tests); ``"static-eager"``: the same cache, never compiled (what the compile alone changes). So that the step keeps one shape for the whole call, every batch has ``batch_size`` rows
-    (a short batch, even a call's only one, is filled with copies of its first prompt, whose outputs are dropped) and every prompt is
-    left-padded to the longest prompt rounded up to ``STATIC_WIDTH_MULTIPLE`` tokens.
+    too, for tests); ``"static-eager"``: the same cache, never compiled (what the compile alone changes). So that
+    the step keeps one shape for the whole call, every batch has ``batch_size`` rows (a short batch, even a call's
+    only one, is filled with copies of its first prompt, whose outputs are dropped) and every prompt is left-padded
+    to the longest prompt rounded up to ``STATIC_WIDTH_MULTIPLE`` tokens.
     """
     if cache not in GENERATION_CACHES:
         raise ValueError(f"generation cache must be one of {', '.join(GENERATION_CACHES)}, got {cache!r}")
