@@ -207,6 +207,21 @@ def test_eval_progress_counts_forward_passes_and_removes_its_hook(capsys):
     assert bar is None and not model._forward_pre_hooks
 
 
+def test_eval_progress_leaves_the_forwards_arguments_alone(monkeypatch):
+    """tqdm's update returns True whenever it redraws (at most once a second), and a pre-hook's return value replaces
+    the forward's arguments: a forward after a redraw got ``(True,)`` beside its input_ids (found 2026-12-07)."""
+    from tqdm.auto import tqdm
+
+    from benchmarks.runner.progress import eval_progress
+
+    monkeypatch.setattr(tqdm, "update", lambda self, n=1: True)  # every forward redraws
+    model = tiny_llama()
+    x = torch.randint(1, 32, (2, 8))
+    want = model(input_ids=x).logits
+    with eval_progress(model, "eval validation", True):
+        assert torch.equal(model(input_ids=x).logits, want) and torch.equal(model(x).logits, want)
+
+
 def test_eval_progress_counts_each_forward_of_a_peft_model_once_generation_included(capsys):
     """peft's ``generate`` calls its base model, not the adapted model's forward: each scored batch and each
     generated token is one forward on the bar (a hook on the adapted model counted no generated token)."""
