@@ -26,6 +26,11 @@ Variants of the project's runner step: ``eager`` (today's step: fp32 master weig
 the model's own loss), ``lean`` (``prepare_model`` without compile: frozen weights in bf16, chunked loss),
 ``compiled`` (``prepare_model``: lean + ``torch.compile``, its default scope: each repeated block, as runs
 compile), ``compiled_model`` (the same with the whole model compiled, the earlier scope).
+
+``--stack K``: also ``lora+VARIANT+stackK`` for each variant, K LoRA runs stepped together on K batches
+(``benchmarks/runner/stacked.py``: one base forward, each run its own adapters, param group and clip). Its step
+trains K runs: the ratio ``lora+V / (lora+V+stackK per run)`` is how many more LoRA runs per GPU-hour stacking
+would give at this shape.
 """
 
 from __future__ import annotations
@@ -73,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after the rounds, N profiled steps per candidate: GPU busy time per step against its "
                              "wall time, kernels and aten operators per step (0: none)")
+    parser.add_argument("--stack", default="", metavar="K[,K...]",
+                        help="also time K LoRA runs stepped together (one base forward, each run its own "
+                             "adapters) for each K and variant (default: none)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (tests: aot_eager)")
     parser.add_argument("--out", default=None,
                         help="folder for steptime.json and steptime.md (a path ending in .json: that file and .md beside it)")
@@ -132,6 +140,7 @@ class Candidate:
     build_s: float = 0.0  # wall time of build() and the first step (compilation included)
     graphs: int = 0  # graphs dynamo compiled while this candidate ran (build and rounds)
     profile: dict | None = None  # profile_steps' result (--profile)
+    stack: int = 1  # runs trained by one step (--stack)
 
 
 class CandidateTimeout(Exception):
@@ -161,15 +170,18 @@ def time_limit(seconds: float) -> Iterator[None]:
 
 
 def _loop(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict, device: torch.device,
-          params: list[torch.nn.Parameter]) -> Callable[[int, int, _Timer], None]:
-    """The runner's step (train.py): autocast forward, backward, clip, optimiser step, zero_grad."""
+          params: list[torch.nn.Parameter], *, loss_scale: float = 1.0,
+          clip: Callable[[], Any] | None = None) -> Callable[[int, int, _Timer], None]:
+    """The runner's step (train.py): autocast forward, backward, clip, optimiser step, zero_grad. ``loss_scale``
+    and ``clip`` (default: ``params`` clipped to norm 1) serve stacked runs (their loss is the runs' sum)."""
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    clip = clip or (lambda: torch.nn.utils.clip_grad_norm_(params, 1.0))
 
     def step() -> None:
         with autocast:
             loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+        clip()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -203,6 +215,34 @@ def _runner_candidate(method: str, variant: str, base: torch.nn.Module, batch: d
 
     cand = Candidate(name=method if variant == "eager" else f"{method}+{variant}", group="runner", method=method,
                      variant=variant, build=build)
+    return cand
+
+
+def _stacked_candidate(k: int, variant: str, base: torch.nn.Module, batch: dict, device: torch.device, *,
+                       targets: tuple[str, ...], rank: int, backend: str) -> Candidate:
+    """``k`` LoRA runs stepped together: ``k`` copies' worth of rows (fresh tokens each) through one stacked model."""
+    def build() -> Callable:
+        from benchmarks.runner.compiled import prepare_model
+        from benchmarks.runner.stacked import clip_per_run, run_param_groups, stack_lora
+
+        torch.manual_seed(0)
+        model = copy.deepcopy(base).to(device)
+        layers = stack_lora(model, k, targets=targets, rank=rank, alpha=2 * rank)
+        opt = torch.optim.AdamW(run_param_groups(layers, [1e-4] * k))
+        if variant != "eager":
+            cand.info["prepare"] = prepare_model(
+                model, compile=variant in _SCOPES, bf16_frozen=True, method="lora",
+                mixed_precision="bf16" if device.type == "cuda" else "no", light_loss=True, backend=backend,
+                compile_scope=_SCOPES.get(variant, "regional"))
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, base.config.vocab_size, (k * batch["input_ids"].shape[0], batch["input_ids"].shape[1]),
+                            generator=g).to(device)
+        stacked = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        return _loop(model.train(), opt, stacked, device, [], loss_scale=k,
+                     clip=lambda: clip_per_run(opt, 1.0))
+
+    cand = Candidate(name=f"lora+stack{k}" if variant == "eager" else f"lora+{variant}+stack{k}", group="stacked",
+                     method="lora", variant=variant, build=build, stack=k)
     return cand
 
 
@@ -299,6 +339,11 @@ def _ratios(cands: dict[str, Candidate]) -> dict[str, dict]:
         if c.peak_bytes and ref.peak_bytes and all(ref.peak_bytes):
             entry["peak_memory"] = spread([a / b for a, b in zip(c.peak_bytes, ref.peak_bytes)])
         out[f"{c.name} / {ref.name}"] = entry
+    for c in cands.values():  # stacked: one run's step alone against a stacked step's share per run
+        ref = by.get(("lora", c.variant))
+        if c.group == "stacked" and ref is not None and c.step_s and ref.step_s:
+            out[f"{ref.name} / ({c.name} per run)"] = {
+                "time": spread([b / (a / c.stack) for a, b in zip(c.step_s, ref.step_s)])}
     comps = {"lora+compiled": ("peft+compile", "hf_trainer+peft", "peft", "lora")}
     for mine, others in comps.items():
         if mine not in cands:
@@ -389,13 +434,15 @@ def measure(model_name: str, methods: list[str], *, variants: tuple[str, ...] = 
             reference: bool = False, targets: tuple[str, ...] = ("gate", "up", "down"), rank: int = 8,
             batch_size: int = 8, seq_len: int = 512, steps: int = 30, warmup: int = 5, rounds: int = 9,
             compile_backend: str = "inductor", candidate_timeout: float = 0.0, progress: bool = True,
-            checkpoint: Callable[[dict[str, Any]], None] | None = None, profile: int = 0) -> dict[str, Any]:
+            checkpoint: Callable[[dict[str, Any]], None] | None = None, profile: int = 0,
+            stack: tuple[int, ...] = ()) -> dict[str, Any]:
     """Time every candidate over ``rounds`` interleaved rounds on one fixed batch; see the module doc.
 
     ``checkpoint(result)`` is called after every round with the rounds so far (a command stopped by a
     time limit still leaves its finished rounds). ``candidate_timeout`` (seconds, 0: none): a candidate's
     build or round that runs longer is recorded as timed out and the candidate is dropped from later rounds.
-    ``profile``: steps per candidate of ``profile_steps`` after the rounds (0: none)."""
+    ``profile``: steps per candidate of ``profile_steps`` after the rounds (0: none). ``stack``: the K of the
+    stacked LoRA candidates (``--stack``)."""
     from tqdm.auto import tqdm
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -412,6 +459,10 @@ def measure(model_name: str, methods: list[str], *, variants: tuple[str, ...] = 
         for m in methods:
             c = _runner_candidate(m, v, base, batch, device, targets=targets, rank=rank, total_steps=total,
                                   backend=compile_backend)
+            cands[c.name] = c
+    for v in variants:
+        for k in stack:
+            c = _stacked_candidate(k, v, base, batch, device, targets=targets, rank=rank, backend=compile_backend)
             cands[c.name] = c
     if reference:
         for c in _reference_candidates(base, batch, device, targets=targets, rank=rank, backend=compile_backend):
@@ -481,6 +532,10 @@ def _assemble(model_name: str, weights: str, device: torch.device, targets: tupl
              "resident_mib": c.resident_bytes / 2**20, "build_s": c.build_s, "graphs": c.graphs}
         if c.step_s:
             d["step_ms"] = spread([1e3 * s for s in c.step_s])
+        if c.stack > 1:
+            d["runs_per_step"] = c.stack
+            if c.step_s:
+                d["per_run_step_ms"] = spread([1e3 * s / c.stack for s in c.step_s])
         if c.timed_out:
             d["timed_out"] = c.timed_out
         if c.peak_bytes:
@@ -531,6 +586,8 @@ def to_markdown(r: dict[str, Any]) -> str:
             (f"compiled ({prep.get('compile_scope') or 'model'})" if prep["compiled"]
              else f"eager: {prep['compile_reason']}")
             + f", {prep['bf16_frozen_params']} bf16 frozen, loss {prep['loss']}")
+        if c.get("runs_per_step"):
+            how += f"; {c['runs_per_step']} runs per step, {c['per_run_step_ms']['median']:.2f} ms per run"
         lines.append(f"| {name} | {s['median']:.2f} | {s['iqr'][0]:.2f}-{s['iqr'][1]:.2f} | "
                      f"{s['min']:.2f}-{s['max']:.2f} | {peak} | {how} | {c.get('build_s', 0):.1f} | {c.get('graphs', '-')} |")
     profiled = {n: c["profile"] for n, c in r["candidates"].items() if c.get("profile")}
@@ -571,6 +628,12 @@ def main(args: argparse.Namespace) -> int:
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:
         raise ValueError(f"--variants: unknown {bad[0] if bad else '(none)'!r}; known: {', '.join(VARIANTS)}")
+    try:
+        stack = tuple(int(k) for k in args.stack.split(",") if k.strip())
+    except ValueError:
+        raise ValueError(f"--stack: comma-separated integers >= 2, got {args.stack!r}") from None
+    if any(k < 2 for k in stack):
+        raise ValueError(f"--stack: each K must be >= 2 (runs stepped together), got {args.stack!r}")
     for name in ("steps", "rounds", "batch_size", "seq_len", "rank"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0")
@@ -598,7 +661,7 @@ def main(args: argparse.Namespace) -> int:
                 targets=tuple(t for t in args.targets.split(",") if t), rank=args.rank, batch_size=args.batch_size,
                 seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
                 compile_backend=args.compile_backend, candidate_timeout=args.candidate_timeout, checkpoint=save,
-                profile=args.profile)
+                profile=args.profile, stack=stack)
     save(r)
     print(to_markdown(r))
     return 0
