@@ -450,21 +450,22 @@ def test_steptime_reference_on_cpu(tmp_path):
 
 
 def test_steptime_stack_times_k_lora_runs_per_step(tmp_path):
-    """--stack K: K LoRA runs stepped together, eager and compiled, with the per-run ratio to one run's step."""
+    """--stack K: K runs stepped together, eager and compiled, with the per-run ratio to one run's step."""
     import json
 
     from benchmarks.perf import step_time
 
-    args = _steptime_args(tmp_path, methods="lora", variants="eager,compiled", rounds=3, stack="2,3")
+    args = _steptime_args(tmp_path, methods="lora,nalora", variants="eager,compiled", rounds=3, stack="2,3")
     assert step_time.main(args) == 0
     r = json.loads((tmp_path / "steptime.json").read_text())
-    for name, k in (("lora+stack2", 2), ("lora+compiled+stack3", 3)):
+    for name, k in (("lora+stack2", 2), ("lora+compiled+stack3", 3), ("nalora+compiled+stack2", 2)):
         c = r["candidates"][name]
         assert c["group"] == "stacked" and c["runs_per_step"] == k and len(c["step_s"]) == 3
         assert c["per_run_step_ms"]["median"] == pytest.approx(c["step_ms"]["median"] / k)
     assert r["candidates"]["lora+compiled+stack3"]["prepare"]["compiled"] is True
     ratio = r["ratios"]["lora+compiled / (lora+compiled+stack3 per run)"]["time"]
     assert ratio["n"] == 3 and ratio["median"] > 0
+    assert "nalora / (nalora+stack3 per run)" in r["ratios"]
     assert "3 runs per step" in (tmp_path / "steptime.md").read_text()
     with pytest.raises(ValueError, match="--stack: each K must be >= 2"):
         step_time.main(_steptime_args(tmp_path, stack="1"))

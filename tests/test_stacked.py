@@ -2,78 +2,79 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 from tests.test_runner import tiny_llama
 
 
-def _peft_run(base, a_b: dict[str, tuple[torch.Tensor, torch.Tensor]]):
-    """``base`` with plain peft LoRA (gate, up, down; rank 4, alpha 8) whose A and B are set from ``a_b``."""
-    from peft import LoraConfig, get_peft_model
+def test_stack_runs_bad_input_is_one_line():
+    from benchmarks.runner.stacked import stack_runs
+    from nalora import inject
 
-    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["gate_proj", "up_proj", "down_proj"])
-    model = get_peft_model(copy.deepcopy(base), cfg)
-    with torch.no_grad():
-        for path, (a, b) in a_b.items():
-            layer = model.base_model.model.get_submodule(path)
-            layer.lora_A["default"].weight.copy_(a)
-            layer.lora_B["default"].weight.copy_(b)
-    return model
+    runs = [inject(tiny_llama(), m, targets=("gate", "up"), rank=2) for m in ("lora", "dora")]
+    with pytest.raises(ValueError, match="at least 2 runs"):
+        stack_runs(runs[:1])
+    with pytest.raises(ValueError, match="not a plain unmerged LoRA layer"):
+        stack_runs(runs)
 
 
-def test_stacked_runs_get_the_gradients_and_steps_each_run_gets_alone():
-    """Three runs with different adapters and lrs, each on its own rows: after two stacked AdamW steps (clipped per
-    run), every run's adapters equal those of the same run trained alone through peft. Fails if rows leak between
-    runs, if the loss weights runs unequally, or if one run's clip or lr reaches another."""
-    from benchmarks.runner.stacked import clip_per_run, run_param_groups, stack_lora
+def _train(model, batches, opts, scheds, k):
+    for ids, mask in batches:
+        (model(input_ids=ids, attention_mask=mask, labels=ids).loss * k).backward()
+        for opt, sched in zip(opts, scheds):
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+
+
+@pytest.mark.parametrize("method", ["lora", "nalora"])
+def test_stack_runs_trains_each_run_as_it_trains_alone(method):
+    """Two runs (seeds 0 and 1, different lrs) trained 8 steps through ``stack_runs`` end with the adapters, and for
+    NA-LoRA the masks and statistics, that each gets when trained alone: NA-LoRA's statistics hooks see their own
+    rows, its attention-mask capture its own mask, its gradient and step hooks its own parameters."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    from benchmarks.runner.stacked import shared_copy, stack_runs
+    from nalora import inject
 
     base = tiny_llama().double().eval()  # float64: Adam's normalised steps amplify rounding in tiny gradients
-    k, lrs = 3, [1e-2, 3e-3, 3e-2]
-    stacked = copy.deepcopy(base)
-    layers = stack_lora(stacked, k, rank=4, alpha=8)
-    paths = [n for n, m in stacked.named_modules() if m in layers]
-    assert len(layers) == 6 and all(p.endswith(("gate_proj", "up_proj", "down_proj")) for p in paths)
-    torch.manual_seed(5)
-    with torch.no_grad():  # B nonzero, so that A gets gradients too
-        for layer in layers:
-            for b in layer.lora_B:
-                b.normal_(0, 0.3)
-    singles = [_peft_run(base, {p: (s.lora_A[i].detach(), s.lora_B[i].detach()) for p, s in zip(paths, layers)})
-               for i in range(k)]
-    opt = torch.optim.AdamW(run_param_groups(layers, lrs), weight_decay=0.01)
-    single_opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
-                   for m, lr in zip(singles, lrs)]
-    g = torch.Generator().manual_seed(0)
-    for _ in range(2):
-        rows = [torch.randint(0, 32, (2, 8), generator=g) for _ in range(k)]
-        ids = torch.cat(rows)
-        # equal token counts per run: the mean over all rows times k is the sum of the runs' own mean losses
-        (stacked(input_ids=ids, labels=ids).loss * k).backward()
-        norms = clip_per_run(opt, 0.05)
-        opt.step()
-        opt.zero_grad()
-        for m, o, x in zip(singles, single_opts, rows):
-            m(input_ids=x, labels=x).loss.backward()
-            single_norm = torch.nn.utils.clip_grad_norm_([p for p in m.parameters() if p.requires_grad], 0.05)
-            o.step()
-            o.zero_grad()
-            assert single_norm > 0.05  # the clip acts, so per-run clipping is tested
-        assert norms.shape == (k,)
-    for i, m in enumerate(singles):
-        for p, layer in zip(paths, layers):
-            peft_layer = m.base_model.model.get_submodule(p)
-            torch.testing.assert_close(layer.lora_A[i], peft_layer.lora_A["default"].weight, rtol=1e-9, atol=1e-12)
-            torch.testing.assert_close(layer.lora_B[i], peft_layer.lora_B["default"].weight, rtol=1e-9, atol=1e-12)
+    opts = {"mask_interval": 2, "warmup_frac": 0.0, "final_frac": 0.5, "rho_final": 0.25} if method == "nalora" else {}
+    steps, lrs = 8, [1e-2, 3e-2]
 
+    def runs():
+        out = []
+        for seed, lr in zip((0, 1), lrs):
+            torch.manual_seed(seed)
+            a = inject(shared_copy(base), method, targets=("gate", "up", "down"), rank=4, alpha=8,
+                       method_options=dict(opts))
+            opt = a.make_optimizer(lr, 0.01, total_steps=steps)
+            out.append((a, opt, get_cosine_schedule_with_warmup(opt, 1, steps)))
+        return out
 
-def test_stack_lora_bad_input_is_one_line():
-    from benchmarks.runner.stacked import StackedLoRALinear, stack_lora
-
-    with pytest.raises(ValueError, match="match no gated FFN"):
-        stack_lora(torch.nn.Sequential(torch.nn.Linear(4, 4)), 2)
-    layer = StackedLoRALinear(torch.nn.Linear(4, 4), 3, 2, 4)
-    with pytest.raises(ValueError, match="5 rows do not split into 3 runs"):
-        layer(torch.zeros(5, 4))
+    g = torch.Generator().manual_seed(3)
+    masks = [torch.ones(2, 8, dtype=torch.long) for _ in range(2)]
+    masks[0][1, -3:] = 0  # padded rows, different per run: NA-LoRA weights its statistics by each run's own mask
+    masks[1][0, -1:] = 0
+    data = [[(torch.randint(0, 32, (2, 8), generator=g), m) for _ in range(steps)] for m in masks]
+    alone = runs()
+    for (a, opt, sched), batches in zip(alone, data):
+        _train(a.model.train(), batches, [opt], [sched], 1)
+    together = runs()
+    stacked = stack_runs([a for a, _, _ in together]).train()
+    _train(stacked, [tuple(torch.cat(x) for x in zip(*b)) for b in zip(*data)], [o for _, o, _ in together], [s for _, _, s in together], 2)
+    for (a1, _, _), (a2, _, _) in zip(alone, together):
+        p1 = {n: p for n, p in a1.model.named_parameters() if p.requires_grad}
+        p2 = {n: p for n, p in a2.model.named_parameters() if p.requires_grad}
+        assert p1.keys() == p2.keys() and len(p1) == 12
+        for n in p1:
+            torch.testing.assert_close(p2[n], p1[n], rtol=1e-7, atol=1e-10, msg=n)
+        if method == "nalora":
+            u1, u2 = a1.controller.units, a2.controller.units
+            assert all(not bool(u.keep.all()) for u in u1)  # the mask has narrowed: refreshes happened
+            for x, y in zip(u1, u2):
+                assert torch.equal(x.keep, y.keep)
+                torch.testing.assert_close(y.importance, x.importance, rtol=1e-5, atol=1e-8)
+    assert not torch.equal(*(dict(a.model.named_parameters())["base_model.model.model.layers.0.mlp.gate_proj.lora_B.default.weight"]
+                             for a, _, _ in together))  # the two runs did differ

@@ -27,10 +27,10 @@ the model's own loss), ``lean`` (``prepare_model`` without compile: frozen weigh
 ``compiled`` (``prepare_model``: lean + ``torch.compile``, its default scope: each repeated block, as runs
 compile), ``compiled_model`` (the same with the whole model compiled, the earlier scope).
 
-``--stack K``: also ``lora+VARIANT+stackK`` for each variant, K LoRA runs stepped together on K batches
-(``benchmarks/runner/stacked.py``: one base forward, each run its own adapters, param group and clip). Its step
-trains K runs: the ratio ``lora+V / (lora+V+stackK per run)`` is how many more LoRA runs per GPU-hour stacking
-would give at this shape.
+``--stack K``: also ``METHOD+VARIANT+stackK`` for each method and variant, K runs of the method stepped together on
+K batches (``benchmarks/runner/stacked.py``: one base forward, each run its own adapters, optimiser, clip and, for
+NA-LoRA, controller). Its step trains K runs: the ratio ``M+V / (M+V+stackK per run)`` is how many more runs per
+GPU-hour stacking would give at this shape.
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="after the rounds, N profiled steps per candidate: GPU busy time per step against its "
                              "wall time, kernels and aten operators per step (0: none)")
     parser.add_argument("--stack", default="", metavar="K[,K...]",
-                        help="also time K LoRA runs stepped together (one base forward, each run its own "
-                             "adapters) for each K and variant (default: none)")
+                        help="also time K runs of each method stepped together (one base forward, each run its "
+                             "own adapters) for each K and variant (default: none)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (tests: aot_eager)")
     parser.add_argument("--out", default=None,
                         help="folder for steptime.json and steptime.md (a path ending in .json: that file and .md beside it)")
@@ -218,31 +218,53 @@ def _runner_candidate(method: str, variant: str, base: torch.nn.Module, batch: d
     return cand
 
 
-def _stacked_candidate(k: int, variant: str, base: torch.nn.Module, batch: dict, device: torch.device, *,
-                       targets: tuple[str, ...], rank: int, backend: str) -> Candidate:
-    """``k`` LoRA runs stepped together: ``k`` copies' worth of rows (fresh tokens each) through one stacked model."""
+class _Optimizers:
+    """Stacked runs' optimisers, stepped as one (each its own param groups, hooks and state)."""
+
+    def __init__(self, opts: list[torch.optim.Optimizer]) -> None:
+        self.opts = opts
+
+    def step(self) -> None:
+        for o in self.opts:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+
+def _stacked_candidate(method: str, k: int, variant: str, base: torch.nn.Module, batch: dict, device: torch.device, *,
+                       targets: tuple[str, ...], rank: int, total_steps: int, backend: str) -> Candidate:
+    """``k`` runs of ``method`` (seeds 0..k-1, one set of frozen weights) stepped together on ``k`` batches
+    (``benchmarks.runner.stacked``): each run its own optimiser and, for NA-LoRA, controller; clipped per run."""
     def build() -> Callable:
         from benchmarks.runner.compiled import prepare_model
-        from benchmarks.runner.stacked import clip_per_run, run_param_groups, stack_lora
+        from benchmarks.runner.stacked import shared_copy, stack_runs
+        from nalora import inject
 
-        torch.manual_seed(0)
-        model = copy.deepcopy(base).to(device)
-        layers = stack_lora(model, k, targets=targets, rank=rank, alpha=2 * rank)
-        opt = torch.optim.AdamW(run_param_groups(layers, [1e-4] * k))
+        shared = copy.deepcopy(base).to(device)
+        runs, opts = [], []
+        for seed in range(k):
+            torch.manual_seed(seed)
+            runs.append(inject(shared_copy(shared), method, targets=targets, rank=rank, alpha=2 * rank))
+            opts.append(runs[-1].make_optimizer(1e-4, total_steps=total_steps))
+        model = stack_runs(runs).train()
         if variant != "eager":
             cand.info["prepare"] = prepare_model(
-                model, compile=variant in _SCOPES, bf16_frozen=True, method="lora",
+                model, compile=variant in _SCOPES, bf16_frozen=True, method=method,
                 mixed_precision="bf16" if device.type == "cuda" else "no", light_loss=True, backend=backend,
                 compile_scope=_SCOPES.get(variant, "regional"))
         g = torch.Generator().manual_seed(1)
-        ids = torch.randint(0, base.config.vocab_size, (k * batch["input_ids"].shape[0], batch["input_ids"].shape[1]),
-                            generator=g).to(device)
+        rows, length = k * batch["input_ids"].shape[0], batch["input_ids"].shape[1]
+        ids = torch.randint(0, base.config.vocab_size, (rows, length), generator=g).to(device)
         stacked = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-        return _loop(model.train(), opt, stacked, device, [], loss_scale=k,
-                     clip=lambda: clip_per_run(opt, 1.0))
+        groups = [[p for p in r.model.parameters() if p.requires_grad] for r in runs]
+        # equal token counts per run: the mean over all rows times k is the sum of the runs' own mean losses
+        return _loop(model, _Optimizers(opts), stacked, device, [], loss_scale=k,
+                     clip=lambda: [torch.nn.utils.clip_grad_norm_(ps, 1.0) for ps in groups])
 
-    cand = Candidate(name=f"lora+stack{k}" if variant == "eager" else f"lora+{variant}+stack{k}", group="stacked",
-                     method="lora", variant=variant, build=build, stack=k)
+    cand = Candidate(name=f"{method}+stack{k}" if variant == "eager" else f"{method}+{variant}+stack{k}",
+                     group="stacked", method=method, variant=variant, build=build, stack=k)
     return cand
 
 
@@ -340,7 +362,7 @@ def _ratios(cands: dict[str, Candidate]) -> dict[str, dict]:
             entry["peak_memory"] = spread([a / b for a, b in zip(c.peak_bytes, ref.peak_bytes)])
         out[f"{c.name} / {ref.name}"] = entry
     for c in cands.values():  # stacked: one run's step alone against a stacked step's share per run
-        ref = by.get(("lora", c.variant))
+        ref = by.get((c.method, c.variant))
         if c.group == "stacked" and ref is not None and c.step_s and ref.step_s:
             out[f"{ref.name} / ({c.name} per run)"] = {
                 "time": spread([b / (a / c.stack) for a, b in zip(c.step_s, ref.step_s)])}
@@ -461,9 +483,11 @@ def measure(model_name: str, methods: list[str], *, variants: tuple[str, ...] = 
                                   backend=compile_backend)
             cands[c.name] = c
     for v in variants:
-        for k in stack:
-            c = _stacked_candidate(k, v, base, batch, device, targets=targets, rank=rank, backend=compile_backend)
-            cands[c.name] = c
+        for m in methods:
+            for k in stack:
+                c = _stacked_candidate(m, k, v, base, batch, device, targets=targets, rank=rank, total_steps=total,
+                                       backend=compile_backend)
+                cands[c.name] = c
     if reference:
         for c in _reference_candidates(base, batch, device, targets=targets, rank=rank, backend=compile_backend):
             cands[c.name] = c

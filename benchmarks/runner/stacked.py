@@ -5,81 +5,119 @@ The lever issue 12 names for host-bound steps (``results/perf/README.md``): a sm
 batch cost about the launches of one. Row block ``k`` of a stacked batch (``K x batch_size`` rows) goes through
 run ``k``'s adapters only; the frozen weights are shared. Each run keeps its own parameters (one optimiser param
 group per run: its own lr, its own gradient clipping), so what run ``k`` computes is what it computes alone, up to
-the order of floating-point additions (``tests/test_stacked.py`` checks the gradients).
+the order of floating-point additions (``tests/test_stacked.py`` checks LoRA's and NA-LoRA's runs against the same
+runs trained alone). Runs are built as usual (``inject``: their own seeds, optimisers, schedulers, NA-LoRA
+controllers) and may share the frozen base tensors (``shared_copy``); ``stack_runs`` builds the one model they train
+through.
 
-Today this is a measurement (``nalora-bench steptime --stack K``) for plain LoRA: the runner does not stack yet, and
-NA-LoRA's controller (per-run statistics and masks) is not stacked.
+Today this is a measurement (``nalora-bench steptime --stack K``): the runner does not stack runs yet.
 """
 
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import torch
 from torch import nn
 
 
-class StackedLoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus ``k`` LoRA adapters (peft's init and scaling: A Kaiming-uniform, B zero,
-    ``alpha / rank``); the input's leading rows are ``k`` equal blocks, block ``i`` adapted by adapter ``i``."""
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with its own modules (``inject`` wraps them in place) and ``model``'s tensors: K runs
+    built on K shared copies hold one set of frozen weights."""
+    import copy
 
-    def __init__(self, base: nn.Linear, k: int, rank: int, alpha: float) -> None:
+    return copy.deepcopy(model, memo={id(t): t for t in [*model.parameters(), *model.buffers()]})
+
+
+def _rows(t: Any, k: int, i: int) -> Any:
+    """Block ``i`` of ``k`` along the leading dimension of a tensor (other values as they are)."""
+    if torch.is_tensor(t) and t.dim() >= 1 and t.shape[0] % k == 0:
+        n = t.shape[0] // k
+        return t[i * n:(i + 1) * n]
+    return t
+
+
+class StackedPeftLinear(nn.Module):
+    """One frozen base Linear and the same-path peft LoRA layers of ``k`` runs: row block ``i`` of the input goes
+    through run ``i``'s adapter (its own parameters, dropout and scaling), and run ``i``'s forward hooks on its
+    layer (NA-LoRA's statistics) see block ``i`` of the output, as they would see the run's own forward."""
+
+    def __init__(self, base_layer: nn.Linear, runs: list[nn.Module], adapter: str) -> None:
         super().__init__()
-        if k < 1 or rank < 1:
-            raise ValueError(f"stacked LoRA needs k >= 1 and rank >= 1, got k={k}, rank={rank}")
-        self.base = base.requires_grad_(False)
-        self.k, self.scaling = k, alpha / rank
-        self.lora_A = nn.ParameterList(nn.Parameter(torch.empty(rank, base.in_features)) for _ in range(k))
-        self.lora_B = nn.ParameterList(nn.Parameter(torch.zeros(base.out_features, rank)) for _ in range(k))
-        for a in self.lora_A:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        for r in runs:
+            if getattr(r, "merged", False) or adapter not in r.lora_A or r.use_dora.get(adapter, False) \
+                    or getattr(r, "lora_bias", {}).get(adapter, False):
+                raise ValueError(f"stacking: {type(r).__name__} is not a plain unmerged LoRA layer ({adapter!r})")
+        self.base_layer, self.adapter = base_layer, adapter
+        self._runs = list(runs)  # a plain list: the runs' parameters stay theirs, not this module's
+        self.register_buffer("scaling", torch.tensor([float(r.scaling[adapter]) for r in runs]).view(-1, 1, 1),
+                             persistent=False)
+        self._dropout = any(not isinstance(r.lora_dropout[adapter], nn.Identity) for r in runs)
 
-    def run_parameters(self, i: int) -> list[nn.Parameter]:
-        """Adapter ``i``'s parameters."""
-        return [self.lora_A[i], self.lora_B[i]]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if x.shape[0] % self.k:
-            raise ValueError(f"stacked LoRA: {x.shape[0]} rows do not split into {self.k} runs")
-        a = torch.stack(tuple(self.lora_A)).transpose(1, 2)  # [k, in, r]
-        b = torch.stack(tuple(self.lora_B)).transpose(1, 2)  # [k, r, out]
-        xs = x.to(a.dtype).reshape(self.k, -1, x.shape[-1])  # rows of run i are contiguous: block i
-        delta = torch.bmm(torch.bmm(xs, a), b) * self.scaling
-        return y + delta.reshape(y.shape).to(y.dtype)
-
-
-def stack_lora(model: nn.Module, k: int, *, targets: tuple[str, ...] = ("gate", "up", "down"), rank: int = 8,
-               alpha: float = 16.0) -> list[StackedLoRALinear]:
-    """Freeze ``model`` and replace the ``targets`` roles of its gated FFNs by ``StackedLoRALinear`` (in place);
-    returns the stacked layers. A target matching nothing is a one-line error."""
-    from nalora.discovery import find_gated_ffns
-
-    model.requires_grad_(False)
-    paths = [getattr(f, t) for f in find_gated_ffns(model) for t in targets]
-    if not paths:
-        raise ValueError(f"stack_lora: targets {', '.join(targets)} match no gated FFN of {type(model).__name__}")
-    layers = []
-    for path in paths:
-        parent, _, name = path.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        base = getattr(owner, name)
-        if type(base) is not nn.Linear:
-            raise ValueError(f"stack_lora: {path} is a {type(base).__name__}, not an nn.Linear")
-        layer = StackedLoRALinear(base, k, rank, alpha).to(base.weight.device, base.weight.dtype)
-        setattr(owner, name, layer)
-        layers.append(layer)
-    return layers
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        k, n = len(self._runs), self.adapter
+        y = self.base_layer(x, *args, **kwargs)
+        a = torch.stack([r.lora_A[n].weight for r in self._runs]).transpose(1, 2)  # [k, in, r]
+        b = torch.stack([r.lora_B[n].weight for r in self._runs]).transpose(1, 2)  # [k, r, out]
+        xs = x.to(a.dtype)
+        if self._dropout:
+            xs = torch.cat([r.lora_dropout[n](_rows(xs, k, i)) for i, r in enumerate(self._runs)])
+        xs = xs.reshape(k, -1, x.shape[-1])
+        delta = torch.bmm(torch.bmm(xs, a), b) * self.scaling.to(xs.dtype)
+        y = y + delta.reshape(y.shape).to(y.dtype)
+        for i, r in enumerate(self._runs):
+            for hook in r._forward_hooks.values():
+                hook(r, (_rows(x, k, i),), _rows(y, k, i))
+        return y
 
 
-def run_param_groups(layers: list[StackedLoRALinear], lrs: list[float]) -> list[dict]:
-    """One optimiser param group per run (``lrs[i]``: run ``i``'s learning rate)."""
-    if not layers or len(lrs) != layers[0].k:
-        raise ValueError(f"run_param_groups: {len(lrs)} learning rates for {layers[0].k if layers else 0} runs")
-    return [{"params": [p for layer in layers for p in layer.run_parameters(i)], "lr": lr} for i, lr in enumerate(lrs)]
+def stack_runs(runs: list[Any], adapter: str = "default") -> nn.Module:
+    """One model that trains the adapted runs ``runs`` (``Adapted``, same model and targets, different seeds, lrs
+    or method options) together: a copy of ``runs[0].model`` sharing its tensors, each peft LoRA layer replaced by
+    a ``StackedPeftLinear`` over the runs' layers at that path. Its input is the runs' batches concatenated along
+    the batch (equal sizes); each run's model-level forward pre-hooks (NA-LoRA's attention-mask capture) get their
+    block of the arguments. Each run keeps its optimiser, scheduler and controller; their step hooks and the
+    parameters' gradient hooks act on the runs' own parameters, which the stacked model trains.
+    Methods whose adapter is more than peft LoRA on the base weights (DoRA, PiSSA's residual base) are refused."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
 
+    from nalora.controller import compile_ready
 
-def clip_per_run(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
-    """Clip each run's gradients (one param group each) to ``max_norm`` on its own; returns the ``k`` total norms
-    (on the device: no host sync)."""
-    return torch.stack([torch.nn.utils.clip_grad_norm_(g["params"], max_norm) for g in optimizer.param_groups])
+    if len(runs) < 2:
+        raise ValueError(f"stack_runs needs at least 2 runs, got {len(runs)}")
+    first = runs[0].model
+    for r in runs:
+        if r.method.name in ("pissa", "full", "head") or any(t for t in r.trainable):
+            raise ValueError(f"stacking: method {r.method.name!r} with trainable modules {r.trainable} cannot share "
+                             "one base model")
+    stacked = shared_copy(first)
+    for m in stacked.modules():  # the copy must not call run 0's hooks on every run's rows
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+    layers = [name for name, m in first.named_modules() if isinstance(m, LoraLayer)]
+    if not layers:
+        raise ValueError("stacking: the runs' models have no peft LoRA layers")
+    other = [n for n in layers if type(first.get_submodule(n)) is not LoraLinear]
+    if other:
+        raise ValueError(f"stacking: {other[0]} is a {type(first.get_submodule(other[0])).__name__}, not a LoRA Linear")
+    for name in layers:
+        per_run = [r.model.get_submodule(name) for r in runs]
+        parent, _, leaf = name.rpartition(".")
+        owner = stacked.get_submodule(parent) if parent else stacked
+        setattr(owner, leaf, StackedPeftLinear(getattr(owner, leaf).base_layer, per_run, adapter))
+    k = len(runs)
+
+    def pre_hooks(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        for i, r in enumerate(runs):
+            for hid, hook in r.model._forward_pre_hooks.items():
+                a, kw = tuple(_rows(v, k, i) for v in args), {key: _rows(v, k, i) for key, v in kwargs.items()}
+                if hid in r.model._forward_pre_hooks_with_kwargs:
+                    hook(r.model, a, kw)
+                else:
+                    hook(r.model, a)
+
+    stacked.register_forward_pre_hook(pre_hooks, with_kwargs=True)
+    for r in runs:  # statistics hooks stay installed (refresh steps decide at run time): no graph per state
+        compile_ready(r.model)
+    return stacked
