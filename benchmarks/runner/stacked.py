@@ -50,7 +50,8 @@ class StackedPeftLinear(nn.Module):
                 raise ValueError(f"stacking: {type(r).__name__} is not a plain unmerged LoRA layer ({adapter!r})")
         self.base_layer, self.adapter = base_layer, adapter
         self._runs = list(runs)  # a plain list: the runs' parameters stay theirs, not this module's
-        self.register_buffer("scaling", torch.tensor([float(r.scaling[adapter]) for r in runs]).view(-1, 1, 1),
+        self.register_buffer("scaling", torch.tensor([float(r.scaling[adapter]) for r in runs],
+                                                     device=base_layer.weight.device).view(-1, 1, 1),
                              persistent=False)
         self._dropout = any(not isinstance(r.lora_dropout[adapter], nn.Identity) for r in runs)
 
