@@ -19,14 +19,18 @@ def test_stack_runs_bad_input_is_one_line():
         stack_runs(runs)
 
 
-def _train(model, batches, opts, scheds, k):
-    for ids, mask in batches:
-        (model(input_ids=ids, attention_mask=mask, labels=ids).loss * k).backward()
+def _train(model, batches, opts, scheds):
+    losses = []
+    for ids, mask, labels in batches:
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        losses.append(loss.detach())
         for opt, sched in zip(opts, scheds):
             torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
             opt.step()
             sched.step()
             opt.zero_grad()
+    return losses
 
 
 @pytest.mark.parametrize("method", ["lora", "nalora"])
@@ -36,7 +40,8 @@ def test_stack_runs_trains_each_run_as_it_trains_alone(method):
     rows, its attention-mask capture its own mask, its gradient and step hooks its own parameters."""
     from transformers import get_cosine_schedule_with_warmup
 
-    from benchmarks.runner.stacked import shared_copy, stack_runs
+    from benchmarks.runner.compiled import install_light_loss
+    from benchmarks.runner.stacked import shared_copy, stack_runs, stacked_losses
     from nalora import inject
 
     base = tiny_llama().double().eval()  # float64: Adam's normalised steps amplify rounding in tiny gradients
@@ -57,19 +62,30 @@ def test_stack_runs_trains_each_run_as_it_trains_alone(method):
     masks = [torch.ones(2, 8, dtype=torch.long) for _ in range(2)]
     masks[0][1, -3:] = 0  # padded rows, different per run: NA-LoRA weights its statistics by each run's own mask
     masks[1][0, -1:] = 0
-    data = [[(torch.randint(0, 32, (2, 8), generator=g), m) for _ in range(steps)] for m in masks]
+
+    def labelled(ids, m):  # loss on the unpadded tokens: the runs' token counts differ (13 and 15 per batch)
+        return ids, m, ids.masked_fill(m == 0, -100)
+
+    data = [[labelled(torch.randint(0, 32, (2, 8), generator=g), m) for _ in range(steps)] for m in masks]
     alone = runs()
-    for (a, opt, sched), batches in zip(alone, data):
-        _train(a.model.train(), batches, [opt], [sched], 1)
+    for a, _, _ in alone:  # the runner's loss (chunked over the vocabulary), as the stacked model's
+        assert install_light_loss(a.model)[0] == "chunked"
+    losses = [_train(a.model.train(), batches, [opt], [sched]) for (a, opt, sched), batches in zip(alone, data)]
     together = runs()
     stacked = stack_runs([a for a, _, _ in together]).train()
-    _train(stacked, [tuple(torch.cat(x) for x in zip(*b)) for b in zip(*data)], [o for _, o, _ in together], [s for _, _, s in together], 2)
+    per_run = []
+    for step in zip(*data):
+        _train(stacked, [tuple(torch.cat(x) for x in zip(*step))], [o for _, o, _ in together],
+               [s for _, _, s in together])
+        per_run.append(stacked_losses(stacked))
+    expected = torch.stack([torch.stack(x) for x in losses]).T.double()
+    torch.testing.assert_close(torch.stack(per_run).double(), expected, rtol=1e-6, atol=0)
     for (a1, _, _), (a2, _, _) in zip(alone, together):
         p1 = {n: p for n, p in a1.model.named_parameters() if p.requires_grad}
         p2 = {n: p for n, p in a2.model.named_parameters() if p.requires_grad}
         assert p1.keys() == p2.keys() and len(p1) == 12
         for n in p1:
-            torch.testing.assert_close(p2[n], p1[n], rtol=1e-7, atol=1e-10, msg=n)
+            torch.testing.assert_close(p2[n], p1[n], rtol=1e-7, atol=1e-10)
         if method == "nalora":
             u1, u2 = a1.controller.units, a2.controller.units
             assert all(not bool(u.keep.all()) for u in u1)  # the mask has narrowed: refreshes happened

@@ -170,17 +170,16 @@ def time_limit(seconds: float) -> Iterator[None]:
 
 
 def _loop(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict, device: torch.device,
-          params: list[torch.nn.Parameter], *, loss_scale: float = 1.0,
-          clip: Callable[[], Any] | None = None) -> Callable[[int, int, _Timer], None]:
-    """The runner's step (train.py): autocast forward, backward, clip, optimiser step, zero_grad. ``loss_scale``
-    and ``clip`` (default: ``params`` clipped to norm 1) serve stacked runs (their loss is the runs' sum)."""
+          params: list[torch.nn.Parameter], *, clip: Callable[[], Any] | None = None) -> Callable[[int, int, _Timer], None]:
+    """The runner's step (train.py): autocast forward, backward, clip, optimiser step, zero_grad. ``clip``
+    (default: ``params`` clipped to norm 1) serves stacked runs (each clipped on its own)."""
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     clip = clip or (lambda: torch.nn.utils.clip_grad_norm_(params, 1.0))
 
     def step() -> None:
         with autocast:
             loss = model(**batch).loss
-        (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+        loss.backward()
         clip()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -259,8 +258,8 @@ def _stacked_candidate(method: str, k: int, variant: str, base: torch.nn.Module,
         ids = torch.randint(0, base.config.vocab_size, (rows, length), generator=g).to(device)
         stacked = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
         groups = [[p for p in r.model.parameters() if p.requires_grad] for r in runs]
-        # equal token counts per run: the mean over all rows times k is the sum of the runs' own mean losses
-        return _loop(model, _Optimizers(opts), stacked, device, [], loss_scale=k,
+        # the stacked model's loss is the sum of the runs' own mean losses (stack_runs)
+        return _loop(model, _Optimizers(opts), stacked, device, [],
                      clip=lambda: [torch.nn.utils.clip_grad_norm_(ps, 1.0) for ps in groups])
 
     cand = Candidate(name=f"{method}+stack{k}" if variant == "eager" else f"{method}+{variant}+stack{k}",

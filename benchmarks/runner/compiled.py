@@ -245,6 +245,10 @@ class _LightLoss:
 
     def __init__(self, lm: nn.Module, head: nn.Linear, softcap: float | None, impl: str) -> None:
         self.head, self.softcap, self.impl = head, softcap, impl
+        # Stacked runs (benchmarks.runner.stacked): the batch is ``blocks`` runs' batches; the loss is the sum of
+        # each block's own mean, and ``block_losses`` keeps those means (detached) for the runs' records.
+        self.blocks = 1
+        self.block_losses: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
         self.num_items: Any = None
         self.hidden: torch.Tensor | None = None
@@ -277,18 +281,29 @@ class _LightLoss:
         # the causal shift of transformers' ForCausalLMLoss: position t predicts label t + 1
         shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].to(hidden.device)
         kw = dict(bias=self.head.bias, softcap=self.softcap, reduction="sum" if num_items is not None else "mean")
+        if self.blocks > 1:
+            if num_items is not None:
+                raise ValueError("light loss: stacked runs take no num_items_in_batch (each block is its own mean)")
+            means = torch.stack([self._loss(h, t, kw) for h, t in zip(hidden.chunk(self.blocks),
+                                                                       shifted.chunk(self.blocks))])
+            self.block_losses = means.detach()
+            loss = means.sum()
+        else:
+            loss = self._loss(hidden, shifted, kw)
+        if num_items is not None:
+            loss = loss / num_items
+        return type(out)(loss=loss, **{k: v for k, v in out.items() if k != "loss"})
+
+    def _loss(self, hidden: torch.Tensor, shifted: torch.Tensor, kw: dict) -> torch.Tensor:
         try:
-            loss = linear_cross_entropy(hidden, self.head.weight, shifted, impl=self.impl, **kw)
+            return linear_cross_entropy(hidden, self.head.weight, shifted, impl=self.impl, **kw)
         except Exception as err:  # noqa: BLE001 - the optional fused kernel failed on this stack: plain torch
             if self.impl == "torch":
                 raise
             self.impl, self.impl_name = "torch", "chunked"
             self.fallback_reason = f"liger-kernel failed ({_describe(err)}); chunked torch loss"
             print(self.fallback_reason, file=sys.stderr)
-            loss = linear_cross_entropy(hidden, self.head.weight, shifted, impl="torch", **kw)
-        if num_items is not None:
-            loss = loss / num_items
-        return type(out)(loss=loss, **{k: v for k, v in out.items() if k != "loss"})
+            return linear_cross_entropy(hidden, self.head.weight, shifted, impl="torch", **kw)
 
     def remove(self) -> None:
         for h in self.handles:

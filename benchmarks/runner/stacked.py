@@ -78,11 +78,14 @@ def stack_runs(runs: list[Any], adapter: str = "default") -> nn.Module:
     a ``StackedPeftLinear`` over the runs' layers at that path. Its input is the runs' batches concatenated along
     the batch (equal sizes); each run's model-level forward pre-hooks (NA-LoRA's attention-mask capture) get their
     block of the arguments. Each run keeps its optimiser, scheduler and controller; their step hooks and the
-    parameters' gradient hooks act on the runs' own parameters, which the stacked model trains.
+    parameters' gradient hooks act on the runs' own parameters, which the stacked model trains. The loss of a
+    forward with ``labels`` is the sum of each run's own mean loss (the chunked loss, ``install_light_loss``, split
+    by run); ``stacked_losses(model)`` gives those means.
     Methods whose adapter is more than peft LoRA on the base weights (DoRA, PiSSA's residual base) are refused."""
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
 
+    from benchmarks.runner.compiled import install_light_loss
     from nalora.controller import compile_ready
 
     if len(runs) < 2:
@@ -119,6 +122,18 @@ def stack_runs(runs: list[Any], adapter: str = "default") -> nn.Module:
                     hook(r.model, a)
 
     stacked.register_forward_pre_hook(pre_hooks, with_kwargs=True)
+    kind, why = install_light_loss(stacked)
+    if kind == "model":
+        raise ValueError(f"stacking needs each run's loss on its own rows: {why}")
+    lm = stacked.get_base_model() if hasattr(stacked, "get_base_model") else stacked
+    lm._nalora_light_loss.blocks = k  # the loss is the sum of the runs' own means (their token counts may differ)
     for r in runs:  # statistics hooks stay installed (refresh steps decide at run time): no graph per state
         compile_ready(r.model)
     return stacked
+
+
+def stacked_losses(model: nn.Module) -> torch.Tensor | None:
+    """The last training forward's mean loss of each stacked run (detached; ``None`` before the first)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hooks = getattr(lm, "_nalora_light_loss", None)
+    return None if hooks is None else hooks.block_losses
