@@ -94,3 +94,68 @@ def test_stack_runs_trains_each_run_as_it_trains_alone(method):
                 torch.testing.assert_close(y.importance, x.importance, rtol=1e-5, atol=1e-8)
     assert not torch.equal(*(dict(a.model.named_parameters())["base_model.model.model.layers.0.mlp.gate_proj.lora_B.default.weight"]
                              for a, _, _ in together))  # the two runs did differ
+
+
+SUITE = """\
+tasks: [fake]
+methods: {METHOD: {}}
+seeds: [0, 1]
+lr_grid: [1.0e-3, 3.0e-3]
+lr_bounds: [1.0e-3, 3.0e-3]
+adapter: {targets: [gate, up], towers: [language], rank: 2, alpha: 4, dropout: 0.0}
+training: {steps: 4, batch_size: 4, eval_every: 2, eval_limit: 8, test_limit: 8, log_every: 1, diag_batches: 0}
+"""
+
+
+def _specs(tmp_path, method):
+    from benchmarks.runner.grid import expand
+    from tests.test_runner import load, write_suite
+
+    suite = load(write_suite(tmp_path / "s.yaml", SUITE.replace("METHOD", method)))
+    return expand(suite, lambda n: ("llm", "tiny-llama"))
+
+
+@pytest.mark.parametrize("method", ["lora", "nalora"])
+def test_train_stacked_records_what_each_run_records_alone(tmp_path, method):
+    """Runs of different seeds and lrs trained by ``train_stacked`` get the results ``train_run`` gives each: the
+    same train losses, learning-rate schedule, curve and final metrics, NA-LoRA's mask history; perf says stacked."""
+    from benchmarks.runner.train import stack_key, train_run, train_stacked
+    from tests.test_runner import FakeTask
+
+    specs = _specs(tmp_path, method)
+    assert len(specs) == 4 and len({stack_key(s.config) for s in specs}) == 1
+    picked = [specs[0].config, specs[3].config]  # seed and lr both differ
+    assert (picked[0]["seed"], picked[0]["lr"]) != (picked[1]["seed"], picked[1]["lr"])
+    together = train_stacked(picked, FakeTask(), progress=False)
+    for config, got in zip(picked, together):
+        alone = train_run(config, FakeTask(), progress=False)
+        assert isinstance(got, dict) and got["status"] == alone["status"]
+        assert got["perf"]["stacked"]["runs"] == 2
+        for key in ("train_loss", "lr"):
+            steps = [s for s, _ in alone["history"][key]]
+            assert [s for s, _ in got["history"][key]] == steps == [1, 2, 3, 4]
+            assert [v for _, v in got["history"][key]] == pytest.approx([v for _, v in alone["history"][key]], rel=1e-5)
+        assert [s for s, _ in got["history"]["validation"]] == [2, 4]
+        assert got["metrics"] == alone["metrics"]
+        if method == "nalora":
+            assert got["nalora"]["history"].keys() == alone["nalora"]["history"].keys()
+    assert together[0]["history"]["train_loss"] != together[1]["history"]["train_loss"]
+
+
+def test_train_stacked_refuses_runs_that_differ_in_more_than_seed_and_lr(tmp_path):
+    from benchmarks.runner.train import train_stacked
+    from tests.test_runner import FakeTask
+
+    a = _specs(tmp_path, "lora")[0].config
+    b = {**a, "training": {**a["training"], "steps": 5}}
+    with pytest.raises(ValueError, match="differ only in seed and lr"):
+        train_stacked([a, b], FakeTask(), progress=False)
+
+
+def test_train_stacked_reports_each_diverged_run(tmp_path):
+    from benchmarks.runner.train import Diverged, train_stacked
+    from tests.test_runner import NanTask
+
+    specs = _specs(tmp_path, "lora")
+    out = train_stacked([specs[0].config, specs[1].config], NanTask(), progress=False)
+    assert all(isinstance(e, Diverged) and "non-finite gradient" in str(e) for e in out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -159,27 +160,35 @@ def shared_lr_group(optimizer: torch.optim.Optimizer, model: torch.nn.Module, pa
     return len(moved)
 
 
-def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None = None, deadline: float | None = None,
-              progress: bool = True, position: int = 0) -> dict[str, Any]:
-    """Train and evaluate one run described by ``config`` (see ``record.py``); returns its results.
+@dataclass
+class _Run:
+    """One run between its build and its record: what ``_finish_run`` needs besides the training loop's totals."""
 
-    Raises on failure (the caller records it): ``Diverged`` for a NaN/inf loss or gradient. A run that trains
-    to the end gets ``result["status"]`` ("ok" or "collapsed", ``health.assess``) and ``result["health"]``.
-    Works in one process and under ``accelerate launch``
-    (each process trains on its own data stream; evaluation runs on the main process).
-    """
+    config: dict
+    task: Task
+    setup: Any
+    adapted: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    model: torch.nn.Module  # as accelerate prepared it (wrapped under data parallelism)
+    unwrapped: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    want_diag: bool
+    ffns: list | None
+    reference: dict | None
+    tower_lr: dict | None
+    trainable: int
+    total: int
+    history: dict[str, list] = field(default_factory=lambda: {"train_loss": [], "validation": [], "lr": []})
+    eval_s: float = 0.0
+
+
+def _accelerator(tr: dict) -> Any:
+    """A fresh accelerate state for a run (several runs share one process: grid, worker), its own precision."""
     from accelerate import Accelerator
-    from transformers import get_cosine_schedule_with_warmup, set_seed
-
-    t_start = time.time()
-    # The run config is complete (suite.py validates it against TrainingConfig / AdapterConfig; every default
-    # lives in benchmarks/suites/defaults.yaml): no fallbacks here.
-    tr, ad = config["training"], config["adapter"]
-    steps, ga = int(tr["steps"]), int(tr["grad_accum"])
     from accelerate.state import AcceleratorState, GradientState
 
-    # Several runs share one process (grid, worker): each may set its own precision. The process/distributed
-    # state (PartialState) is kept; only the per-run accelerator state is reset.
+    # The process/distributed state (PartialState) is kept; only the per-run accelerator state is reset.
     AcceleratorState._reset_state()
     GradientState._reset_state()
     accelerator = Accelerator(mixed_precision=_mixed_precision(tr["mixed_precision"]))
@@ -187,12 +196,24 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats()
-    device = accelerator.device
+    return accelerator
 
-    setup = task.setup(config["model"], device=device)
+
+def _build_run(config: dict, task: Task, accelerator: Any, injector: Callable[..., Any] | None,
+               setup: Any = None) -> _Run:
+    """Set up, adapt (the seed fixes the adapter init), build the optimiser and scheduler, and let accelerate
+    place the model. ``setup``: the task's setup to adapt (stacked runs pass copies sharing one base model)."""
+    from transformers import get_cosine_schedule_with_warmup, set_seed
+
+    # The run config is complete (suite.py validates it against TrainingConfig / AdapterConfig; every default
+    # lives in benchmarks/suites/defaults.yaml): no fallbacks here.
+    tr, ad = config["training"], config["adapter"]
+    steps = int(tr["steps"])
+    device = accelerator.device
+    setup = setup if setup is not None else task.setup(config["model"], device=device)
     # Every method that moves the gate weights: adapters on the gate, and full fine-tuning.
     touches_gate = config["base_method"] == "full" or (config["base_method"] != "head" and "gate" in ad["targets"])
-    want_diag = tr["diag_batches"] and touches_gate
+    want_diag = bool(tr["diag_batches"] and touches_gate)
     ffns = _gated_ffns(setup.model) if want_diag else None
     set_seed(config["seed"])  # before adapters are initialised: the seed fixes the adapter init
     inject = injector or default_injector()
@@ -217,97 +238,63 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
         shared_lr_group(optimizer, adapted.model, list(setup.trainable), float(setup.trainable_lr))
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(tr["warmup_ratio"] * steps), steps)
     model = accelerator.prepare(adapted.model)
-    prep = prepare_model(model, **step_options(tr), method=config["base_method"],
-                         mixed_precision=accelerator.mixed_precision)
-    graphs_before = dynamo_graphs() if prep.compiled else 0  # compiling is lazy: the graphs come with the first step
-    setup.extras["generation_cache"] = prep.generation_cache  # read by generation tasks (GenerationTask)
     unwrapped = accelerator.unwrap_model(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    trainable, total = adapted.num_trainable(), sum(p.numel() for p in unwrapped.parameters())
+    return _Run(config=config, task=task, setup=setup, adapted=adapted, optimizer=optimizer, scheduler=scheduler,
+                model=model, unwrapped=unwrapped, params=[p for p in model.parameters() if p.requires_grad],
+                want_diag=want_diag, ffns=ffns, reference=reference, tower_lr=tower_lr,
+                trainable=adapted.num_trainable(), total=sum(p.numel() for p in unwrapped.parameters()))
 
-    val_limit, test_limit = tr["eval_limit"], tr["test_limit"]
-    curve_limit = curve_examples(val_limit, tr.get("curve_limit"))  # absent: a run config from before the key
-    eval_bs, eval_every, log_every = tr["eval_batch_size"], tr["eval_every"], tr["log_every"]
-    # Gradient norms are checked on every step but synchronised with the host only at log steps (and the last).
-    # Under fp16 the loss scaler skips steps with inf gradients by design, so only the loss is checked there.
-    check_grads = accelerator.scaler is None
-    max_norm = tr["max_grad_norm"] if tr["max_grad_norm"] is not None else float("inf")
-    grads_bad = torch.zeros((), dtype=torch.bool, device=device)
-    history: dict[str, list] = {"train_loss": [], "validation": [], "lr": []}
-    data = task.train_batches(setup, tr["batch_size"], config["seed"] + 7919 * accelerator.process_index)
-    units, eval_s, unit = 0, 0.0, None
-    loss_sum, loss_n = torch.zeros((), device=device), 0
-    bar = tqdm(total=steps, desc=f"{config['method']} {config['task']} s{config['seed']} lr{config['lr']:g}",
-               leave=False, position=position, disable=not (progress and accelerator.is_main_process))
-    model.train()
-    t_train = time.time()
-    for step in range(1, steps + 1):
-        for micro in range(ga):
-            host_batch = pad_to_bucket(next(data), tr["seq_bucket"])
-            # Counted on the host copy: on the device, Task.units' .sum() would synchronise every step.
-            units += task.units(host_batch)
-            batch = _to_device(host_batch, device)
-            if unit is None:  # what Task.units counts (its default: real tokens if there is a mask, else images)
-                unit = getattr(task, "unit", None) or ("tokens" if isinstance(batch, dict) and "attention_mask" in batch else "images")
-            # Gradients are all-reduced only on the last micro-batch of an optimiser step.
-            sync = contextlib.nullcontext() if micro == ga - 1 else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
-                loss = task.loss(setup, model, batch) / ga
-                accelerator.backward(loss)
-            loss_sum += loss.detach().float()
-        loss_n += 1
-        # max_norm inf (max_grad_norm null) clips nothing but still gives the total norm for the check.
-        total_norm = accelerator.clip_grad_norm_(params, max_norm)
-        if check_grads and total_norm is not None:
-            grads_bad |= ~torch.isfinite(torch.as_tensor(total_norm, device=device))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.update(1)
-        # Host sync only every log_every steps (and the last): that is where a NaN loss or gradient is caught.
-        if step % log_every == 0 or step == steps:
-            mean_loss = float(loss_sum) / loss_n
-            if not math.isfinite(mean_loss):
-                raise Diverged(f"training loss is {mean_loss} at step {step}")
-            if bool(grads_bad):
-                raise Diverged(f"non-finite gradient norm at or before step {step} (loss {mean_loss:.4g})")
-            history["train_loss"].append([step, mean_loss])
-            history["lr"].append([step, scheduler.get_last_lr()[0]])
-            bar.set_postfix(loss=f"{mean_loss:.4f}")
-            loss_sum.zero_()
-            loss_n = 0
-        if eval_every and step % eval_every == 0 and step != steps and accelerator.is_main_process:
-            t0 = time.time()
-            history["validation"].append([step, _evaluate(task, setup, unwrapped, accelerator, "validation", curve_limit, eval_bs,
-                                                          progress=progress, position=position, deadline=deadline)[0]])
-            eval_s += time.time() - t0
-        if deadline is not None and time.time() > deadline:
-            raise RunInterrupted(f"time budget ran out at step {step}/{steps}, {time.time() - t_train:.0f} s in "
-                                 f"({eval_s:.0f} s of them evaluating)")
-    bar.close()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    train_s = time.time() - t_train - eval_s
 
-    result: dict[str, Any] = {"trainable_params": trainable, "total_params": total, "adapted_modules": list(adapted.report),
+def _log_step(run: _Run, step: int, mean_loss: float, grads_bad: bool) -> None:
+    """A log step's check and history entry: ``Diverged`` for a NaN/inf loss or gradient."""
+    if not math.isfinite(mean_loss):
+        raise Diverged(f"training loss is {mean_loss} at step {step}")
+    if grads_bad:
+        raise Diverged(f"non-finite gradient norm at or before step {step} (loss {mean_loss:.4g})")
+    run.history["train_loss"].append([step, mean_loss])
+    run.history["lr"].append([step, run.scheduler.get_last_lr()[0]])
+
+
+def _curve_eval(run: _Run, accelerator: Any, step: int, *, progress: bool, position: int,
+                deadline: float | None) -> None:
+    """A periodic validation point of the learning curve (main process)."""
+    tr = run.config["training"]
+    t0 = time.time()
+    limit = curve_examples(tr["eval_limit"], tr.get("curve_limit"))  # absent: a run config from before the key
+    run.history["validation"].append([step, _evaluate(run.task, run.setup, run.unwrapped, accelerator, "validation",
+                                                      limit, tr["eval_batch_size"], progress=progress,
+                                                      position=position, deadline=deadline)[0]])
+    run.eval_s += time.time() - t0
+
+
+def _finish_run(run: _Run, accelerator: Any, *, train_s: float, units: int, unit: str | None, prep: Any,
+                graphs_before: int, t_start: float, deadline: float | None, progress: bool,
+                position: int) -> dict[str, Any]:
+    """After the last step: fold, evaluate, assess health, diagnose; the run's results (see ``train_run``)."""
+    config, task, setup, adapted, unwrapped = run.config, run.task, run.setup, run.adapted, run.unwrapped
+    tr, history, steps = config["training"], run.history, int(config["training"]["steps"])
+    result: dict[str, Any] = {"trainable_params": run.trainable, "total_params": run.total,
+                              "adapted_modules": list(adapted.report),
                               "weight_files": list(setup.files)}  # for the record's provenance (execute.py)
-    if tower_lr:
-        result["tower_lr"] = tower_lr
+    if run.tower_lr:
+        result["tower_lr"] = run.tower_lr
     if adapted.controller is not None:
         result["nalora"] = {"history": adapted.controller.history()}
     adapted.finalize()  # NA-LoRA folds its mask: what is evaluated is exactly the adapter that is saved
 
     metrics: dict[str, dict] = {}
+    device = accelerator.device
     if accelerator.is_main_process:
         t0 = time.time()
         per_example: dict[str, dict] = {}
-        for split, limit in (("validation", val_limit), ("test", test_limit)):
-            metrics[split], examples = _evaluate(task, setup, unwrapped, accelerator, split, limit, eval_bs, per_example=True,
-                                                 progress=progress, position=position, deadline=deadline)
+        for split, limit in (("validation", tr["eval_limit"]), ("test", tr["test_limit"])):
+            metrics[split], examples = _evaluate(task, setup, unwrapped, accelerator, split, limit,
+                                                 tr["eval_batch_size"], per_example=True, progress=progress,
+                                                 position=position, deadline=deadline)
             if examples:
                 per_example[split] = health.compact(examples)
         history["validation"].append([steps, metrics["validation"]])
-        eval_s += time.time() - t0
+        run.eval_s += time.time() - t0
         if per_example:
             result["per_example"] = per_example
         result["health"] = health.assess(
@@ -315,10 +302,11 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
             per_example=per_example.get("validation"),
             final_train_loss=history["train_loss"][-1][1] if history["train_loss"] else None)
         result["status"] = "collapsed" if result["health"]["collapsed"] else "ok"
-        if want_diag:
+        if run.want_diag:
             try:
                 batches, source = _heldout_batches(task, setup, tr["diag_batches"], tr["batch_size"], config["seed"])
-                result["diagnostics"] = {"selection_misalignment": _misalignment(unwrapped, ffns, batches, device, reference), "source": source}
+                result["diagnostics"] = {"selection_misalignment": _misalignment(unwrapped, run.ffns, batches, device,
+                                                                                 run.reference), "source": source}
             except Exception as err:  # noqa: BLE001 - a diagnostic must never fail the run
                 result["diagnostics"] = {"selection_misalignment": {"error": f"{type(err).__name__}: {err}"}, "source": ""}
     accelerator.wait_for_everyone()
@@ -329,7 +317,7 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
     result["perf"] = {
         "wall_s": time.time() - t_start,
         "train_s": train_s,
-        "eval_s": eval_s,
+        "eval_s": run.eval_s,
         "step_time_s": train_s / steps,
         "units": units * n_proc,
         "units_per_s": units * n_proc / train_s if train_s > 0 else None,
@@ -343,3 +331,214 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
     }
     return result
 
+
+def _unit_of(task: Task, batch: Any) -> str:
+    """What ``Task.units`` counts (its default: real tokens if there is a mask, else images)."""
+    return getattr(task, "unit", None) or ("tokens" if isinstance(batch, dict) and "attention_mask" in batch else "images")
+
+
+def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None = None, deadline: float | None = None,
+              progress: bool = True, position: int = 0) -> dict[str, Any]:
+    """Train and evaluate one run described by ``config`` (see ``record.py``); returns its results.
+
+    Raises on failure (the caller records it): ``Diverged`` for a NaN/inf loss or gradient. A run that trains
+    to the end gets ``result["status"]`` ("ok" or "collapsed", ``health.assess``) and ``result["health"]``.
+    Works in one process and under ``accelerate launch``
+    (each process trains on its own data stream; evaluation runs on the main process).
+    """
+    t_start = time.time()
+    tr = config["training"]
+    steps, ga = int(tr["steps"]), int(tr["grad_accum"])
+    accelerator = _accelerator(tr)
+    device = accelerator.device
+    run = _build_run(config, task, accelerator, injector)
+    model, optimizer, scheduler, setup = run.model, run.optimizer, run.scheduler, run.setup
+    prep = prepare_model(model, **step_options(tr), method=config["base_method"],
+                         mixed_precision=accelerator.mixed_precision)
+    graphs_before = dynamo_graphs() if prep.compiled else 0  # compiling is lazy: the graphs come with the first step
+    setup.extras["generation_cache"] = prep.generation_cache  # read by generation tasks (GenerationTask)
+
+    eval_every, log_every = tr["eval_every"], tr["log_every"]
+    # Gradient norms are checked on every step but synchronised with the host only at log steps (and the last).
+    # Under fp16 the loss scaler skips steps with inf gradients by design, so only the loss is checked there.
+    check_grads = accelerator.scaler is None
+    max_norm = tr["max_grad_norm"] if tr["max_grad_norm"] is not None else float("inf")
+    grads_bad = torch.zeros((), dtype=torch.bool, device=device)
+    data = task.train_batches(setup, tr["batch_size"], config["seed"] + 7919 * accelerator.process_index)
+    units, unit = 0, None
+    loss_sum, loss_n = torch.zeros((), device=device), 0
+    bar = tqdm(total=steps, desc=f"{config['method']} {config['task']} s{config['seed']} lr{config['lr']:g}",
+               leave=False, position=position, disable=not (progress and accelerator.is_main_process))
+    model.train()
+    t_train = time.time()
+    for step in range(1, steps + 1):
+        for micro in range(ga):
+            host_batch = pad_to_bucket(next(data), tr["seq_bucket"])
+            # Counted on the host copy: on the device, Task.units' .sum() would synchronise every step.
+            units += task.units(host_batch)
+            batch = _to_device(host_batch, device)
+            unit = unit or _unit_of(task, batch)
+            # Gradients are all-reduced only on the last micro-batch of an optimiser step.
+            sync = contextlib.nullcontext() if micro == ga - 1 else accelerator.no_sync(model)
+            with sync, accelerator.autocast():
+                loss = task.loss(setup, model, batch) / ga
+                accelerator.backward(loss)
+            loss_sum += loss.detach().float()
+        loss_n += 1
+        # max_norm inf (max_grad_norm null) clips nothing but still gives the total norm for the check.
+        total_norm = accelerator.clip_grad_norm_(run.params, max_norm)
+        if check_grads and total_norm is not None:
+            grads_bad |= ~torch.isfinite(torch.as_tensor(total_norm, device=device))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+        # Host sync only every log_every steps (and the last): that is where a NaN loss or gradient is caught.
+        if step % log_every == 0 or step == steps:
+            mean_loss = float(loss_sum) / loss_n
+            _log_step(run, step, mean_loss, bool(grads_bad))
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+            loss_sum.zero_()
+            loss_n = 0
+        if eval_every and step % eval_every == 0 and step != steps and accelerator.is_main_process:
+            _curve_eval(run, accelerator, step, progress=progress, position=position, deadline=deadline)
+        if deadline is not None and time.time() > deadline:
+            raise RunInterrupted(f"time budget ran out at step {step}/{steps}, {time.time() - t_train:.0f} s in "
+                                 f"({run.eval_s:.0f} s of them evaluating)")
+    bar.close()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    train_s = time.time() - t_train - run.eval_s
+    return _finish_run(run, accelerator, train_s=train_s, units=units, unit=unit, prep=prep,
+                       graphs_before=graphs_before, t_start=t_start, deadline=deadline, progress=progress,
+                       position=position)
+
+
+# The keys that may differ between the runs of one stack: everything else (model, task, method, options, adapter,
+# training settings) is the same, so that the runs share one base model and one batch shape.
+STACK_FREE_KEYS = ("seed", "lr")
+
+
+def stack_key(config: dict) -> str:
+    """Runs with equal keys can be trained together (``train_stacked``): the config without its seed and lr."""
+    import json
+
+    return json.dumps({k: v for k, v in config.items() if k not in STACK_FREE_KEYS}, sort_keys=True, default=str)
+
+
+def _cat_batches(batches: list[Any], multiple: int) -> Any:
+    """The runs' host batches as one: each right-padded to the longest (``pad_to_bucket``), then concatenated."""
+    if not all(isinstance(b, dict) and torch.is_tensor(b.get("input_ids")) for b in batches):
+        raise ValueError("stacking needs dict batches with input_ids")
+    length = max(b["input_ids"].shape[1] for b in batches)
+    padded = [pad_to_bucket(b, length) for b in batches]
+    keys = set(padded[0])
+    if any(set(b) != keys for b in padded) or not all(torch.is_tensor(v) for b in padded for v in b.values()):
+        raise ValueError(f"stacking needs batches of tensors with the same keys, got {sorted(keys)}")
+    return {k: torch.cat([b[k] for b in padded]) for k in padded[0]}
+
+
+def train_stacked(configs: list[dict], task: Task, *, injector: Callable[..., Any] | None = None,
+                  deadline: float | None = None, progress: bool = True,
+                  position: int = 0) -> list[dict[str, Any] | BaseException]:
+    """Train the runs ``configs`` (equal ``stack_key``: they differ in seed and lr) together through one model
+    (``benchmarks.runner.stacked.stack_runs``: one base forward, each run its own adapters, optimiser, scheduler,
+    clip and NA-LoRA controller), then evaluate each on its own model as ``train_run`` does. Returns, per config,
+    its results (as ``train_run``'s, with ``perf.stacked``) or the exception that ended it (``Diverged``: that run
+    stops stepping, the others go on). Raises ``RunInterrupted`` for all when the time budget runs out, and a
+    one-line ``ValueError`` before any work for configs that cannot be stacked. One process only."""
+    import dataclasses
+
+    from benchmarks.runner.stacked import shared_copy, stack_runs, stacked_losses
+
+    if len(configs) < 2 or len({stack_key(c) for c in configs}) != 1:
+        raise ValueError("train_stacked needs 2 or more runs that differ only in " + " and ".join(STACK_FREE_KEYS))
+    t_start = time.time()
+    tr = configs[0]["training"]
+    steps, ga, k = int(tr["steps"]), int(tr["grad_accum"]), len(configs)
+    accelerator = _accelerator(tr)
+    if accelerator.num_processes != 1:
+        raise ValueError("stacked runs train in one process (not under accelerate launch)")
+    device = accelerator.device
+    first = task.setup(configs[0]["model"], device=device)
+    # before any run is adapted: the others' models share its tensors, not its (then wrapped) modules
+    setups = [first] + [dataclasses.replace(first, model=shared_copy(first.model), extras=dict(first.extras))
+                        for _ in configs[1:]]
+    runs = [_build_run(c, task, accelerator, injector, setup=s) for c, s in zip(configs, setups)]
+    model = stack_runs([r.adapted for r in runs])
+    prep = prepare_model(model, **step_options(tr), method=configs[0]["base_method"],
+                         mixed_precision=accelerator.mixed_precision)
+    graphs_before = dynamo_graphs() if prep.compiled else 0
+    for r in runs:
+        r.setup.extras["generation_cache"] = prep.generation_cache
+
+    eval_every, log_every = tr["eval_every"], tr["log_every"]
+    check_grads = accelerator.scaler is None
+    max_norm = tr["max_grad_norm"] if tr["max_grad_norm"] is not None else float("inf")
+    grads_bad = torch.zeros(k, dtype=torch.bool, device=device)
+    data = [task.train_batches(r.setup, tr["batch_size"], r.config["seed"]) for r in runs]
+    units, unit = [0] * k, None
+    loss_sum, loss_n = torch.zeros(k, device=device), 0
+    ended: dict[int, BaseException] = {}
+    c0 = configs[0]
+    bar = tqdm(total=steps, desc=f"{c0['method']} {c0['task']} x{k} stacked", leave=False, position=position,
+               disable=not progress)
+    model.train()
+    t_train = time.time()
+    for step in range(1, steps + 1):
+        for _ in range(ga):
+            hosts = [pad_to_bucket(next(d), tr["seq_bucket"]) for d in data]
+            for i, h in enumerate(hosts):
+                units[i] += task.units(h)
+            batch = _to_device(_cat_batches(hosts, tr["seq_bucket"]), device)
+            unit = unit or _unit_of(task, batch)
+            with accelerator.autocast():
+                loss = task.loss(first, model, batch) / ga
+                accelerator.backward(loss)
+            loss_sum += stacked_losses(model).float() / ga
+        loss_n += 1
+        for i, r in enumerate(runs):
+            if i in ended:
+                r.optimizer.zero_grad(set_to_none=True)
+                continue
+            total_norm = accelerator.clip_grad_norm_(r.params, max_norm)
+            if check_grads and total_norm is not None:
+                grads_bad[i] |= ~torch.isfinite(torch.as_tensor(total_norm, device=device))
+            r.optimizer.step()
+            r.scheduler.step()
+            r.optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+        if step % log_every == 0 or step == steps:
+            means, bad = (loss_sum / loss_n).tolist(), grads_bad.tolist()
+            for i, r in enumerate(runs):
+                if i not in ended:
+                    try:
+                        _log_step(r, step, means[i], bad[i])
+                    except Diverged as err:
+                        ended[i] = err
+            loss_sum.zero_()
+            loss_n = 0
+        if eval_every and step % eval_every == 0 and step != steps:
+            for i, r in enumerate(runs):
+                if i not in ended:
+                    _curve_eval(r, accelerator, step, progress=progress, position=position, deadline=deadline)
+        if deadline is not None and time.time() > deadline:
+            raise RunInterrupted(f"time budget ran out at step {step}/{steps} of {k} stacked runs, "
+                                 f"{time.time() - t_train:.0f} s in")
+        if len(ended) == k:
+            break
+    bar.close()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    train_s = time.time() - t_train - sum(r.eval_s for r in runs)
+    out: list[dict[str, Any] | BaseException] = []
+    for i, r in enumerate(runs):
+        if i in ended:
+            out.append(ended[i])
+            continue
+        result = _finish_run(r, accelerator, train_s=train_s, units=units[i], unit=unit, prep=prep,
+                             graphs_before=graphs_before, t_start=t_start, deadline=deadline, progress=progress,
+                             position=position)
+        result["perf"]["stacked"] = {"runs": k, "index": i}
+        out.append(result)
+    return out
