@@ -159,3 +159,59 @@ def test_train_stacked_reports_each_diverged_run(tmp_path):
     specs = _specs(tmp_path, "lora")
     out = train_stacked([specs[0].config, specs[1].config], NanTask(), progress=False)
     assert all(isinstance(e, Diverged) and "non-finite gradient" in str(e) for e in out)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_run_stack_records_every_run_and_falls_back_when_runs_cannot_stack(tmp_path, workers):
+    """``run --stack 4``: a cell's four runs (two seeds x two lrs) train as one stack, each with its own ok record
+    that says so; in a worker process too. DoRA's runs cannot stack: they run one by one, recorded as usual. A
+    second invocation finds everything done."""
+    from tests.test_runner import run, runs, write_suite
+
+    suite = write_suite(tmp_path / "s.yaml", SUITE.replace("METHOD", "lora"))
+    assert run(suite, tmp_path / "stacked", injector=None, stack=4, workers=workers) == 0
+    recs = runs(tmp_path / "stacked")
+    assert len(recs) == 4 and {r["status"] for r in recs.values()} == {"ok"}
+    assert [r["perf"]["stacked"]["runs"] for r in recs.values()] == [4] * 4
+    assert sorted(r["perf"]["stacked"]["index"] for r in recs.values()) == [0, 1, 2, 3]
+    assert all(r["perf"]["peak_gpu_mem_mib"] is None for r in recs.values())  # a stack's peak is no run's
+    assert run(suite, tmp_path / "stacked", injector=None, stack=4, workers=workers) == 0
+    assert runs(tmp_path / "stacked").keys() == recs.keys()
+    if workers == 0:
+        dora = write_suite(tmp_path / "d.yaml", SUITE.replace("METHOD", "dora"))  # DoRA's layers do not stack
+        assert run(dora, tmp_path / "fallback", injector=None, stack=4) == 0
+        alone = runs(tmp_path / "fallback")
+        assert len(alone) == 4 and {r["status"] for r in alone.values()} == {"ok"}
+        assert all("stacked" not in r["perf"] for r in alone.values())
+
+
+def test_group_stacks_keeps_cells_apart():
+    from benchmarks.runner.grid import RunSpec, StackSpec, group_stacks
+
+    def spec(method, seed, lr):
+        return RunSpec({"model": "m", "task": "t", "method": method, "seed": seed, "lr": lr})
+
+    specs = [spec("lora", s, lr) for s in (0, 1) for lr in (1e-3, 3e-3)] + [spec("dora", 0, 1e-3)]
+    out = group_stacks(specs, 3)
+    assert [type(x) for x in out] == [StackSpec, RunSpec, RunSpec]
+    assert [s.run_id for s in out[0].specs] == [s.run_id for s in specs[:3]] and out[1] is specs[3]
+    assert group_stacks(specs, 1) == specs
+
+
+def test_budgets_count_a_stack_as_its_runs(tmp_path):
+    """A stacked record's time and memory are its stack's: the budgets take its share, and expect a stack to need
+    at most its runs' time one after another and their peaks added up."""
+    from benchmarks.runner.budget import MEM_PER_PROCESS_MIB, MEM_SLACK, MemoryBudget, TimeBudget
+    from benchmarks.runner.grid import RunSpec, StackSpec
+
+    config = {"model": "m", "task": "t", "method": "lora", "seed": 0, "lr": 1e-3}
+    rec = {"status": "ok", "config": config,
+           "perf": {"wall_s": 400.0, "peak_gpu_mem_mib": None, "stacked": {"runs": 4, "peak_gpu_mem_mib": 2000.0}}}
+    memory = MemoryBudget(str(tmp_path), "main", records=[rec])
+    one, stack = RunSpec(config), StackSpec((RunSpec(config), RunSpec({**config, "seed": 1})))
+    assert memory.need(one) == pytest.approx(MEM_SLACK * 500 + MEM_PER_PROCESS_MIB)
+    assert memory.need(stack) == pytest.approx(2 * MEM_SLACK * 500 + MEM_PER_PROCESS_MIB)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "a.json").write_text(__import__("json").dumps(rec))
+    budget = TimeBudget(str(tmp_path), "main", 60.0).load(str(tmp_path), "main")
+    assert budget.expected(one) == pytest.approx(100.0) and budget.expected(stack) == pytest.approx(200.0)

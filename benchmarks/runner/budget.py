@@ -60,9 +60,11 @@ class TimeBudget:
         read stay in ``self.records`` (a ``MemoryBudget`` of the same grid takes them instead of reading again)."""
         self.records = stored_ok(root, phase)
         for r in self.records:
-            wall = (r.get("perf") or {}).get("wall_s")
-            if wall:
-                self.stored.setdefault(_kind(r["config"]), []).append(float(wall))
+            perf = r.get("perf") or {}
+            wall = perf.get("wall_s")
+            if wall:  # a stacked run's wall time is its stack's: its share is the wall time over the stack's runs
+                runs = int((perf.get("stacked") or {}).get("runs") or 1)
+                self.stored.setdefault(_kind(r["config"]), []).append(float(wall) / runs)
         for line in read_lines(Path(root) / INTERRUPTED):
             if line.get("seconds") and int(line.get("workers") or 1) <= self.workers:  # as many share now: no faster
                 self.stopped.setdefault((str(line.get("model")), str(line.get("task"))), []).append(float(line["seconds"]))
@@ -97,10 +99,12 @@ class TimeBudget:
         Gemma-3's first gsm8k runs, expected at the other tasks' median, started beside SmolLM2's stopped ones'
         evidence and were stopped too), else any finished run's."""
         k = _kind(spec.config)
+        # a stack: at most its runs one after another (a run's recorded time is its share of its stack's)
+        runs = len(getattr(spec, "specs", ())) or 1
         for durations in (self._times(lambda x: x == k), self._times(lambda x: x[1] == k[1]),
                           [d for v in self.now.values() for d in v], [d for v in self.stored.values() for d in v]):
             if durations:
-                return statistics.median(durations)
+                return runs * statistics.median(durations)
         return 0.0
 
     def next_index(self, queue: list[RunSpec]) -> int | None:
@@ -109,7 +113,7 @@ class TimeBudget:
             return 0 if queue else None
         now, cache = time.time(), {}
         for i, spec in enumerate(queue):
-            k = _kind(spec.config)
+            k = _kind(spec.config) + (len(getattr(spec, "specs", ())),)
             if k not in cache:
                 cache[k] = now + SAFETY * self.expected(spec) < self.deadline
             if cache[k]:
@@ -176,7 +180,11 @@ class MemoryBudget:
 
     def add(self, rec: dict) -> None:
         """Take a finished run's peak memory into the expectations."""
-        peak = (rec.get("perf") or {}).get("peak_gpu_mem_mib")
+        perf = rec.get("perf") or {}
+        peak = perf.get("peak_gpu_mem_mib")
+        stacked = perf.get("stacked") or {}
+        if peak is None and isinstance(stacked.get("peak_gpu_mem_mib"), (int, float)):
+            peak = stacked["peak_gpu_mem_mib"] / max(1, int(stacked.get("runs") or 1))  # a stacked run's share
         if rec.get("status") != "ok" or not isinstance(peak, (int, float)) or not peak:
             return
         c = rec.get("config") or {}
@@ -188,7 +196,8 @@ class MemoryBudget:
         c = spec.config
         k = _kind(c)
         peak = self.peaks.get(k + (str(c.get("method")),)) or self.peaks.get(k) or self.peaks.get(k[:1])
-        return MEM_SLACK * peak + MEM_PER_PROCESS_MIB if peak else 0.0
+        runs = len(getattr(spec, "specs", ())) or 1  # a stack: at most its runs' peaks added up
+        return runs * MEM_SLACK * peak + MEM_PER_PROCESS_MIB if peak else 0.0
 
     def gpu_share(self, spec: RunSpec, workers: int, total_mib: float | None) -> float:
         """The fraction of a GPU ``spec`` asks of Ray: ``1/workers``, or more when its expected memory needs more

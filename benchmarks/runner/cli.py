@@ -35,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also load tasks from DIR (*.py / *.yaml task files); may be repeated")
     parser.add_argument("--workers", type=int, default=0,
                         help="worker processes per GPU sharing it (0: run in this process; needed under accelerate launch)")
+    parser.add_argument("--stack", type=int, default=1, metavar="K",
+                        help="train up to K runs of a cell (same model, task, method and settings; other seeds and "
+                             "lrs) together in one worker: one base forward, each run its own adapters and record "
+                             "(default 1: one at a time). Runs that cannot stack (VLM tasks with a trained "
+                             "connector, DoRA, PiSSA, full, head) run one at a time")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop cleanly before this many minutes; the next invocation resumes")
     parser.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
@@ -69,7 +74,7 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
               models: list[str] | None = None, threads: int | None = None, seeds: list[int] | None = None, include_paths: list[str] | None = None, workers: int = 0, max_minutes: float | None = None, retry_failed: bool = False, dry_run: bool = False,
               progress: bool = True, resolver: Callable[[str], Any] | None = None, injector: Callable | None = None,
               log: Callable[[str], None] = print, backend: str = "pool", address: str | None = None,
-              timings_from: list[str] | None = None, mps: str | None = None) -> int:
+              timings_from: list[str] | None = None, mps: str | None = None, stack: int = 1) -> int:
     """Tune (if the suite has ``tune``), then run the reported grid in lr-extension rounds.
 
     Returns 0 when everything is done and no run failed, ``EXIT_MORE_TO_DO`` when the time budget left
@@ -77,6 +82,7 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
     (``collapsed`` and ``diverged`` runs are results, not failures). ``resolver(task_name) -> Task`` and
     ``injector`` (``nalora.inject``'s signature) are injectable for tests. ``timings_from``: results folders whose
     records also inform a dry run's time estimate. ``mps``: how the pool's workers share a GPU (``WorkerPools``).
+    ``stack``: runs trained together per worker (``run_grid``; 1: one at a time).
     """
     import time
 
@@ -133,7 +139,7 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
             gpus = [] if (backend == "ray" and address) else _gpu_ids()
             recorded = ledger.invocation(out, {"suite": suite.name, "phase": phase, "backend": backend,
                                                "workers": workers, "gpu_ids": gpus, "gpus": ledger.gpu_names(gpus),
-                                               "max_minutes": left(),
+                                               "max_minutes": left(), "stack": stack,
                                                "mps": keep_pools.mps.state if keep_pools is not None else "off"})
         with recorded as inv:
             if backend == "ray":
@@ -145,7 +151,7 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
             else:
                 summary = run_grid(phase_specs, str(out), phase=phase, resolver=resolver, injector=injector,
                                    workers=workers, max_minutes=left(), retry_failed=retry_failed, progress=progress,
-                                   threads=threads, pools=keep_pools)
+                                   threads=threads, pools=keep_pools, stack=stack)
             inv["end"] = {k: getattr(summary, k) for k in ("total", "skipped", "ok", "collapsed", "diverged", "failed",
                                                            "interrupted", "remaining")}
         log(f"{phase}: {summary.line()}")
@@ -265,6 +271,10 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError("--address needs --backend ray")
     if args.mps == "on" and (args.backend != "pool" or args.workers < 1):
         raise ValueError("--mps on needs the worker pool (--backend pool, --workers N)")
+    if args.stack < 1:
+        raise ValueError(f"--stack must be >= 1, got {args.stack}")
+    if args.stack > 1 and args.backend != "pool":
+        raise ValueError("--stack needs the local backend (--backend pool)")
     if args.timings_from and not args.dry_run:
         raise ValueError("--timings-from needs --dry-run (it only informs the time estimate)")
     for d in args.timings_from:
@@ -276,4 +286,4 @@ def main(args: argparse.Namespace) -> int:
                      include_paths=args.include_path, workers=args.workers,
                      max_minutes=args.max_minutes, retry_failed=args.retry_failed, dry_run=args.dry_run,
                      progress=not args.no_progress, backend=args.backend, address=args.address,
-                     timings_from=args.timings_from, mps=args.mps)
+                     timings_from=args.timings_from, mps=args.mps, stack=args.stack)

@@ -13,12 +13,13 @@ from __future__ import annotations
 import functools
 import gc
 import os
+import sys
 import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from benchmarks.runner.grid import RunSpec
+from benchmarks.runner.grid import RunSpec, StackSpec
 from benchmarks.runner.mps import worker_state as mps_state
 from benchmarks.runner.record import make_record
 from benchmarks.runner.store import ENVIRONMENT, ResultStore
@@ -134,12 +135,10 @@ _PROCESS_RUNS = [0]  # runs this process has started: a pool worker's first run 
 
 def execute(spec: RunSpec, ctx: RunContext, position: int = 0) -> dict[str, Any]:
     """Train ``spec`` and write its record under ``ctx.root``; returns a short summary for the grid bar."""
-    import torch
 
     root, phase, resolver, injector, deadline, progress = (ctx.root, ctx.phase, ctx.resolver, ctx.injector,
                                                            ctx.deadline, ctx.progress)
 
-    from benchmarks.runner import provenance
     from benchmarks.runner.train import RunInterrupted, train_run
 
     diverged = _diverged_class()
@@ -165,9 +164,25 @@ def execute(spec: RunSpec, ctx: RunContext, position: int = 0) -> dict[str, Any]
     except KeyboardInterrupt:
         raise
     except BaseException as err:  # noqa: BLE001 - record every failure, keep the grid going
-        result = {}
-        status = "diverged" if isinstance(err, diverged) else "failed"
-        error = {"type": _classify(err), "message": _one_line(err), "traceback": traceback.format_exc(limit=8)}
+        result, status, error = _failure(err, diverged)
+    return _record(spec, ctx, store, task, task_info, result, status, error, t0)
+
+
+def _failure(err: BaseException, diverged: type[BaseException]) -> tuple[dict, str, dict]:
+    """``(result, status, error)`` of a run that raised ``err``."""
+    status = "diverged" if isinstance(err, diverged) else "failed"
+    tb = "".join(traceback.format_exception(type(err), err, err.__traceback__, limit=8))
+    return {}, status, {"type": _classify(err), "message": _one_line(err), "traceback": tb}
+
+
+def _record(spec: RunSpec, ctx: RunContext, store: ResultStore, task: Any, task_info: dict, result: dict, status: str,
+            error: dict | None, t0: float) -> dict[str, Any]:
+    """Write ``spec``'s record (main process only) and free what the run held; the grid bar's summary."""
+    import torch
+
+    from benchmarks.runner import provenance
+
+    rid = spec.run_id
     assets, files = _used(spec.config["model"], task, result.get("weight_files") or [])
     rec = make_record(spec.config, spec.meta, rid, status=status, task_info=task_info, result=result,
                       error=error, provenance=provenance.collect(assets, files))
@@ -186,3 +201,52 @@ def execute(spec: RunSpec, ctx: RunContext, position: int = 0) -> dict[str, Any]
     if written is not None and written != store.path(rid):
         out["orphaned"] = str(written)  # the results folder refused it: the grid stops starting runs
     return out
+
+
+def execute_stack(stack: StackSpec, ctx: RunContext, position: int = 0) -> list[dict[str, Any]]:
+    """Train the runs of ``stack`` together (``train.train_stacked``) and write each one's record as ``execute``
+    would; runs that cannot be stacked (``NotStackable``) are run one by one instead. One summary per run, in
+    order; each run's ``seconds`` is its share of the stack's time (what the time budget learns a run costs)."""
+    from benchmarks.runner.stacked import NotStackable
+    from benchmarks.runner.train import RunInterrupted, train_stacked
+
+    store = ResultStore(ctx.root, ctx.phase)
+    t0, k = time.time(), len(stack.specs)
+    task, task_info = None, {}
+    try:
+        task = resolve_task(ctx.resolver, stack.config)
+        task_info = task.describe()
+        _PROCESS_RUNS[0] += k
+        outcomes: list[Any] = train_stacked([s.config for s in stack.specs], task, injector=ctx.injector,
+                                            deadline=ctx.deadline, progress=ctx.progress, position=position)
+    except NotStackable as err:
+        print(f"stack of {k} ({stack.label()}): {err}; running them one by one", file=sys.stderr, flush=True)
+        return [execute(s, ctx, position) for s in stack.specs]
+    except RunInterrupted as err:
+        return [{"run_id": s.run_id, "status": "interrupted", "message": str(err), "seconds": (time.time() - t0) / k}
+                for s in stack.specs]
+    except KeyboardInterrupt:
+        raise
+    except BaseException as err:  # noqa: BLE001 - the stack failed as a whole (set-up, out of memory): every run
+        outcomes = [err] * k
+    diverged = _diverged_class()
+    summaries = []
+    for spec, outcome in zip(stack.specs, outcomes):
+        if isinstance(outcome, BaseException):
+            result, status, error = _failure(outcome, diverged)
+        elif outcome.get("status", "ok") not in RESULT_STATUSES:
+            result, status, error = _failure(RuntimeError(f"train_stacked returned unknown status "
+                                                          f"{outcome.get('status')!r}"), diverged)
+        else:
+            result, status, error = outcome, outcome.get("status", "ok"), None
+            if isinstance(result.get("perf"), dict):
+                result["perf"]["worker"] = {"pid": os.getpid(), "earlier_runs": _PROCESS_RUNS[0] - k, "mps": mps_state()}
+        summaries.append(_record(spec, ctx, store, task, task_info, result, status, error, t0))
+    for out in summaries:
+        out["seconds"] = (time.time() - t0) / k
+    return summaries
+
+
+def execute_any(item: RunSpec | StackSpec, ctx: RunContext, position: int = 0) -> dict[str, Any] | list[dict[str, Any]]:
+    """``execute`` for a run, ``execute_stack`` for a stack (what the pool's workers call)."""
+    return execute_stack(item, ctx, position) if isinstance(item, StackSpec) else execute(item, ctx, position)

@@ -40,6 +40,51 @@ class RunSpec:
         return f"{c['model']}/{c['task']}/{c['method']}/s{c['seed']}/lr{c['lr']:g}"
 
 
+# The keys that may differ between the runs of one stack: everything else (model, task, method, options, adapter,
+# training settings) is the same, so that the runs share one base model and one batch shape.
+STACK_FREE_KEYS = ("seed", "lr")
+
+
+def stack_key(config: dict[str, Any]) -> str:
+    """Runs with equal keys can be trained together (``train.train_stacked``): the config without its seed and lr."""
+    return json.dumps({k: v for k, v in config.items() if k not in STACK_FREE_KEYS}, sort_keys=True, default=str)
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    """Runs of one ``stack_key`` a worker trains together (``run --stack K``); each keeps its own id and record."""
+
+    specs: tuple[RunSpec, ...]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The first run's config: model, task and method are the stack's (what budgets look up)."""
+        return self.specs[0].config
+
+    @property
+    def run_id(self) -> str:
+        return "stack:" + "+".join(s.run_id for s in self.specs)
+
+    def label(self) -> str:
+        return f"{self.specs[0].label()} and {len(self.specs) - 1} more, stacked"
+
+
+def group_stacks(specs: list[RunSpec], k: int) -> list[RunSpec | StackSpec]:
+    """``specs`` with the runs of one ``stack_key`` gathered into stacks of up to ``k`` (in order of first
+    appearance); a run alone stays a ``RunSpec``. ``k`` 1: unchanged."""
+    if k <= 1:
+        return list(specs)
+    groups: dict[str, list[RunSpec]] = {}
+    for s in specs:
+        groups.setdefault(stack_key(s.config), []).append(s)
+    out: list[RunSpec | StackSpec] = []
+    for members in groups.values():
+        for i in range(0, len(members), k):
+            chunk = members[i:i + k]
+            out.append(StackSpec(tuple(chunk)) if len(chunk) > 1 else chunk[0])
+    return out
+
+
 def run_id(config: dict[str, Any]) -> str:
     """16 hex digits of the sha256 of the canonical JSON of ``config``."""
     text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from benchmarks.runner.budget import MemoryBudget, TimeBudget, gpu_memory_mib
-from benchmarks.runner.grid import RunSpec
+from benchmarks.runner.grid import RunSpec, StackSpec, group_stacks
 from benchmarks.runner.store import ResultStore, is_environment_failure, results_lock
 
 OOM_RETRIES = 2  # retries of a run out of GPU memory on a shared GPU, each with one run fewer there
@@ -175,8 +175,11 @@ def _signature_key(spec: RunSpec) -> tuple:
 def run_grid(specs: list[RunSpec], root: str, *, phase: str = "main", resolver: Callable[[str], Any],
              injector: Callable | None = None, workers: int = 0, max_minutes: float | None = None,
              retry_failed: bool = False, progress: bool = True, threads: int | None = None,
-             pools: WorkerPools | None = None) -> GridSummary:
+             pools: WorkerPools | None = None, stack: int = 1) -> GridSummary:
     """Run every spec without a result JSON under ``root``; returns what happened.
+
+    ``stack`` K > 1: runs that differ only in seed and lr go to a worker K at a time, trained together
+    (``execute.execute_stack``; each still gets its own record).
 
     ``threads``: torch CPU threads of the in-process runner (``workers`` 0; default ``available_cpus()``).
     ``pools``: the invocation's worker processes, kept across its grids (else this grid starts and stops its own).
@@ -186,7 +189,7 @@ def run_grid(specs: list[RunSpec], root: str, *, phase: str = "main", resolver: 
     """
     from tqdm.auto import tqdm
 
-    from benchmarks.runner.execute import RunContext, execute
+    from benchmarks.runner.execute import RunContext, execute_any
 
     store = ResultStore(root, phase)
     store.check_writable()  # before any training: a run whose record cannot be written is wasted
@@ -195,7 +198,7 @@ def run_grid(specs: list[RunSpec], root: str, *, phase: str = "main", resolver: 
         store.clean_temp()
         specs = _dedup(specs)
         done = {s.run_id: store.is_done(s.run_id, retry_failed) for s in specs}
-        todo = [s for s in specs if not done[s.run_id]]
+        todo = group_stacks([s for s in specs if not done[s.run_id]], stack)
         summary = GridSummary(total=len(specs), skipped=len(specs) - len(todo))
         for s in specs:
             rec = store.load(s.run_id)
@@ -220,7 +223,11 @@ def run_grid(specs: list[RunSpec], root: str, *, phase: str = "main", resolver: 
                 return None
             return queue.pop(i)
 
-        def account(res: dict, spec: RunSpec) -> None:
+        def account(res: dict | list[dict], spec: RunSpec | StackSpec) -> None:
+            if isinstance(spec, StackSpec):  # one summary per run of the stack
+                for r, s in zip(res, spec.specs):
+                    account(r, s)
+                return
             summary.add(res, spec.label())
             budget.account(spec, res)
             if res.get("orphaned"):
@@ -236,8 +243,8 @@ def run_grid(specs: list[RunSpec], root: str, *, phase: str = "main", resolver: 
                     cap_threads(threads)
                 queue = list(todo)
                 while (spec := next_run(queue)) is not None:
-                    account(execute(spec, ctx, 1), spec)
-                summary.remaining = len(queue)
+                    account(execute_any(spec, ctx, 1), spec)
+                summary.remaining = _runs(queue)
             else:
                 if pools is not None and pools.workers != workers:
                     raise ValueError(f"run_grid: workers={workers} but the pools given have {pools.workers} per GPU")
@@ -316,7 +323,7 @@ def _run_pools(todo: list[RunSpec], ctx: Any, pools: WorkerPools, next_run: Call
 
     ``memory``: a run starts on a GPU only beside runs it fits with (``MemoryBudget``: the stored runs' peaks);
     ``workers`` is then an upper bound per GPU."""
-    from benchmarks.runner.execute import execute
+    from benchmarks.runner.execute import execute_any
 
     gpus, workers = pools.gpus, pools.workers
     free_slots = {g: list(range(workers)) for g in gpus}
@@ -346,7 +353,7 @@ def _run_pools(todo: list[RunSpec], ctx: Any, pools: WorkerPools, next_run: Call
                 slot = free_slots[g].pop(0)
                 position = 1 + gpus.index(g) * workers + slot
                 pool = pools.get(g)
-                fut = pool.submit(execute, spec, ctx, position)
+                fut = pool.submit(execute_any, spec, ctx, position)
                 running[fut] = (spec, g, slot, pool)
         if not running:
             break
@@ -358,7 +365,8 @@ def _run_pools(todo: list[RunSpec], ctx: Any, pools: WorkerPools, next_run: Call
             free_slots[g].sort()
             try:
                 res = fut.result()
-                if res.get("error_type") == "oom" and sharing[g] > 1 and ooms.get(spec.run_id, 0) < OOM_RETRIES:
+                oom = all(r.get("error_type") == "oom" for r in (res if isinstance(res, list) else [res]))
+                if oom and sharing[g] > 1 and ooms.get(spec.run_id, 0) < OOM_RETRIES:
                     ooms[spec.run_id] = ooms.get(spec.run_id, 0) + 1
                     cap[g] = max(1, min(cap[g], sharing[g]) - 1)
                     print(f"pool: {spec.label()} ran out of GPU memory beside {sharing[g] - 1} other run(s) on GPU "
@@ -366,19 +374,26 @@ def _run_pools(todo: list[RunSpec], ctx: Any, pools: WorkerPools, next_run: Call
                     queue.insert(0, spec)
                     continue
                 account(res, spec)
-                if memory is not None and res.get("status") == "ok":
-                    memory.add(ResultStore(ctx.root, ctx.phase).load(spec.run_id) or {})
+                for r, s in zip(res if isinstance(res, list) else [res], getattr(spec, "specs", (spec,))):
+                    if memory is not None and r.get("status") == "ok":
+                        memory.add(ResultStore(ctx.root, ctx.phase).load(s.run_id) or {})
             except BrokenProcessPool:
                 # A worker died (killed for memory, segfault) and took its pool's runs with it; we cannot
                 # tell which run did it, so each is retried once and recorded failed on a second death.
                 deaths[spec.run_id] = deaths.get(spec.run_id, 0) + 1
                 if deaths[spec.run_id] >= 2:
-                    _record_dead_worker(spec, ctx.root, ctx.phase)
-                    account({"status": "failed", "message": "worker process died twice", "seconds": 0.0}, spec)
+                    for s in getattr(spec, "specs", (spec,)):
+                        _record_dead_worker(s, ctx.root, ctx.phase)
+                        account({"status": "failed", "message": "worker process died twice", "seconds": 0.0}, s)
                 else:
                     queue.insert(0, spec)
                 pools.discard(g, pool)  # the first of its runs to report replaces the broken pool, once
-    summary.remaining = len(queue)
+    summary.remaining = _runs(queue)
+
+
+def _runs(queue: list[RunSpec | StackSpec]) -> int:
+    """Runs in ``queue`` (a stack counts its runs)."""
+    return sum(len(getattr(s, "specs", (s,))) for s in queue)
 
 
 def _record_dead_worker(spec: RunSpec, root: str, phase: str) -> None:

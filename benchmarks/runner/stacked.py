@@ -10,7 +10,8 @@ runs trained alone). Runs are built as usual (``inject``: their own seeds, optim
 controllers) and may share the frozen base tensors (``shared_copy``); ``stack_runs`` builds the one model they train
 through.
 
-Today this is a measurement (``nalora-bench steptime --stack K``): the runner does not stack runs yet.
+Used by ``nalora-bench steptime --stack K`` (the step alone) and ``run --stack K`` (``train.train_stacked``: whole runs,
+each evaluated and recorded on its own model).
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ def shared_copy(model: nn.Module) -> nn.Module:
     import copy
 
     return copy.deepcopy(model, memo={id(t): t for t in [*model.parameters(), *model.buffers()]})
+
+
+class NotStackable(ValueError):
+    """These runs cannot train through one stacked model (method, task or layout): train them one by one."""
 
 
 def _rows(t: Any, k: int, i: int) -> Any:
@@ -47,7 +52,7 @@ class StackedPeftLinear(nn.Module):
         for r in runs:
             if getattr(r, "merged", False) or adapter not in r.lora_A or r.use_dora.get(adapter, False) \
                     or getattr(r, "lora_bias", {}).get(adapter, False):
-                raise ValueError(f"stacking: {type(r).__name__} is not a plain unmerged LoRA layer ({adapter!r})")
+                raise NotStackable(f"stacking: {type(r).__name__} is not a plain unmerged LoRA layer ({adapter!r})")
         self.base_layer, self.adapter = base_layer, adapter
         self._runs = list(runs)  # a plain list: the runs' parameters stay theirs, not this module's
         self.register_buffer("scaling", torch.tensor([float(r.scaling[adapter]) for r in runs],
@@ -89,11 +94,12 @@ def stack_runs(runs: list[Any], adapter: str = "default") -> nn.Module:
     from nalora.controller import compile_ready
 
     if len(runs) < 2:
-        raise ValueError(f"stack_runs needs at least 2 runs, got {len(runs)}")
+        raise NotStackable(f"stack_runs needs at least 2 runs, got {len(runs)}")
     first = runs[0].model
     for r in runs:
-        if r.method.name in ("pissa", "full", "head") or any(t for t in r.trainable):
-            raise ValueError(f"stacking: method {r.method.name!r} with trainable modules {r.trainable} cannot share "
+        name = getattr(r.method, "name", type(r.method).__name__)  # a plugin injector's method may have no name
+        if name in ("pissa", "full", "head") or any(t for t in getattr(r, "trainable", ())):
+            raise NotStackable(f"stacking: method {name!r} with trainable modules {r.trainable} cannot share "
                              "one base model")
     stacked = shared_copy(first)
     for m in stacked.modules():  # the copy must not call run 0's hooks on every run's rows
@@ -101,10 +107,10 @@ def stack_runs(runs: list[Any], adapter: str = "default") -> nn.Module:
         m._forward_pre_hooks.clear()
     layers = [name for name, m in first.named_modules() if isinstance(m, LoraLayer)]
     if not layers:
-        raise ValueError("stacking: the runs' models have no peft LoRA layers")
+        raise NotStackable("stacking: the runs' models have no peft LoRA layers")
     other = [n for n in layers if type(first.get_submodule(n)) is not LoraLinear]
     if other:
-        raise ValueError(f"stacking: {other[0]} is a {type(first.get_submodule(other[0])).__name__}, not a LoRA Linear")
+        raise NotStackable(f"stacking: {other[0]} is a {type(first.get_submodule(other[0])).__name__}, not a LoRA Linear")
     for name in layers:
         per_run = [r.model.get_submodule(name) for r in runs]
         parent, _, leaf = name.rpartition(".")
@@ -124,7 +130,7 @@ def stack_runs(runs: list[Any], adapter: str = "default") -> nn.Module:
     stacked.register_forward_pre_hook(pre_hooks, with_kwargs=True)
     kind, why = install_light_loss(stacked)
     if kind == "model":
-        raise ValueError(f"stacking needs each run's loss on its own rows: {why}")
+        raise NotStackable(f"stacking needs each run's loss on its own rows: {why}")
     lm = stacked.get_base_model() if hasattr(stacked, "get_base_model") else stacked
     lm._nalora_light_loss.blocks = k  # the loss is the sum of the runs' own means (their token counts may differ)
     for r in runs:  # statistics hooks stay installed (refresh steps decide at run time): no graph per state

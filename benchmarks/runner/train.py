@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.runner import health
 from benchmarks.runner.compiled import dynamo_graphs, eager_mode, pad_to_bucket, prepare_model, step_options
+from benchmarks.runner.grid import STACK_FREE_KEYS, stack_key
 from nalora.diagnostics import snapshot_trainable
 from tasks.base import Task
 
@@ -414,27 +415,17 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
                        position=position)
 
 
-# The keys that may differ between the runs of one stack: everything else (model, task, method, options, adapter,
-# training settings) is the same, so that the runs share one base model and one batch shape.
-STACK_FREE_KEYS = ("seed", "lr")
-
-
-def stack_key(config: dict) -> str:
-    """Runs with equal keys can be trained together (``train_stacked``): the config without its seed and lr."""
-    import json
-
-    return json.dumps({k: v for k, v in config.items() if k not in STACK_FREE_KEYS}, sort_keys=True, default=str)
-
-
 def _cat_batches(batches: list[Any], multiple: int) -> Any:
     """The runs' host batches as one: each right-padded to the longest (``pad_to_bucket``), then concatenated."""
+    from benchmarks.runner.stacked import NotStackable
+
     if not all(isinstance(b, dict) and torch.is_tensor(b.get("input_ids")) for b in batches):
-        raise ValueError("stacking needs dict batches with input_ids")
+        raise NotStackable("stacking needs dict batches with input_ids")
     length = max(b["input_ids"].shape[1] for b in batches)
     padded = [pad_to_bucket(b, length) for b in batches]
     keys = set(padded[0])
     if any(set(b) != keys for b in padded) or not all(torch.is_tensor(v) for b in padded for v in b.values()):
-        raise ValueError(f"stacking needs batches of tensors with the same keys, got {sorted(keys)}")
+        raise NotStackable(f"stacking needs batches of tensors with the same keys, got {sorted(keys)}")
     return {k: torch.cat([b[k] for b in padded]) for k in padded[0]}
 
 
@@ -445,20 +436,21 @@ def train_stacked(configs: list[dict], task: Task, *, injector: Callable[..., An
     (``benchmarks.runner.stacked.stack_runs``: one base forward, each run its own adapters, optimiser, scheduler,
     clip and NA-LoRA controller), then evaluate each on its own model as ``train_run`` does. Returns, per config,
     its results (as ``train_run``'s, with ``perf.stacked``) or the exception that ended it (``Diverged``: that run
-    stops stepping, the others go on). Raises ``RunInterrupted`` for all when the time budget runs out, and a
-    one-line ``ValueError`` before any work for configs that cannot be stacked. One process only."""
+    stops stepping, the others go on). Raises ``RunInterrupted`` for all when the time budget runs out, and
+    ``NotStackable`` (a one-line ``ValueError``) before any step for runs that cannot be stacked (the caller then
+    trains them one by one). One process only."""
     import dataclasses
 
-    from benchmarks.runner.stacked import shared_copy, stack_runs, stacked_losses
+    from benchmarks.runner.stacked import NotStackable, shared_copy, stack_runs, stacked_losses
 
     if len(configs) < 2 or len({stack_key(c) for c in configs}) != 1:
-        raise ValueError("train_stacked needs 2 or more runs that differ only in " + " and ".join(STACK_FREE_KEYS))
+        raise NotStackable("train_stacked needs 2 or more runs that differ only in " + " and ".join(STACK_FREE_KEYS))
     t_start = time.time()
     tr = configs[0]["training"]
     steps, ga, k = int(tr["steps"]), int(tr["grad_accum"]), len(configs)
     accelerator = _accelerator(tr)
     if accelerator.num_processes != 1:
-        raise ValueError("stacked runs train in one process (not under accelerate launch)")
+        raise NotStackable("stacked runs train in one process (not under accelerate launch)")
     device = accelerator.device
     first = task.setup(configs[0]["model"], device=device)
     # before any run is adapted: the others' models share its tensors, not its (then wrapped) modules
@@ -539,6 +531,8 @@ def train_stacked(configs: list[dict], task: Task, *, injector: Callable[..., An
         result = _finish_run(r, accelerator, train_s=train_s, units=units[i], unit=unit, prep=prep,
                              graphs_before=graphs_before, t_start=t_start, deadline=deadline, progress=progress,
                              position=position)
-        result["perf"]["stacked"] = {"runs": k, "index": i}
+        # the process's peak is the stack's, not one run's: kept under perf.stacked, none per run
+        result["perf"]["stacked"] = {"runs": k, "index": i, "peak_gpu_mem_mib": result["perf"]["peak_gpu_mem_mib"]}
+        result["perf"]["peak_gpu_mem_mib"] = None
         out.append(result)
     return out
