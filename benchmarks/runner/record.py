@@ -21,7 +21,9 @@ A record is a plain dict::
     perf              wall_s, train_s, eval_s, step_time_s, units, units_per_s, unit ("tokens"|"images"),
                       peak_gpu_mem_mib, mixed_precision, num_processes, step (the training step's setup:
                       compiled, graphs_kept, graphs_built, ...), worker ({"pid", "earlier_runs"}: the process that
-                      ran it and how many runs it had started before; 0 = its first, which pays imports and compiles)
+                      ran it and how many runs it had started before; 0 = its first, which pays imports and compiles),
+                      stacked (only for runs of ``run --stack K``: {"runs", "index", "peak_gpu_mem_mib"}; their
+                      times are the stack's and their own peak_gpu_mem_mib is null)
     tower_lr          only for runs with adapter.tower_lr_scale: {tower: {"scale", "tensors", "numel"}}, the
                       trained parameters moved to lr x scale (``Adapted.tower_lr``; 0 tensors: none in that tower)
     nalora            {"history": controller.history()} for runs with a controller, else null
