@@ -82,9 +82,12 @@ def run_suite(suite_name: str, out: str | Path, *, methods: list[str] | None = N
     (``collapsed`` and ``diverged`` runs are results, not failures). ``resolver(task_name) -> Task`` and
     ``injector`` (``nalora.inject``'s signature) are injectable for tests. ``timings_from``: results folders whose
     records also inform a dry run's time estimate. ``mps``: how the pool's workers share a GPU (``WorkerPools``).
-    ``stack``: runs trained together per worker (``run_grid``; 1: one at a time).
+    ``stack``: runs trained together per worker (``run_grid``; 1: one at a time; the local backend only).
     """
     import time
+
+    if stack < 1 or (stack > 1 and backend != "pool"):
+        raise ValueError(f"stack must be >= 1, and > 1 only with the local backend (pool), got {stack} with {backend}")
 
     from benchmarks.runner import grid, ledger
     from benchmarks.runner.built_models import resolve_built

@@ -246,7 +246,3 @@ def execute_stack(stack: StackSpec, ctx: RunContext, position: int = 0) -> list[
         out["seconds"] = (time.time() - t0) / k
     return summaries
 
-
-def execute_any(item: RunSpec | StackSpec, ctx: RunContext, position: int = 0) -> dict[str, Any] | list[dict[str, Any]]:
-    """``execute`` for a run, ``execute_stack`` for a stack (what the pool's workers call)."""
-    return execute_stack(item, ctx, position) if isinstance(item, StackSpec) else execute(item, ctx, position)

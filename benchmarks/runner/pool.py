@@ -189,7 +189,7 @@ def run_grid(specs: list[RunSpec], root: str, *, phase: str = "main", resolver: 
     """
     from tqdm.auto import tqdm
 
-    from benchmarks.runner.execute import RunContext, execute_any
+    from benchmarks.runner.execute import RunContext, execute, execute_stack
 
     store = ResultStore(root, phase)
     store.check_writable()  # before any training: a run whose record cannot be written is wasted
@@ -243,7 +243,7 @@ def run_grid(specs: list[RunSpec], root: str, *, phase: str = "main", resolver: 
                     cap_threads(threads)
                 queue = list(todo)
                 while (spec := next_run(queue)) is not None:
-                    account(execute_any(spec, ctx, 1), spec)
+                    account((execute_stack if isinstance(spec, StackSpec) else execute)(spec, ctx, 1), spec)
                 summary.remaining = _runs(queue)
             else:
                 if pools is not None and pools.workers != workers:
@@ -323,7 +323,8 @@ def _run_pools(todo: list[RunSpec], ctx: Any, pools: WorkerPools, next_run: Call
 
     ``memory``: a run starts on a GPU only beside runs it fits with (``MemoryBudget``: the stored runs' peaks);
     ``workers`` is then an upper bound per GPU."""
-    from benchmarks.runner.execute import execute_any
+    # looked up at call time (tests stand in for execute), and submitted as such: a worker unpickles it by name
+    from benchmarks.runner.execute import execute, execute_stack
 
     gpus, workers = pools.gpus, pools.workers
     free_slots = {g: list(range(workers)) for g in gpus}
@@ -353,7 +354,7 @@ def _run_pools(todo: list[RunSpec], ctx: Any, pools: WorkerPools, next_run: Call
                 slot = free_slots[g].pop(0)
                 position = 1 + gpus.index(g) * workers + slot
                 pool = pools.get(g)
-                fut = pool.submit(execute_any, spec, ctx, position)
+                fut = pool.submit(execute_stack if isinstance(spec, StackSpec) else execute, spec, ctx, position)
                 running[fut] = (spec, g, slot, pool)
         if not running:
             break
