@@ -215,3 +215,28 @@ def test_budgets_count_a_stack_as_its_runs(tmp_path):
     (tmp_path / "runs" / "a.json").write_text(__import__("json").dumps(rec))
     budget = TimeBudget(str(tmp_path), "main", 60.0).load(str(tmp_path), "main")
     assert budget.expected(one) == pytest.approx(100.0) and budget.expected(stack) == pytest.approx(200.0)
+
+
+def test_a_task_whose_loss_is_not_the_models_labels_loss_does_not_stack(tmp_path):
+    """A plugin task computing its loss from the logits cannot be split by run: ``train_stacked`` says so before any
+    step (``NotStackable``), and ``run --stack`` trains its runs one by one."""
+    import torch.nn.functional as F
+
+    from benchmarks.runner.stacked import NotStackable
+    from benchmarks.runner.train import train_stacked
+    from tests.test_runner import FakeTask, run, runs, write_suite
+
+    class LogitsLossTask(FakeTask):
+        name = "fake"
+
+        def loss(self, setup, model, batch):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["input_ids"][:, 1:].flatten())
+
+    specs = _specs(tmp_path, "lora")
+    with pytest.raises(NotStackable, match="cannot be split by run"):
+        train_stacked([specs[0].config, specs[1].config], LogitsLossTask(), progress=False)
+    suite = write_suite(tmp_path / "s2.yaml", SUITE.replace("METHOD", "lora"))
+    assert run(suite, tmp_path / "out", injector=None, stack=2, resolver=lambda name, **kw: LogitsLossTask()) == 0
+    recs = runs(tmp_path / "out")
+    assert len(recs) == 4 and all(r["status"] == "ok" and "stacked" not in r["perf"] for r in recs.values())

@@ -3,8 +3,8 @@
 The lever issue 12 names for host-bound steps (``results/perf/README.md``): a small model's step launches about
 2,000 tiny kernels, so K runs stepped one after another cost K times the launches, while K runs stacked along the
 batch cost about the launches of one. Row block ``k`` of a stacked batch (``K x batch_size`` rows) goes through
-run ``k``'s adapters only; the frozen weights are shared. Each run keeps its own parameters (one optimiser param
-group per run: its own lr, its own gradient clipping), so what run ``k`` computes is what it computes alone, up to
+run ``k``'s adapters only; the frozen weights are shared. Each run keeps its own parameters, optimiser (its lr, its
+gradient clipping), scheduler and loss (its own mean), so what run ``k`` computes is what it computes alone, up to
 the order of floating-point additions (``tests/test_stacked.py`` checks LoRA's and NA-LoRA's runs against the same
 runs trained alone). Runs are built as usual (``inject``: their own seeds, optimisers, schedulers, NA-LoRA
 controllers) and may share the frozen base tensors (``shared_copy``); ``stack_runs`` builds the one model they train
@@ -34,9 +34,10 @@ class NotStackable(ValueError):
     """These runs cannot train through one stacked model (method, task or layout): train them one by one."""
 
 
-def _rows(t: Any, k: int, i: int) -> Any:
-    """Block ``i`` of ``k`` along the leading dimension of a tensor (other values as they are)."""
-    if torch.is_tensor(t) and t.dim() >= 1 and t.shape[0] % k == 0:
+def _rows(t: Any, k: int, i: int, rows: int | None = None) -> Any:
+    """Block ``i`` of ``k`` along the leading dimension of a tensor of ``rows`` rows (None: any multiple of ``k``);
+    other values as they are."""
+    if torch.is_tensor(t) and t.dim() >= 1 and t.shape[0] % k == 0 and (rows is None or t.shape[0] == rows):
         n = t.shape[0] // k
         return t[i * n:(i + 1) * n]
     return t
@@ -98,9 +99,10 @@ def stack_runs(runs: list[Any], adapter: str = "default") -> nn.Module:
     first = runs[0].model
     for r in runs:
         name = getattr(r.method, "name", type(r.method).__name__)  # a plugin injector's method may have no name
-        if name in ("pissa", "full", "head") or any(t for t in getattr(r, "trainable", ())):
-            raise NotStackable(f"stacking: method {name!r} with trainable modules {r.trainable} cannot share "
-                             "one base model")
+        trainable = list(getattr(r, "trainable", ()))
+        if name in ("pissa", "full", "head") or trainable:
+            raise NotStackable(f"stacking: method {name!r} with trainable modules {trainable} cannot share one base "
+                               "model")
     stacked = shared_copy(first)
     for m in stacked.modules():  # the copy must not call run 0's hooks on every run's rows
         m._forward_hooks.clear()
@@ -119,9 +121,12 @@ def stack_runs(runs: list[Any], adapter: str = "default") -> nn.Module:
     k = len(runs)
 
     def pre_hooks(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        rows = ids.shape[0] if torch.is_tensor(ids) else None  # only the batch's tensors are split by run
         for i, r in enumerate(runs):
             for hid, hook in r.model._forward_pre_hooks.items():
-                a, kw = tuple(_rows(v, k, i) for v in args), {key: _rows(v, k, i) for key, v in kwargs.items()}
+                a = tuple(_rows(v, k, i, rows) for v in args)
+                kw = {key: _rows(v, k, i, rows) for key, v in kwargs.items()}
                 if hid in r.model._forward_pre_hooks_with_kwargs:
                     hook(r.model, a, kw)
                 else:
@@ -139,7 +144,11 @@ def stack_runs(runs: list[Any], adapter: str = "default") -> nn.Module:
 
 
 def stacked_losses(model: nn.Module) -> torch.Tensor | None:
-    """The last training forward's mean loss of each stacked run (detached; ``None`` before the first)."""
+    """The mean loss of each stacked run in the training forward since the last call (detached), taken: ``None``
+    when no forward computed them (a task whose loss does not come from the model's ``labels``)."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     hooks = getattr(lm, "_nalora_light_loss", None)
-    return None if hooks is None else hooks.block_losses
+    if hooks is None:
+        return None
+    out, hooks.block_losses = hooks.block_losses, None
+    return out

@@ -486,8 +486,12 @@ def train_stacked(configs: list[dict], task: Task, *, injector: Callable[..., An
             unit = unit or _unit_of(task, batch)
             with accelerator.autocast():
                 loss = task.loss(first, model, batch) / ga
+                per_run = stacked_losses(model)
+                if per_run is None:  # such a task fails at its first forward, before any step: train one by one
+                    raise NotStackable(f"task {getattr(task, 'name', type(task).__name__)!r}: its loss does not "
+                                       "come from the model's labels, so it cannot be split by run")
                 accelerator.backward(loss)
-            loss_sum += stacked_losses(model).float() / ga
+            loss_sum += per_run.float() / ga
         loss_n += 1
         for i, r in enumerate(runs):
             if i in ended:
