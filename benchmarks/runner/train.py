@@ -415,7 +415,7 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
                        position=position)
 
 
-def _cat_batches(batches: list[Any], multiple: int) -> Any:
+def _cat_batches(batches: list[Any]) -> Any:
     """The runs' host batches as one: each right-padded to the longest (``pad_to_bucket``), then concatenated."""
     from benchmarks.runner.stacked import NotStackable
 
@@ -482,7 +482,7 @@ def train_stacked(configs: list[dict], task: Task, *, injector: Callable[..., An
             hosts = [pad_to_bucket(next(d), tr["seq_bucket"]) for d in data]
             for i, h in enumerate(hosts):
                 units[i] += task.units(h)
-            batch = _to_device(_cat_batches(hosts, tr["seq_bucket"]), device)
+            batch = _to_device(_cat_batches(hosts), device)
             unit = unit or _unit_of(task, batch)
             with accelerator.autocast():
                 loss = task.loss(first, model, batch) / ga
