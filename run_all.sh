@@ -11,6 +11,7 @@
 #   ./run_all.sh --max-minutes 9          # stop cleanly before a time limit; run again to resume
 #   ./run_all.sh --backend ray [--address HOST:PORT]   # the runs as Ray tasks (a local Ray, or a cluster's)
 #   ./run_all.sh --workers 10 --mps auto  # a GPU's workers share it through CUDA MPS (off by default: measured, no gain)
+#   ./run_all.sh --workers 2 --stack 8    # a worker trains up to 8 runs of a cell together (other seeds and lrs)
 #   ./run_all.sh --dry-run                # list the runs and the assets a fetch would download; change nothing
 #
 # A suite that names the distilled gated ViT `vit-s-swiglu` (e.g. `default`) builds it once on a GPU when it is not
@@ -35,7 +36,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --suite) need_value "$@"; SUITE="$2"; shift 2 ;;
     --out) need_value "$@"; OUT="$2"; shift 2 ;;
-    --methods|--tasks|--models|--seeds|--include-path|--workers|--max-minutes|--threads|--backend|--address|--mps) need_value "$@"; RUN_ARGS+=("$1" "$2"); shift 2 ;;
+    --methods|--tasks|--models|--seeds|--include-path|--workers|--max-minutes|--threads|--backend|--address|--mps|--stack) need_value "$@"; RUN_ARGS+=("$1" "$2"); shift 2 ;;
     --retry-failed|--no-progress) RUN_ARGS+=("$1"); shift ;;
     --dry-run) DRY=1; RUN_ARGS+=("$1"); shift ;;
     -h|--help) usage; exit 0 ;;

@@ -134,6 +134,7 @@ def test_list_models_shows_test_models():
 def test_run_all_passes_models():
     text = (REPO / "run_all.sh").read_text()
     assert "--models" in text.split("case")[1]  # parsed, not "unknown argument"
+    assert "--stack)" in text.split("case")[1]
 
 
 # ---------------------------------------------------------------------------------------------
