@@ -100,7 +100,7 @@ class TimeBudget:
         evidence and were stopped too), else any finished run's."""
         k = _kind(spec.config)
         # a stack: at most its runs one after another (a run's recorded time is its share of its stack's)
-        runs = len(getattr(spec, "specs", ())) or 1
+        runs = len(spec.specs)
         for durations in (self._times(lambda x: x == k), self._times(lambda x: x[1] == k[1]),
                           [d for v in self.now.values() for d in v], [d for v in self.stored.values() for d in v]):
             if durations:
@@ -113,7 +113,7 @@ class TimeBudget:
             return 0 if queue else None
         now, cache = time.time(), {}
         for i, spec in enumerate(queue):
-            k = _kind(spec.config) + (len(getattr(spec, "specs", ())),)
+            k = _kind(spec.config) + (len(spec.specs),)
             if k not in cache:
                 cache[k] = now + SAFETY * self.expected(spec) < self.deadline
             if cache[k]:
@@ -196,8 +196,8 @@ class MemoryBudget:
         c = spec.config
         k = _kind(c)
         peak = self.peaks.get(k + (str(c.get("method")),)) or self.peaks.get(k) or self.peaks.get(k[:1])
-        runs = len(getattr(spec, "specs", ())) or 1  # a stack: at most its runs' peaks added up
-        return runs * MEM_SLACK * peak + MEM_PER_PROCESS_MIB if peak else 0.0
+        # a stack: at most its runs' peaks added up
+        return len(spec.specs) * MEM_SLACK * peak + MEM_PER_PROCESS_MIB if peak else 0.0
 
     def gpu_share(self, spec: RunSpec, workers: int, total_mib: float | None) -> float:
         """The fraction of a GPU ``spec`` asks of Ray: ``1/workers``, or more when its expected memory needs more

@@ -212,11 +212,10 @@ def execute_stack(stack: StackSpec, ctx: RunContext, position: int = 0) -> list[
 
     store = ResultStore(ctx.root, ctx.phase)
     t0, k = time.time(), len(stack.specs)
-    task, task_info = None, {}
+    task, task_info, earlier = None, {}, _PROCESS_RUNS[0]
     try:
         task = resolve_task(ctx.resolver, stack.config)
         task_info = task.describe()
-        _PROCESS_RUNS[0] += k
         outcomes: list[Any] = train_stacked([s.config for s in stack.specs], task, injector=ctx.injector,
                                             deadline=ctx.deadline, progress=ctx.progress, position=position)
     except NotStackable as err:
@@ -229,6 +228,7 @@ def execute_stack(stack: StackSpec, ctx: RunContext, position: int = 0) -> list[
         raise
     except BaseException as err:  # noqa: BLE001 - the stack failed as a whole (set-up, out of memory): every run
         outcomes = [err] * k
+    _PROCESS_RUNS[0] += k  # (a stack run one by one was counted by execute)
     diverged = _diverged_class()
     summaries = []
     for spec, outcome in zip(stack.specs, outcomes):
@@ -240,7 +240,7 @@ def execute_stack(stack: StackSpec, ctx: RunContext, position: int = 0) -> list[
         else:
             result, status, error = outcome, outcome.get("status", "ok"), None
             if isinstance(result.get("perf"), dict):
-                result["perf"]["worker"] = {"pid": os.getpid(), "earlier_runs": _PROCESS_RUNS[0] - k, "mps": mps_state()}
+                result["perf"]["worker"] = {"pid": os.getpid(), "earlier_runs": earlier, "mps": mps_state()}
         summaries.append(_record(spec, ctx, store, task, task_info, result, status, error, t0))
     for out in summaries:
         out["seconds"] = (time.time() - t0) / k

@@ -39,6 +39,11 @@ class RunSpec:
         c = self.config
         return f"{c['model']}/{c['task']}/{c['method']}/s{c['seed']}/lr{c['lr']:g}"
 
+    @property
+    def specs(self) -> tuple[RunSpec, ...]:
+        """The runs this work item trains: itself (a ``StackSpec`` has several)."""
+        return (self,)
+
 
 # The keys that may differ between the runs of one stack: everything else (model, task, method, options, adapter,
 # training settings) is the same, so that the runs share one base model and one batch shape.

@@ -375,7 +375,7 @@ def _run_pools(todo: list[RunSpec], ctx: Any, pools: WorkerPools, next_run: Call
                     queue.insert(0, spec)
                     continue
                 account(res, spec)
-                for r, s in zip(res if isinstance(res, list) else [res], getattr(spec, "specs", (spec,))):
+                for r, s in zip(res if isinstance(res, list) else [res], spec.specs):
                     if memory is not None and r.get("status") == "ok":
                         memory.add(ResultStore(ctx.root, ctx.phase).load(s.run_id) or {})
             except BrokenProcessPool:
@@ -383,7 +383,7 @@ def _run_pools(todo: list[RunSpec], ctx: Any, pools: WorkerPools, next_run: Call
                 # tell which run did it, so each is retried once and recorded failed on a second death.
                 deaths[spec.run_id] = deaths.get(spec.run_id, 0) + 1
                 if deaths[spec.run_id] >= 2:
-                    for s in getattr(spec, "specs", (spec,)):
+                    for s in spec.specs:
                         _record_dead_worker(s, ctx.root, ctx.phase)
                         account({"status": "failed", "message": "worker process died twice", "seconds": 0.0}, s)
                 else:
@@ -394,7 +394,7 @@ def _run_pools(todo: list[RunSpec], ctx: Any, pools: WorkerPools, next_run: Call
 
 def _runs(queue: list[RunSpec | StackSpec]) -> int:
     """Runs in ``queue`` (a stack counts its runs)."""
-    return sum(len(getattr(s, "specs", (s,))) for s in queue)
+    return sum(len(s.specs) for s in queue)
 
 
 def _record_dead_worker(spec: RunSpec, root: str, phase: str) -> None:
