@@ -808,6 +808,27 @@ def test_throughput_after_the_first_wave_leaves_out_the_start():
     assert after_first_wave(recs, None) is None and after_first_wave(recs[:4], 4) is None
 
 
+def test_throughput_counts_a_stack_as_one_work_item_and_its_runs_by_their_share():
+    """``run --stack``: a stack's runs share its wall and training time (each run's share), and the first wave is
+    the first stacks to finish, not their first runs."""
+    from benchmarks.perf.throughput import after_first_wave, run_shares
+
+    def rec(pid: int, k: int, wall: float, second: int) -> dict:
+        return {"perf": {"worker": {"pid": pid, "earlier_runs": 0}, "stacked": {"runs": k, "index": 0},
+                         "wall_s": wall, "train_s": 80.0},
+                "provenance": {"finished_at": f"2026-12-01T05:00:{second:02d}+00:00"}}
+
+    a = [rec(1, 2, w, s) for w, s in ((90.0, 10), (100.0, 12))]  # pid 1's stack of two ends at :12
+    b = [rec(2, 4, w, s) for w, s in ((150.0, 20), (160.0, 30), (170.0, 40), (180.0, 50))]
+    shares = run_shares([r["perf"] for r in a + b])
+    assert [p["wall_s"] for p in shares] == [50.0, 50.0, 45.0, 45.0, 45.0, 45.0]  # the stack's last wall / its runs
+    assert [p["train_s"] for p in shares] == [40.0] * 2 + [20.0] * 4
+    assert shares[0]["stack_wall_s"] == 90.0 and "stacked" not in run_shares([{"wall_s": 3.0}])[0]
+    # one worker: the first item is pid 1's stack (ends :12), then pid 2's four runs over 38 s
+    assert after_first_wave(a + b, 1) == pytest.approx(4 / (38 / 3600))
+    assert after_first_wave(a + b, 2) is None  # both stacks are the first wave
+
+
 # ---------------------------------------------------------------------------------------------
 # generation cache
 

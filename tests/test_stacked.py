@@ -175,6 +175,8 @@ def test_run_stack_records_every_run_and_falls_back_when_runs_cannot_stack(tmp_p
     assert [r["perf"]["stacked"]["runs"] for r in recs.values()] == [4] * 4
     assert sorted(r["perf"]["stacked"]["index"] for r in recs.values()) == [0, 1, 2, 3]
     assert all(r["perf"]["peak_gpu_mem_mib"] is None for r in recs.values())  # a stack's peak is no run's
+    # the start of the stack: building its runs, then its first step (a compile where the step compiles)
+    assert all(0 < r["perf"]["setup_s"] and 0 < r["perf"]["first_step_s"] <= r["perf"]["train_s"] for r in recs.values())
     assert run(suite, tmp_path / "stacked", injector=None, stack=4, workers=workers) == 0
     assert runs(tmp_path / "stacked").keys() == recs.keys()
     if workers == 0:
@@ -192,9 +194,11 @@ def test_group_stacks_keeps_cells_apart():
         return RunSpec({"model": "m", "task": "t", "method": method, "seed": seed, "lr": lr})
 
     specs = [spec("lora", s, lr) for s in (0, 1) for lr in (1e-3, 3e-3)] + [spec("dora", 0, 1e-3)]
-    out = group_stacks(specs, 3)
-    assert [type(x) for x in out] == [StackSpec, RunSpec, RunSpec]
-    assert [s.run_id for s in out[0].specs] == [s.run_id for s in specs[:3]] and out[1] is specs[3]
+    out = group_stacks(specs, 3)  # four runs of a cell, at most three a stack: two pairs
+    assert [type(x) for x in out] == [StackSpec, StackSpec, RunSpec]
+    assert [[s.run_id for s in x.specs] for x in out[:2]] == [[s.run_id for s in specs[:2]],
+                                                                 [s.run_id for s in specs[2:4]]]
+    assert out[2] is specs[4]
     assert group_stacks(specs, 1) == specs
 
 
@@ -240,3 +244,33 @@ def test_a_task_whose_loss_is_not_the_models_labels_loss_does_not_stack(tmp_path
     assert run(suite, tmp_path / "out", injector=None, stack=2, resolver=lambda name, **kw: LogitsLossTask()) == 0
     recs = runs(tmp_path / "out")
     assert len(recs) == 4 and all(r["status"] == "ok" and "stacked" not in r["perf"] for r in recs.values())
+
+
+def test_group_stacks_fills_the_workers_with_even_stacks():
+    """Stacks shrink (not below two runs) while workers would be idle, and a cell's runs split into stacks of
+    nearly equal size: the call lasts as long as its largest stack."""
+    from benchmarks.runner.grid import RunSpec, StackSpec, group_stacks
+
+    def spec(method, seed, lr):
+        return RunSpec({"model": "m", "task": "t", "method": method, "seed": seed, "lr": lr})
+
+    specs = [spec(m, s, lr) for m in ("lora", "nalora") for lr in (1e-4, 3e-4, 1e-3) for s in range(5)]
+    sizes = lambda out: sorted(len(x.specs) if isinstance(x, StackSpec) else 1 for x in out)  # noqa: E731
+    assert sizes(group_stacks(specs, 8)) == [7, 7, 8, 8]
+    assert sizes(group_stacks(specs, 8, slots=6)) == [5] * 6
+    assert sizes(group_stacks(specs, 8, slots=100)) == [1] * 2 + [2] * 14  # 15 runs a cell: seven pairs and one
+    assert sizes(group_stacks(specs[:17], 8)) == [2, 7, 8]
+    assert [s.run_id for x in group_stacks(specs, 8, slots=6) for s in x.specs] == [s.run_id for s in specs]
+
+
+def test_the_summary_counts_runs_not_stacks(tmp_path):
+    """'already done' counts the runs finished before the invocation, not the stacks the others are trained in."""
+    from tests.test_runner import run, write_suite
+
+    suite = write_suite(tmp_path / "s.yaml", SUITE.replace("METHOD", "lora"))
+    assert run(suite, tmp_path / "r", injector=None, stack=4) == 0
+    for f in sorted((tmp_path / "r" / "runs").glob("*.json"))[:2]:  # two of the four records gone
+        f.unlink()
+    lines: list[str] = []
+    assert run(suite, tmp_path / "r", injector=None, stack=4, log=lines.append) == 0
+    assert any("4 runs: 2 already done, 2 ok, 0 failed" in line for line in lines), lines

@@ -31,7 +31,8 @@ def summarise(root: str | Path) -> dict[str, Any]:
     by_status: dict[str, int] = {}
     for r in recs:
         by_status[r.get("status", "?")] = by_status.get(r.get("status", "?"), 0) + 1
-    perf = [r["perf"] for r in recs if r.get("status") == "ok" and r.get("perf")]
+    perf = run_shares([r["perf"] for r in recs if r.get("status") == "ok" and r.get("perf")])
+    stacks = {work_item(p) for p in perf if p.get("stacked")}
 
     def med(key: str, among: list[dict] = perf) -> float | None:
         xs = [p[key] for p in among if p.get(key) is not None]
@@ -54,11 +55,15 @@ def summarise(root: str | Path) -> dict[str, Any]:
         "runs_per_gpu_hour": done / gpu_h if gpu_h > 0 else None,
         "runs_per_hour": done / (float(wall["wall_s"]) / 3600) if float(wall["wall_s"]) > 0 else None,
         "runs_per_hour_after_first_wave": steady,
+        # run --stack K: the stacks the runs trained in; a stacked run's times below are its share of its stack's
+        "stacks": len(stacks), "stacked_runs": sum(1 for p in perf if p.get("stacked")),
         # a worker's compiled graphs serve its next runs (compiled.py: _keep_graphs) or every run compiles again
         "compiled_runs": sum(bool(s.get("compiled")) for s in step_of),
         "graphs_kept_runs": sum(bool(s.get("graphs_kept")) for s in step_of),
         "median_wall_s": med("wall_s"), "median_train_s": med("train_s"), "median_eval_s": med("eval_s"),
         "median_step_time_s": med("step_time_s"),
+        # a run's (a stack's) start: building it (model load, injection, step set-up) and its first step (compiles)
+        "median_setup_s": med("setup_s"), "median_first_step_s": med("first_step_s"),
         "runs_no_compile": len(no_compile), "median_wall_s_no_compile": med("wall_s", no_compile),
         "median_train_s_no_compile": med("train_s", no_compile),
         # what a worker's start costs (model load, a cold or carried compile cache): records naming their worker
@@ -66,6 +71,39 @@ def summarise(root: str | Path) -> dict[str, Any]:
         "eval_share": (sum(p["eval_s"] for p in perf) / sum(p["wall_s"] for p in perf)) if perf else None,
         "step_setups": [json.loads(s) for s in sorted(steps)],
     }
+
+
+def work_item(perf: dict, run: Any = None) -> tuple:
+    """What one worker trained in one go: the run ``run`` (any key of it), or a stack (``run --stack``) whose runs
+    share their worker and its count of earlier runs."""
+    w, st = perf.get("worker") or {}, perf.get("stacked")
+    if st and w.get("pid") is not None:
+        return ("stack", w["pid"], w.get("earlier_runs"))
+    return ("run", run)
+
+
+def run_shares(perf: list[dict]) -> list[dict]:
+    """``perf`` with a stacked run's ``wall_s`` and ``train_s`` replaced by its share of its stack's (the stack's
+    wall time is its last record's, the training is shared by its ``stacked.runs``); the record's own are kept as
+    ``stack_wall_s`` and ``stack_train_s``. Unstacked runs as they are."""
+    walls: dict[tuple, float] = {}
+    for p in perf:
+        if p.get("stacked") and p.get("wall_s") is not None:
+            walls[work_item(p)] = max(walls.get(work_item(p), 0.0), float(p["wall_s"]))
+    out = []
+    for p in perf:
+        st = p.get("stacked")
+        if not st:
+            out.append(p)
+            continue
+        k = int(st.get("runs") or 1)
+        q = {**p, "stack_wall_s": p.get("wall_s"), "stack_train_s": p.get("train_s")}
+        if work_item(p) in walls:
+            q["wall_s"] = walls[work_item(p)] / k
+        if p.get("train_s") is not None:
+            q["train_s"] = float(p["train_s"]) / k
+        out.append(q)
+    return out
 
 
 def compiled_nothing(perf: list[dict]) -> list[dict]:
@@ -86,18 +124,23 @@ def workers_first_runs(perf: list[dict]) -> list[dict]:
 
 
 def after_first_wave(recs: list[dict], workers: int | None, gpus: int = 1) -> float | None:
-    """Runs per hour once every worker has finished its first run: the runs that finished after the first
-    ``workers x gpus`` over the time from the last of those to the last finish (``provenance.finished_at``,
-    seconds). What a longer call would sustain, without the start (model loads, a cold compile cache); the
-    whole-invocation rate stays the figure of record. None without ``workers`` or with too few runs."""
+    """Runs per hour once every worker has finished its first work item (a run, or a stack of runs: ``work_item``):
+    the runs of the items that finished after the first ``workers x gpus`` over the time from the last of those to
+    the last finish (``provenance.finished_at``, seconds; an item finishes with its last run). What a longer call
+    would sustain, without the start (model loads, a cold compile cache); the whole-invocation rate stays the figure
+    of record. None without ``workers`` or with too few items."""
     from datetime import datetime
 
     first = (workers or 0) * max(1, gpus)
-    times = sorted(datetime.fromisoformat(r["provenance"]["finished_at"]).timestamp()
-                   for r in recs if (r.get("provenance") or {}).get("finished_at"))
-    if first <= 0 or len(times) <= first or times[-1] <= times[first - 1]:
+    items: dict[tuple, list[float]] = {}
+    for i, r in enumerate(recs):
+        at = (r.get("provenance") or {}).get("finished_at")
+        if at:
+            items.setdefault(work_item(r.get("perf") or {}, i), []).append(datetime.fromisoformat(at).timestamp())
+    ends = sorted((max(ts), len(ts)) for ts in items.values())
+    if first <= 0 or len(ends) <= first or ends[-1][0] <= ends[first - 1][0]:
         return None
-    return (len(times) - first) / ((times[-1] - times[first - 1]) / 3600)
+    return sum(n for _, n in ends[first:]) / ((ends[-1][0] - ends[first - 1][0]) / 3600)
 
 
 def to_markdown(rows: dict[str, dict[str, Any]]) -> str:
@@ -105,21 +148,24 @@ def to_markdown(rows: dict[str, dict[str, Any]]) -> str:
     names = list(rows)
     base = rows[names[0]]["runs_per_hour"]
     lines = ["| setup | device | GPUs | MPS | runs | wall (s) | runs / hour | runs / GPU-hour | vs " + names[0] +
-             " (per hour) | runs / hour after the first wave | compiled runs (graphs kept) | median run (s) "
+             " (per hour) | runs / hour after the first wave | stacks (runs) | compiled runs (graphs kept) | median run (s; "
+             "a stacked run: its share) "
              "| median train (s) | median eval (s) | eval share | runs that compiled nothing: n, median run, median "
-             "train (s) | workers' first runs: n, median train (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "train (s) | workers' first runs: n, median train (s) | median setup, first step (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda x, d=1: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
     for n, r in rows.items():
         ratio = r["runs_per_hour"] / base if base and r["runs_per_hour"] else None
         lines.append(f"| {n} | {r['device']} | {r['gpus']} | {r.get('mps', '-')} | {r['runs']} | {f(r['wall_s'])} | {f(r['runs_per_hour'])} "
                      f"| {f(r['runs_per_gpu_hour'])} "
                      f"| {f(ratio, 2)} | {f(r.get('runs_per_hour_after_first_wave'))} "
+                     f"| {r.get('stacks') or '-'} ({r.get('stacked_runs') or '-'}) "
                      f"| {r.get('compiled_runs', 0)} ({r.get('graphs_kept_runs', 0)}) | {f(r['median_wall_s'])} "
                      f"| {f(r['median_train_s'])} | {f(r['median_eval_s'])} "
                      f"| {f(r['eval_share'], 2)} | {r.get('runs_no_compile', '-')}, {f(r.get('median_wall_s_no_compile'))}, "
                      f"{f(r.get('median_train_s_no_compile'))} "
-                     f"| {r.get('worker_first_runs', '-')}, {f(r.get('median_train_s_first_run'))} |")
+                     f"| {r.get('worker_first_runs', '-')}, {f(r.get('median_train_s_first_run'))} "
+                     f"| {f(r.get('median_setup_s'))}, {f(r.get('median_first_step_s'))} |")
     return "\n".join(lines) + "\n"
 
 

@@ -198,8 +198,10 @@ def run_grid(specs: list[RunSpec], root: str, *, phase: str = "main", resolver: 
         store.clean_temp()
         specs = _dedup(specs)
         done = {s.run_id: store.is_done(s.run_id, retry_failed) for s in specs}
-        todo = group_stacks([s for s in specs if not done[s.run_id]], stack)
-        summary = GridSummary(total=len(specs), skipped=len(specs) - len(todo))
+        # runs that train at once: stacks are made smaller rather than leave workers idle
+        slots = workers * len(pools.gpus if pools is not None else _gpu_ids() or [None]) if workers > 0 else 1
+        todo = group_stacks([s for s in specs if not done[s.run_id]], stack, slots)
+        summary = GridSummary(total=len(specs), skipped=sum(done.values()))
         for s in specs:
             rec = store.load(s.run_id)
             if rec is None:

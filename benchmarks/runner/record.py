@@ -18,7 +18,9 @@ A record is a plain dict::
     history           {"train_loss": [[step, loss], ...], "validation": [[step, {...}], ...], "lr": [[step, lr], ...]}
     trainable_params  int;  total_params int
     adapted_modules   Adapted.report (what was touched; fallbacks to plain LoRA)
-    perf              wall_s, train_s, eval_s, step_time_s, units, units_per_s, unit ("tokens"|"images"),
+    perf              wall_s, train_s, eval_s, step_time_s, setup_s (building the run: model load, injection, step
+                      set-up), first_step_s (the first optimiser step, a compile included), units, units_per_s,
+                      unit ("tokens"|"images"),
                       peak_gpu_mem_mib, mixed_precision, num_processes, step (the training step's setup:
                       compiled, graphs_kept, graphs_built, ...), worker ({"pid", "earlier_runs"}: the process that
                       ran it and how many runs it had started before; 0 = its first, which pays imports and compiles),

@@ -268,9 +268,17 @@ def _curve_eval(run: _Run, accelerator: Any, step: int, *, progress: bool, posit
     run.eval_s += time.time() - t0
 
 
+def _synced_since(t0: float) -> float:
+    """Seconds since ``t0`` once the GPU has run what is queued: one synchronisation, after the first step (its
+    compile, when the step is compiled, and its kernels)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.time() - t0
+
+
 def _finish_run(run: _Run, accelerator: Any, *, train_s: float, units: int, unit: str | None, prep: Any,
                 graphs_before: int, t_start: float, deadline: float | None, progress: bool,
-                position: int) -> dict[str, Any]:
+                position: int, timing: dict[str, float | None] | None = None) -> dict[str, Any]:
     """After the last step: fold, evaluate, assess health, diagnose; the run's results (see ``train_run``)."""
     config, task, setup, adapted, unwrapped = run.config, run.task, run.setup, run.adapted, run.unwrapped
     tr, history, steps = config["training"], run.history, int(config["training"]["steps"])
@@ -320,6 +328,8 @@ def _finish_run(run: _Run, accelerator: Any, *, train_s: float, units: int, unit
         "train_s": train_s,
         "eval_s": run.eval_s,
         "step_time_s": train_s / steps,
+        # where the start goes: building the run (model load, injection, step set-up) and the first step
+        **(timing or {}),
         "units": units * n_proc,
         "units_per_s": units * n_proc / train_s if train_s > 0 else None,
         "unit": unit,
@@ -371,6 +381,7 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
     bar = tqdm(total=steps, desc=f"{config['method']} {config['task']} s{config['seed']} lr{config['lr']:g}",
                leave=False, position=position, disable=not (progress and accelerator.is_main_process))
     model.train()
+    first_step_s: float | None = None
     t_train = time.time()
     for step in range(1, steps + 1):
         for micro in range(ga):
@@ -394,6 +405,8 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         bar.update(1)
+        if step == 1:
+            first_step_s = _synced_since(t_train)
         # Host sync only every log_every steps (and the last): that is where a NaN loss or gradient is caught.
         if step % log_every == 0 or step == steps:
             mean_loss = float(loss_sum) / loss_n
@@ -412,7 +425,7 @@ def train_run(config: dict, task: Task, *, injector: Callable[..., Any] | None =
     train_s = time.time() - t_train - run.eval_s
     return _finish_run(run, accelerator, train_s=train_s, units=units, unit=unit, prep=prep,
                        graphs_before=graphs_before, t_start=t_start, deadline=deadline, progress=progress,
-                       position=position)
+                       position=position, timing={"setup_s": t_train - t_start, "first_step_s": first_step_s})
 
 
 def _cat_batches(batches: list[Any]) -> Any:
@@ -476,6 +489,7 @@ def train_stacked(configs: list[dict], task: Task, *, injector: Callable[..., An
     bar = tqdm(total=steps, desc=f"{c0['method']} {c0['task']} x{k} stacked", leave=False, position=position,
                disable=not progress)
     model.train()
+    first_step_s: float | None = None
     t_train = time.time()
     for step in range(1, steps + 1):
         for _ in range(ga):
@@ -504,6 +518,8 @@ def train_stacked(configs: list[dict], task: Task, *, injector: Callable[..., An
             r.scheduler.step()
             r.optimizer.zero_grad(set_to_none=True)
         bar.update(1)
+        if step == 1:
+            first_step_s = _synced_since(t_train)
         if step % log_every == 0 or step == steps:
             means, bad = (loss_sum / loss_n).tolist(), grads_bad.tolist()
             for i, r in enumerate(runs):
@@ -534,7 +550,7 @@ def train_stacked(configs: list[dict], task: Task, *, injector: Callable[..., An
             continue
         result = _finish_run(r, accelerator, train_s=train_s, units=units[i], unit=unit, prep=prep,
                              graphs_before=graphs_before, t_start=t_start, deadline=deadline, progress=progress,
-                             position=position)
+                             position=position, timing={"setup_s": t_train - t_start, "first_step_s": first_step_s})
         # the process's peak is the stack's, not one run's: kept under perf.stacked, none per run
         result["perf"]["stacked"] = {"runs": k, "index": i, "peak_gpu_mem_mib": result["perf"]["peak_gpu_mem_mib"]}
         result["perf"]["peak_gpu_mem_mib"] = None
