@@ -274,3 +274,30 @@ def test_the_summary_counts_runs_not_stacks(tmp_path):
     lines: list[str] = []
     assert run(suite, tmp_path / "r", injector=None, stack=4, log=lines.append) == 0
     assert any("4 runs: 2 already done, 2 ok, 0 failed" in line for line in lines), lines
+
+
+def test_a_workers_next_stack_keeps_the_compiled_graphs(tmp_path, monkeypatch):
+    """A worker's second stack (other runs, new model objects) compiles no graph and trains as the same stack
+    uncompiled: the compile is paid once per worker, and the kept graphs read the new runs' adapters."""
+    from benchmarks.runner import compiled as C
+    from benchmarks.runner.train import train_stacked
+    from tests.test_runner import FakeTask
+
+    monkeypatch.setenv("NALORA_COMPILE_BACKEND", "aot_eager")
+    specs = _specs(tmp_path, "nalora")
+
+    def configs(compile_: bool) -> list[dict]:
+        return [dict(s.config, training={**s.config["training"], "compile": compile_}) for s in specs]
+
+    C.forget_compiled()
+    try:
+        first = train_stacked(configs(True)[:2], FakeTask(), progress=False)
+        second = train_stacked(configs(True)[2:], FakeTask(), progress=False)
+    finally:
+        C.forget_compiled()
+    eager = train_stacked(configs(False)[2:], FakeTask(), progress=False)
+    assert [r["perf"]["step"]["graphs_kept"] for r in first + second] == [False, False, True, True]
+    assert first[0]["perf"]["step"]["graphs_built"] > 0 and second[0]["perf"]["step"]["graphs_built"] == 0
+    for got, want in zip(second, eager):
+        torch.testing.assert_close(torch.tensor([v for _, v in got["history"]["train_loss"]]),
+                                   torch.tensor([v for _, v in want["history"]["train_loss"]]), rtol=1e-4, atol=1e-5)
