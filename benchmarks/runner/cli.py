@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stack", type=int, default=1, metavar="K",
                         help="train up to K runs of a cell (same model, task, method and settings; other seeds and "
                              "lrs) together in one worker: one base forward, each run its own adapters and record "
-                             "(default 1: one at a time). Runs that cannot stack (VLM tasks with a trained "
+                             "(default 1: one at a time); a cell's runs split into stacks of even sizes, smaller "
+                             "while workers would idle. Runs that cannot stack (VLM tasks with a trained "
                              "connector, DoRA, PiSSA, full, head) run one at a time")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop cleanly before this many minutes; the next invocation resumes")
