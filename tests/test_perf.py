@@ -824,6 +824,8 @@ def test_throughput_counts_a_stack_as_one_work_item_and_its_runs_by_their_share(
     assert [p["wall_s"] for p in shares] == [50.0, 50.0, 45.0, 45.0, 45.0, 45.0]  # the stack's last wall / its runs
     assert [p["train_s"] for p in shares] == [40.0] * 2 + [20.0] * 4
     assert shares[0]["stack_wall_s"] == 90.0 and "stacked" not in run_shares([{"wall_s": 3.0}])[0]
+    lone = [{"stacked": {"runs": 2}, "wall_s": w, "train_s": 8.0} for w in (10.0, 30.0)]  # no worker: each its own
+    assert [p["wall_s"] for p in run_shares(lone)] == [5.0, 15.0]
     # one worker: the first item is pid 1's stack (ends :12), then pid 2's four runs over 38 s
     assert after_first_wave(a + b, 1) == pytest.approx(4 / (38 / 3600))
     assert after_first_wave(a + b, 2) is None  # both stacks are the first wave

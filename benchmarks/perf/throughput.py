@@ -32,7 +32,7 @@ def summarise(root: str | Path) -> dict[str, Any]:
     for r in recs:
         by_status[r.get("status", "?")] = by_status.get(r.get("status", "?"), 0) + 1
     perf = run_shares([r["perf"] for r in recs if r.get("status") == "ok" and r.get("perf")])
-    stacks = {work_item(p) for p in perf if p.get("stacked")}
+    stacks = {work_item(p, i) for i, p in enumerate(perf) if p.get("stacked")}
 
     def med(key: str, among: list[dict] = perf) -> float | None:
         xs = [p[key] for p in among if p.get(key) is not None]
@@ -87,19 +87,20 @@ def run_shares(perf: list[dict]) -> list[dict]:
     wall time is its last record's, the training is shared by its ``stacked.runs``); the record's own are kept as
     ``stack_wall_s`` and ``stack_train_s``. Unstacked runs as they are."""
     walls: dict[tuple, float] = {}
-    for p in perf:
+    for i, p in enumerate(perf):
         if p.get("stacked") and p.get("wall_s") is not None:
-            walls[work_item(p)] = max(walls.get(work_item(p), 0.0), float(p["wall_s"]))
+            key = work_item(p, i)
+            walls[key] = max(walls.get(key, 0.0), float(p["wall_s"]))
     out = []
-    for p in perf:
+    for i, p in enumerate(perf):
         st = p.get("stacked")
         if not st:
             out.append(p)
             continue
         k = int(st.get("runs") or 1)
         q = {**p, "stack_wall_s": p.get("wall_s"), "stack_train_s": p.get("train_s")}
-        if work_item(p) in walls:
-            q["wall_s"] = walls[work_item(p)] / k
+        if work_item(p, i) in walls:
+            q["wall_s"] = walls[work_item(p, i)] / k
         if p.get("train_s") is not None:
             q["train_s"] = float(p["train_s"]) / k
         out.append(q)
