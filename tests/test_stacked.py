@@ -301,3 +301,39 @@ def test_a_workers_next_stack_keeps_the_compiled_graphs(tmp_path, monkeypatch):
     for got, want in zip(second, eager):
         torch.testing.assert_close(torch.tensor([v for _, v in got["history"]["train_loss"]]),
                                    torch.tensor([v for _, v in want["history"]["train_loss"]]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "nalora"])
+def test_vlm_runs_stack_with_their_own_connectors(tmp_path, method):
+    """A VLM task's runs (the connector trained by each run, its loss computed by the VLM itself, adapters in both
+    towers) train stacked as each trains alone: the same losses and metrics; each run's connector is its own."""
+    from datasets import DatasetDict
+
+    from benchmarks.runner.grid import TaskFacts, expand
+    from benchmarks.runner.suite import load_suite
+    from benchmarks.runner.train import train_run, train_stacked
+    from tasks.registry import get_task
+    from tests.test_vlm_tasks import _split
+
+    spec = "tiny-vit-swiglu+tiny-byte-llama"
+    (tmp_path / "s.yaml").write_text(
+        f"tasks: [{{name: fashion-mnist, model: {spec}}}]\nmethods: {{{method}: {{}}}}\nseeds: [0, 1]\n"
+        "lr_grid: [1.0e-3, 3.0e-3]\nlr_bounds: [1.0e-3, 3.0e-3]\n"
+        "adapter: {targets: [gate, up], towers: [language, vision], rank: 2, alpha: 4, dropout: 0.0}\n"
+        "training: {steps: 4, batch_size: 4, eval_every: 2, eval_limit: 4, test_limit: 4, log_every: 1,"
+        " diag_batches: 0}\n")
+    runs = expand(load_suite(tmp_path / "s.yaml"), lambda n: TaskFacts("vlm", spec))
+    picked = [runs[0].config, runs[3].config]  # seed and lr both differ
+    splits = DatasetDict(train=_split(24, 0), validation=_split(8, 1), test=_split(8, 2))
+
+    def task():  # a connector lr that moves the loss within four steps: a shared connector would show
+        return get_task("fashion-mnist", splits=DatasetDict(dict(splits)), align=False, connector_lr=3e-2)
+
+    together = train_stacked(picked, task(), progress=False)
+    for config, got in zip(picked, together):
+        alone = train_run(config, task(), progress=False)
+        assert isinstance(got, dict) and got["perf"]["stacked"]["runs"] == 2 and got["status"] == alone["status"]
+        assert [v for _, v in got["history"]["train_loss"]] == pytest.approx(
+            [v for _, v in alone["history"]["train_loss"]], rel=1e-5)
+        assert got["metrics"] == alone["metrics"]
+    assert together[0]["history"]["train_loss"] != together[1]["history"]["train_loss"]

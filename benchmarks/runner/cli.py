@@ -39,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train up to K runs of a cell (same model, task, method and settings; other seeds and "
                              "lrs) together in one worker: one base forward, each run its own adapters and record "
                              "(default 1: one at a time); a cell's runs split into stacks of even sizes, smaller "
-                             "while workers would idle. Runs that cannot stack (VLM tasks with a trained "
-                             "connector, DoRA, PiSSA, full, head) run one at a time")
+                             "while workers would idle (VLM runs too, each with its own connector). Runs that "
+                             "cannot stack (DoRA, PiSSA, full, head; hub VLMs) run one at a time")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop cleanly before this many minutes; the next invocation resumes")
     parser.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")

@@ -78,6 +78,26 @@ class StackedPeftLinear(nn.Module):
         return y
 
 
+class StackedRows(nn.Module):
+    """The same-path trained modules of ``k`` runs (peft's ``modules_to_save`` copies: the VLM connector): row
+    block ``i`` of the first argument goes through run ``i``'s module (other arguments of the same row count are
+    split alike), and the outputs are concatenated back along the rows."""
+
+    def __init__(self, runs: list[nn.Module]) -> None:
+        super().__init__()
+        self._runs = list(runs)  # a plain list: the runs' parameters stay theirs
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        k, rows = len(self._runs), x.shape[0]
+        if rows % k:
+            raise NotStackable(f"stacking: {rows} rows do not split into {k} runs' blocks")
+        outs = [r(_rows(x, k, i), *(_rows(a, k, i, rows) for a in args),
+                  **{n: _rows(v, k, i, rows) for n, v in kwargs.items()}) for i, r in enumerate(self._runs)]
+        if not all(torch.is_tensor(o) for o in outs):
+            raise NotStackable(f"stacking: {type(self._runs[0]).__name__} returns {type(outs[0]).__name__}, not a tensor")
+        return torch.cat(outs)
+
+
 def stack_runs(runs: list[Any], adapter: str = "default") -> nn.Module:
     """One model that trains the adapted runs ``runs`` (``Adapted``, same model and targets, different seeds, lrs
     or method options) together: a copy of ``runs[0].model`` sharing its tensors, each peft LoRA layer replaced by
@@ -87,9 +107,13 @@ def stack_runs(runs: list[Any], adapter: str = "default") -> nn.Module:
     parameters' gradient hooks act on the runs' own parameters, which the stacked model trains. The loss of a
     forward with ``labels`` is the sum of each run's own mean loss (the chunked loss, ``install_light_loss``, split
     by run); ``stacked_losses(model)`` gives those means.
+    A task's trained modules (the VLM connector) are each run's own peft ``modules_to_save`` copy: row block ``k``
+    goes through run ``k``'s (``StackedRows``). A model that computes its own loss (the composed VLM) stacks when it
+    can split that loss by row block (``loss_blocks``).
     Methods whose adapter is more than peft LoRA on the base weights (DoRA, PiSSA's residual base) are refused."""
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
 
     from benchmarks.runner.compiled import install_light_loss
     from nalora.controller import compile_ready
@@ -99,10 +123,15 @@ def stack_runs(runs: list[Any], adapter: str = "default") -> nn.Module:
     first = runs[0].model
     for r in runs:
         name = getattr(r.method, "name", type(r.method).__name__)  # a plugin injector's method may have no name
-        trainable = list(getattr(r, "trainable", ()))
-        if name in ("pissa", "full", "head") or trainable:
-            raise NotStackable(f"stacking: method {name!r} with trainable modules {trainable} cannot share one base "
-                               "model")
+        if name in ("pissa", "full", "head"):
+            raise NotStackable(f"stacking: method {name!r} trains more than adapters on one shared base model")
+    # a task's trained modules (the composed VLM's connector) are each run's own copy under peft's modules_to_save;
+    # other models with trained modules (a hub VLM's projector, a task head) are not known to split by row block
+    saved = [n for n, m in first.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    base = first.get_base_model() if hasattr(first, "get_base_model") else first
+    if any(getattr(r, "trainable", None) for r in runs) and not (saved and hasattr(base, "loss_blocks")):
+        raise NotStackable(f"stacking: trainable modules {list(runs[0].trainable)} of a {type(base).__name__}: only "
+                           "the composed VLM's connector stacks")
     stacked = shared_copy(first)
     for m in stacked.modules():  # the copy must not call run 0's hooks on every run's rows
         m._forward_hooks.clear()
@@ -118,6 +147,10 @@ def stack_runs(runs: list[Any], adapter: str = "default") -> nn.Module:
         parent, _, leaf = name.rpartition(".")
         owner = stacked.get_submodule(parent) if parent else stacked
         setattr(owner, leaf, StackedPeftLinear(getattr(owner, leaf).base_layer, per_run, adapter))
+    for name in saved:
+        parent, _, leaf = name.rpartition(".")
+        owner = stacked.get_submodule(parent) if parent else stacked
+        setattr(owner, leaf, StackedRows([r.model.get_submodule(name) for r in runs]))
     k = len(runs)
 
     def pre_hooks(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -134,10 +167,13 @@ def stack_runs(runs: list[Any], adapter: str = "default") -> nn.Module:
 
     stacked.register_forward_pre_hook(pre_hooks, with_kwargs=True)
     kind, why = install_light_loss(stacked)
-    if kind == "model":
-        raise NotStackable(f"stacking needs each run's loss on its own rows: {why}")
     lm = stacked.get_base_model() if hasattr(stacked, "get_base_model") else stacked
-    lm._nalora_light_loss.blocks = k  # the loss is the sum of the runs' own means (their token counts may differ)
+    if kind != "model":
+        lm._nalora_light_loss.blocks = k  # the loss is the sum of the runs' own means (their token counts may differ)
+    elif hasattr(lm, "loss_blocks"):  # a model computing its own loss, able to split it by row block (ComposedVLM)
+        lm.loss_blocks = k
+    else:
+        raise NotStackable(f"stacking needs each run's loss on its own rows: {why}")
     for r in runs:  # statistics hooks stay installed (refresh steps decide at run time): no graph per state
         compile_ready(r.model)
     return stacked
@@ -148,6 +184,8 @@ def stacked_losses(model: nn.Module) -> torch.Tensor | None:
     when no forward computed them (a task whose loss does not come from the model's ``labels``)."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     hooks = getattr(lm, "_nalora_light_loss", None)
+    if hooks is None and getattr(lm, "loss_blocks", 1) > 1:
+        hooks = lm  # computes its own loss, split by block (``loss_blocks``, ``block_losses``)
     if hooks is None:
         return None
     out, hooks.block_losses = hooks.block_losses, None

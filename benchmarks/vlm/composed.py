@@ -59,6 +59,10 @@ class ComposedVLM(nn.Module):
         self.language_model = language_model
         # peft's PeftModel reads model.config; expose the LM's so adapter saving works.
         self.config = language_model.config
+        # run --stack: a forward over k runs' batches (row blocks) takes the sum of each block's own mean loss
+        # (benchmarks/runner/stacked.py), and keeps the block means (detached) for the runs' logs
+        self.loss_blocks = 1
+        self.block_losses: torch.Tensor | None = None
 
     @property
     def num_image_tokens(self) -> int:
@@ -106,11 +110,24 @@ class ComposedVLM(nn.Module):
         out = self.language_model(inputs_embeds=embeds, attention_mask=mask)
         logits = out.logits[:, n_img:]
         loss = None
-        if labels is not None:
+        if labels is not None and self.loss_blocks > 1:
+            loss = self._block_loss(logits, labels)
+        elif labels is not None:
             loss = nn.functional.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
         return VLMOutput(loss=loss, logits=logits)
+
+    def _block_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The sum over ``loss_blocks`` row blocks of each block's mean next-token loss (what each run's batch
+        gives alone); the block means go to ``block_losses``."""
+        k, target = self.loss_blocks, labels[:, 1:]
+        tok = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100,
+                                          reduction="none").view(k, -1)
+        valid = (target != -100).reshape(k, -1)
+        per = tok.sum(1) / valid.sum(1).clamp_min(1)
+        self.block_losses = per.detach()
+        return per.sum()
 
     @torch.no_grad()
     def score_choices(self, pixel_values: torch.Tensor, prompt_ids: list[int],
