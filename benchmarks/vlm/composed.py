@@ -39,6 +39,11 @@ class Connector(nn.Module):
         return self.proj_out(self.act(self.proj_in(pooled)))
 
 
+def _next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled positions (``labels`` -100: none)."""
+    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
 @dataclass
 class VLMOutput:
     """``logits`` cover the text positions only (image positions predict nothing)."""
@@ -111,23 +116,13 @@ class ComposedVLM(nn.Module):
         logits = out.logits[:, n_img:]
         loss = None
         if labels is not None and self.loss_blocks > 1:
-            loss = self._block_loss(logits, labels)
+            means = torch.stack([_next_token_loss(lg, lb) for lg, lb in zip(logits.chunk(self.loss_blocks),
+                                                                              labels.chunk(self.loss_blocks))])
+            self.block_losses = means.detach()
+            loss = means.sum()
         elif labels is not None:
-            loss = nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
-            )
+            loss = _next_token_loss(logits, labels)
         return VLMOutput(loss=loss, logits=logits)
-
-    def _block_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The sum over ``loss_blocks`` row blocks of each block's mean next-token loss (what each run's batch
-        gives alone); the block means go to ``block_losses``."""
-        k, target = self.loss_blocks, labels[:, 1:]
-        tok = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100,
-                                          reduction="none").view(k, -1)
-        valid = (target != -100).reshape(k, -1)
-        per = tok.sum(1) / valid.sum(1).clamp_min(1)
-        self.block_losses = per.detach()
-        return per.sum()
 
     @torch.no_grad()
     def score_choices(self, pixel_values: torch.Tensor, prompt_ids: list[int],
