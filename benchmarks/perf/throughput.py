@@ -99,8 +99,8 @@ def run_shares(perf: list[dict]) -> list[dict]:
             continue
         k = int(st.get("runs") or 1)
         q = {**p, "stack_wall_s": p.get("wall_s"), "stack_train_s": p.get("train_s")}
-        if work_item(p, i) in walls:
-            q["wall_s"] = walls[work_item(p, i)] / k
+        if (key := work_item(p, i)) in walls:
+            q["wall_s"] = walls[key] / k
         if p.get("train_s") is not None:
             q["train_s"] = float(p["train_s"]) / k
         out.append(q)
